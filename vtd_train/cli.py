@@ -1,0 +1,153 @@
+"""The ``vtd`` command line. Thin: parses arguments and calls into the library.
+
+Heavy modules are imported inside each handler so that ``vtd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from data_pipeline.errors import VTDInputError
+
+
+def _cmd_data_synth(a: argparse.Namespace) -> int:
+    from data_pipeline.synth import generate
+
+    summary = generate(a.out, seed=a.seed, size=a.size)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_data_convert(a: argparse.Namespace) -> int:
+    from data_pipeline.convert import ConvertOptions, convert
+
+    opts = ConvertOptions(
+        bdd_root=a.bdd_root,
+        out=a.out,
+        sets=tuple(s for s in a.sets.split(",") if s),
+        splits=tuple(s for s in a.splits.split(",") if s),
+        shard_size=a.shard_size,
+        clip_len=a.clip_len,
+        workers=a.workers,
+        on_error=a.on_error,
+        overwrite=a.overwrite,
+        progress=not a.quiet,
+    )
+    manifest = convert(opts)
+    print(json.dumps(manifest["totals"], indent=2))
+    return 0
+
+
+def _cmd_data_inspect(a: argparse.Namespace) -> int:
+    from data_pipeline.inspect import inspect_shards
+
+    report = inspect_shards(a.uri)
+    if a.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        for key, s in sorted(report["sets"].items()):
+            tasks = ", ".join(f"{t}: {v['samples']} samples / {v['instances']} inst" for t, v in sorted(s["tasks"].items()))
+            print(f"{key}: {s['samples']} frames ({s['clips']} clips) — {tasks}")
+    return 0
+
+
+def _cmd_data_bench(a: argparse.Namespace) -> int:  # pragma: no cover - thin
+    raise SystemExit("use: uv run python benchmarks/loader_bench.py")
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from vtd_train.demo import run_demo
+
+    return run_demo(workdir=a.workdir, seed=a.seed, size=a.size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vtd", description="VTDNet training service (BDD100K, ten tasks).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset generation, conversion to shards, inspection").add_subparsers(
+        dest="data_command", required=True
+    )
+    s = data.add_parser("synth", help="generate a BDD100K-format mini dataset")
+    s.add_argument("--out", required=True, help="output directory (a BDD100K root)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", choices=("tiny", "small", "full"), default="tiny")
+    s.set_defaults(func=_cmd_data_synth)
+
+    c = data.add_parser("convert", help="convert a BDD100K root to WebDataset shards")
+    c.add_argument("--bdd-root", required=True, help="directory holding images/ and labels/")
+    c.add_argument("--out", required=True, help="output URI (local path, s3://..., any fsspec URI)")
+    c.add_argument("--sets", default="det,seg,track", help="comma-separated image sets")
+    c.add_argument("--splits", default="train,val", help="comma-separated splits")
+    c.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    c.add_argument("--clip-len", type=int, default=8, help="frames per tracking clip")
+    c.add_argument("--workers", type=int, default=1, help="converter processes")
+    c.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    c.add_argument("--overwrite", action="store_true", help="replace existing output")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_cmd_data_convert)
+
+    i = data.add_parser("inspect", help="count samples and labels by reading the shards")
+    i.add_argument("uri")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_data_inspect)
+
+    d = sub.add_parser("demo", help="the main job: synth → shards → loader (→ train → evaluate)")
+    d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    d.set_defaults(func=_cmd_demo)
+
+    _add_optional_commands(sub)
+    return p
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands whose implementation lives in the model / evaluation packages."""
+    m = sub.add_parser("model", help="model facts").add_subparsers(dest="model_command", required=True)
+    info = m.add_parser("info", help="parameter count and GMACs of a model variant")
+    info.add_argument("--backbone", default="resnet50")
+    info.add_argument("--variant", default="vtdnet", help="vtdnet | mt | single:TASK")
+    info.add_argument("--height", type=int, default=720)
+    info.add_argument("--width", type=int, default=1280)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_cmd_model_info)
+
+    sc = sub.add_parser("score", help="VTDA from a metrics JSON file")
+    sc.add_argument("metrics", help="JSON object with canonical metric keys")
+    sc.set_defaults(func=_cmd_score)
+
+
+def _cmd_model_info(a: argparse.Namespace) -> int:
+    from vtd_train.model.info import model_info
+
+    info = model_info(backbone=a.backbone, variant=a.variant, height=a.height, width=a.width)
+    if a.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_score(a: argparse.Namespace) -> int:
+    from vtd_train.evaluation.vtda import score_file
+
+    print(json.dumps(score_file(a.metrics), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (VTDInputError, FileNotFoundError, FileExistsError) as e:
+        # User-facing errors (bad input, missing files): one clear line, no traceback.
+        print(f"vtd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
