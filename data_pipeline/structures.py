@@ -40,6 +40,21 @@ from data_pipeline.bdd100k import TASKS
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
 
 
+@dataclass(frozen=True)
+class AugmentPlan:
+    """The geometric augmentation drawn for a batch by the loader (seeded by seed/epoch/step).
+
+    ``height`` is the target image height (aspect kept) or ``None`` for no resize; ``flips[i]``
+    says whether sample ``i`` (and its reference frame) is flipped horizontally. ``applied``
+    turns True once :func:`data_pipeline.transforms.apply_augment` has run, so a batch is never
+    augmented twice whether augmentation runs in the loader or on the training device.
+    """
+
+    height: int | None
+    flips: tuple[bool, ...]
+    applied: bool = False
+
+
 class LabelSource(IntEnum):
     """Where a task's label for a sample comes from."""
 
@@ -99,6 +114,8 @@ class Batch:
     meta: list[dict[str, Any]] = field(default_factory=list)
     ref_images: Tensor | None = None
     ref_targets: list[FrameTargets] | None = None
+    augment: AugmentPlan | None = None
+    size_divisor: int = 32
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -1,0 +1,164 @@
+"""Safe decoding of shard samples into frames with typed targets.
+
+Only JSON, JPEG and PNG are ever decoded (``torchvision.io``); nothing is unpickled or
+``torch.load``-ed, whatever a shard contains (shared/REFERENCE.md §4). A member this module does
+not know is an error, not something silently passed through.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+
+from data_pipeline import bdd100k
+from data_pipeline.errors import DataError
+from data_pipeline.shard_format import CLIP_MEMBER, MASK_MEMBERS
+from data_pipeline.structures import FrameTargets, LabelSource
+
+_SOURCES = {"real": LabelSource.REAL, "pseudo": LabelSource.PSEUDO}
+_KNOWN_SUFFIXES = frozenset(("jpg",) + MASK_MEMBERS)
+
+
+@dataclass
+class DecodedFrame:
+    """One decoded frame: uint8 image ``[3, H, W]``, its targets, label sources and record."""
+
+    image: Tensor
+    targets: FrameTargets
+    sources: dict[str, LabelSource]
+    record: dict[str, Any]
+
+
+def _bytes_tensor(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _png(data: bytes, where: str, mode: ImageReadMode) -> Tensor:
+    try:
+        return decode_png(_bytes_tensor(data), mode=mode)
+    except RuntimeError as e:
+        raise DataError(where, f"corrupt PNG: {e}") from None
+
+
+def _instances(record: dict, bitmask: Tensor | None, where: str) -> dict[str, Tensor]:
+    inst = record.get("instances") or []
+    n = len(inst)
+    boxes = torch.tensor([i["box"] for i in inst], dtype=torch.float32).reshape(n, 4)
+    classes = torch.tensor([i["class"] for i in inst], dtype=torch.int64)
+    if n and (int(classes.min()) < 0 or int(classes.max()) >= len(bdd100k.THING_CATEGORIES)):
+        raise DataError(where, f"class id out of range: {classes.tolist()}", frame=record.get("name"), field="instances.class")
+    out = {
+        "boxes": boxes,
+        "classes": classes,
+        "ignore": torch.tensor([bool(i["ignore"]) for i in inst], dtype=torch.bool),
+        "track_ids": torch.tensor([int(i.get("track_id", -1)) for i in inst], dtype=torch.int64),
+    }
+    if bitmask is not None:
+        # (B << 8) + A is the instance id of a pixel; one binary mask per instance that has one.
+        ids = (bitmask[2].to(torch.int32) << 8) | bitmask[3].to(torch.int32)
+        h, w = ids.shape
+        masks = torch.zeros((n, h, w), dtype=torch.uint8)
+        valid = torch.zeros(n, dtype=torch.bool)
+        for k, i in enumerate(inst):
+            bid = i.get("bitmask_id")
+            if bid is not None:
+                masks[k] = ids == int(bid)
+                valid[k] = True
+        out["masks"], out["mask_valid"] = masks, valid
+    return out
+
+
+def _pose(record: dict) -> tuple[Tensor, Tensor]:
+    pose = record.get("pose") or []
+    p = len(pose)
+    kps = torch.tensor([q["keypoints"] for q in pose], dtype=torch.float32).reshape(p, len(bdd100k.POSE_JOINTS), 3)
+    boxes = torch.tensor([q["box"] for q in pose], dtype=torch.float32).reshape(p, 4)
+    return kps, boxes
+
+
+def decode_frame(members: dict[str, bytes], record: dict, where: str) -> DecodedFrame:
+    """Decode one frame of a clip. ``members`` maps suffixes (``jpg``, ``lane.png``...) to bytes."""
+    name = record.get("name")
+    if "jpg" not in members:
+        raise DataError(where, "missing JPEG member", frame=name, field="jpg")
+    try:
+        image = decode_jpeg(_bytes_tensor(members["jpg"]), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise DataError(where, f"corrupt JPEG: {e}", frame=name, field="jpg") from None
+    h, w = int(image.shape[1]), int(image.shape[2])
+    if (h, w) != (record["height"], record["width"]):
+        raise DataError(where, f"image is {w}x{h}, record says {record['width']}x{record['height']}", frame=name, field="jpg")
+
+    tasks = record.get("tasks", {})
+    try:
+        sources = {t: _SOURCES[v] for t, v in tasks.items()}
+    except KeyError as e:
+        raise DataError(where, f"unknown label source {e}", frame=name, field="tasks") from None
+    unknown = set(sources) - set(bdd100k.TASKS)
+    if unknown:
+        raise DataError(where, f"unknown tasks {sorted(unknown)}", frame=name, field="tasks")
+
+    def mask(kind: str, mode=ImageReadMode.GRAY) -> Tensor | None:
+        if kind not in members:
+            return None
+        m = _png(members[kind], f"{where}:{kind}", mode)
+        if tuple(m.shape[1:]) != (h, w):
+            raise DataError(where, f"mask is {m.shape[2]}x{m.shape[1]}, image is {w}x{h}", frame=name, field=kind)
+        return m
+
+    t = FrameTargets()
+    t.weather = -1 if record.get("weather") is None else int(record["weather"])
+    t.scene = -1 if record.get("scene") is None else int(record["scene"])
+    bitmask = mask("bitmask.png", ImageReadMode.RGB_ALPHA)
+    if record.get("instances") is not None and any(k in sources for k in ("det", "ins", "mot", "mots")):
+        for k, v in _instances(record, bitmask, where).items():
+            setattr(t, k, v)
+    if "pose" in sources:
+        t.keypoints, t.pose_boxes = _pose(record)
+    sem = mask("sem.png")
+    t.sem = None if sem is None else sem[0]
+    drv = mask("drivable.png")
+    t.drivable = None if drv is None else drv[0]
+    lane = mask("lane.png")
+    if lane is not None:
+        t.lane = torch.from_numpy(bdd100k.decode_lane_mask(lane[0].numpy()))
+    return DecodedFrame(image=image, targets=t, sources=sources, record=record)
+
+
+def split_members(sample: dict[str, Any]) -> tuple[dict, dict[int, dict[str, bytes]]]:
+    """A grouped WebDataset sample → (clip header, ``{frame index: {suffix: bytes}}``)."""
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    if CLIP_MEMBER not in sample:
+        raise DataError(where, f"sample has no {CLIP_MEMBER}", field=CLIP_MEMBER)
+    try:
+        clip = json.loads(sample[CLIP_MEMBER])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(where, f"malformed JSON: {e}", field=CLIP_MEMBER) from None
+    frames: dict[int, dict[str, bytes]] = {}
+    for key, value in sample.items():
+        if key.startswith("__") or key == CLIP_MEMBER:
+            continue
+        idx, _, suffix = key.partition(".")
+        if not idx.isdigit() or suffix not in _KNOWN_SUFFIXES:
+            raise DataError(where, f"unexpected member {key!r} (decoders only read JSON, JPEG and PNG)", field=key)
+        frames.setdefault(int(idx), {})[suffix] = value
+    return clip, frames
+
+
+def decode_clip(sample: dict[str, Any]) -> list[DecodedFrame]:
+    """Decode every frame of a grouped shard sample (see :mod:`data_pipeline.shard_format`)."""
+    clip, members = split_members(sample)
+    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    records = clip.get("frames", [])
+    return [decode_frame(members.get(i, {}), rec, where) for i, rec in enumerate(records)]
+
+
+def bitmask_fields(bitmask: Tensor) -> dict[str, np.ndarray]:
+    """``[4, H, W]`` RGBA bitmask tensor → :func:`bdd100k.decode_bitmask` fields."""
+    return bdd100k.decode_bitmask(bitmask.permute(1, 2, 0).numpy())

@@ -1,0 +1,288 @@
+"""The training loader: per-set WebDataset streams, set-level scheduling, typed batches.
+
+Data flow inside one DataLoader worker (``torch.utils.data`` workers, one process each)::
+
+    shards of set s (fsspec URIs) ──split by (rank, worker)──► tar samples (webdataset)
+        ──seeded shuffle buffer──► decode_clip (JSON/JPEG/PNG only)
+        ──key frame + reference frame──► collate into a Batch ──(augment plan drawn)──► yield
+
+Each rank takes exactly ``len(dataset)`` batches per epoch (:mod:`data_pipeline.sampler`): the
+per-set quota is ``frames // (world_size * batch_size)``, identical on every rank, and a
+worker whose shards run out before its quota continues with a reshuffled pass over its shards,
+so unequal shard counts never make ranks disagree on the number of steps (the DDP hang of
+shared/REFERENCE.md §4). Output is deterministic for a given (seed, epoch, world size, workers).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from data_pipeline import bdd100k
+from data_pipeline.decode import DecodedFrame, decode_clip
+from data_pipeline.errors import DataError
+from data_pipeline.sampler import (
+    SAMPLING_MODES,
+    SamplingMode,
+    batches_per_rank,
+    rng_for,
+    set_schedule,
+    split_shards,
+)
+from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
+from data_pipeline.transforms import AugmentConfig, apply_augment, pad_images
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardFamily:
+    """The shards of one image set and split, with the frame counts the quotas are made from.
+
+    ``task_frames[t]`` is the number of frames labelled for task ``t`` (from the manifest).
+    """
+
+    set_name: str
+    split: str
+    urls: tuple[str, ...]
+    frames: int
+    task_frames: dict[str, int] = field(default_factory=dict)
+
+    def eligible_frames(self, require: tuple[str, ...]) -> int:
+        """Frames usable as key frames when every task in ``require`` must be labelled
+        (exact for one required task, an upper bound for several)."""
+        if not require:
+            return self.frames
+        return min(self.task_frames.get(t, 0) for t in require)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    """Training loader settings.
+
+    ``batch_size`` is per rank. ``require_tasks`` restricts a set's key frames to those labelled
+    for all the given tasks, e.g. ``{"track": ("mots",)}`` trains on the MOTS subset of the
+    tracking set (paper H.1, joint training). ``ref_range`` bounds the key→reference frame
+    distance (QDTrack: ±3). ``augment_in_loader`` applies the augmentation in the workers
+    instead of leaving it to the training step (see :mod:`data_pipeline.transforms`).
+    """
+
+    batch_size: int = 2
+    num_workers: int = 2
+    sampling: SamplingMode = "round_robin"
+    seed: int = 0
+    shuffle_buffer: int = 32
+    ref_range: int = 3
+    size_divisor: int = 32
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment_in_loader: bool = False
+    require_tasks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"LoaderConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"LoaderConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(f"LoaderConfig.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+        if self.ref_range < 1:
+            raise ValueError(f"LoaderConfig.ref_range must be >= 1, got {self.ref_range}")
+
+
+def iter_shard(url: str) -> Iterator[dict]:
+    """Raw grouped samples of one tar shard at any fsspec URI (bytes only, nothing decoded)."""
+    with fsspec.open(url, "rb") as f:
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": f}]))
+
+
+def iter_frames(urls: tuple[str, ...] | list[str]) -> Iterator[DecodedFrame]:
+    """Every frame of the given shards once, in shard order, undecorated (evaluation, tools)."""
+    for url in urls:
+        for sample in iter_shard(url):
+            yield from decode_clip(sample)
+
+
+def _ref_index(rng: np.random.Generator, frames: list[DecodedFrame], k: int, ref_range: int) -> int | None:
+    """A reference frame for key frame ``k``: another frame of the same clip within ±ref_range."""
+    fi = frames[k].record.get("frame_index")
+    if fi is None or len(frames) < 2:
+        return None
+    cands = [
+        j for j, f in enumerate(frames)
+        if j != k and f.record.get("frame_index") is not None and 0 < abs(f.record["frame_index"] - fi) <= ref_range
+    ]
+    return int(rng.choice(cands)) if cands else None
+
+
+class MultiSetDataset(IterableDataset):
+    """Yields :class:`Batch` objects; use with ``DataLoader(batch_size=None)``.
+
+    ``len(dataset)`` is the number of batches every rank takes per epoch. Call
+    :meth:`set_epoch` before iterating each epoch (workers receive a copy of the dataset when
+    iteration starts, so non-persistent workers see the new epoch).
+    """
+
+    def __init__(self, families: list[ShardFamily], cfg: LoaderConfig, *, rank: int | None = None, world_size: int | None = None):
+        self.cfg = cfg
+        self.families = {f.set_name: f for f in families}
+        if len(self.families) != len(families):
+            raise ValueError(f"duplicate image sets in {[f.set_name for f in families]}")
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        for s, f in self.families.items():
+            if not f.urls:
+                raise ValueError(f"image set {s!r} ({f.split}) has no shards")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def batches_per_set(self) -> dict[str, int]:
+        return {
+            s: batches_per_rank(f.eligible_frames(self.cfg.require_tasks.get(s, ())), self.world_size, self.cfg.batch_size)
+            for s, f in self.families.items()
+        }
+
+    def schedule(self) -> list[str]:
+        return set_schedule(self.batches_per_set(), self.cfg.sampling, seed=self.cfg.seed, epoch=self.epoch)
+
+    def __len__(self) -> int:
+        return sum(self.batches_per_set().values())
+
+    # -- inside a worker ---------------------------------------------------------------------
+
+    def _frame_stream(self, fam: ShardFamily, gworker: int, total: int) -> Iterator[tuple[DecodedFrame, DecodedFrame | None]]:
+        cfg = self.cfg
+        require = cfg.require_tasks.get(fam.set_name, ())
+        rng = rng_for(cfg.seed, self.epoch, "frames", fam.set_name, gworker)
+        shards, modulo, remainder = split_shards(
+            fam.urls, gworker, total, seed=cfg.seed, epoch=self.epoch, set_name=fam.set_name
+        )
+        for rep in range(1 << 30):
+            order = list(shards)
+            if rep:
+                rng.shuffle(order)  # a further pass over this worker's shards, reshuffled
+            produced = False
+            buffer: list[dict] = []
+            idx = 0
+
+            def emit(sample):
+                frames = decode_clip(sample)
+                keys = [k for k, f in enumerate(frames) if all(t in f.sources for t in require)]
+                rng.shuffle(keys)
+                for k in keys:
+                    r = _ref_index(rng, frames, k, cfg.ref_range) if fam.set_name == "track" else None
+                    yield frames[k], (None if r is None else frames[r])
+
+            for url in order:
+                for sample in iter_shard(url):
+                    keep = idx % modulo == remainder
+                    idx += 1
+                    if not keep:
+                        continue
+                    buffer.append(sample)
+                    if len(buffer) >= max(1, cfg.shuffle_buffer):
+                        j = int(rng.integers(len(buffer)))
+                        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                        for item in emit(buffer.pop()):
+                            produced = True
+                            yield item
+            rng.shuffle(buffer)
+            for sample in buffer:
+                for item in emit(sample):
+                    produced = True
+                    yield item
+            if not produced:
+                raise DataError(
+                    ",".join(fam.urls[:3]) + ("..." if len(fam.urls) > 3 else ""),
+                    f"image set {fam.set_name!r} yields no frames for worker {gworker}/{total}"
+                    + (f" with required tasks {require}" if require else ""),
+                )
+        raise AssertionError("unreachable")
+
+    def _collate(self, set_name: str, items: list[tuple[DecodedFrame, DecodedFrame | None]], step: int) -> Batch:
+        cfg = self.cfg
+        labels = torch.zeros((len(items), len(bdd100k.TASKS)), dtype=torch.int8)
+        for i, (key, _) in enumerate(items):
+            for t, src in key.sources.items():
+                labels[i, TASK_INDEX[t]] = int(src)
+        has_ref = set_name == "track"
+        if has_ref:
+            # A key frame without any neighbour is its own reference (zero motion); flow and
+            # MOT pairs are then trivially consistent rather than missing.
+            items = [(k, r if r is not None else k) for k, r in items]
+        rng = rng_for(cfg.seed, self.epoch, "augment", self.rank, step)
+        aug = cfg.augment
+        height = int(rng.choice(aug.scales)) if aug.scales else None
+        flips = tuple(bool(x) for x in (rng.random(len(items)) < aug.flip_prob))
+        batch = Batch(
+            set_name=set_name,
+            images=pad_images([k.image for k, _ in items], cfg.size_divisor),
+            image_sizes=[(int(k.image.shape[1]), int(k.image.shape[2])) for k, _ in items],
+            targets=[k.targets for k, _ in items],
+            labels=labels,
+            meta=[
+                {
+                    "name": k.record.get("name"),
+                    "video": k.record.get("video"),
+                    "frame_index": k.record.get("frame_index"),
+                    "ref_frame_index": None if r is None else r.record.get("frame_index"),
+                    "step": step,
+                }
+                for k, r in items
+            ],
+            ref_images=pad_images([r.image for _, r in items], cfg.size_divisor) if has_ref else None,
+            ref_targets=[r.targets for _, r in items] if has_ref else None,
+            augment=AugmentPlan(height=height, flips=flips),
+            size_divisor=cfg.size_divisor,
+        )
+        return apply_augment(batch) if cfg.augment_in_loader else batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None:
+            torch.set_num_threads(1)
+        schedule = self.schedule()
+        gworker, total = self.rank * nw + wid, self.world_size * nw
+        streams: dict[str, Iterator] = {}
+        for step in range(wid, len(schedule), nw):
+            s = schedule[step]
+            if s not in streams:
+                streams[s] = self._frame_stream(self.families[s], gworker, total)
+            items = [next(streams[s]) for _ in range(self.cfg.batch_size)]
+            yield self._collate(s, items, step)
+
+
+def build_train_loader(dataset: MultiSetDataset) -> DataLoader:
+    """A DataLoader over ``dataset`` (call ``dataset.set_epoch(e)`` before each epoch)."""
+    cfg = dataset.cfg
+    kw = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory,
+        persistent_workers=False,
+        **kw,
+    )
+
+
+__all__ = [
+    "LabelSource",
+    "LoaderConfig",
+    "MultiSetDataset",
+    "ShardFamily",
+    "build_train_loader",
+    "iter_frames",
+    "iter_shard",
+]

@@ -1,0 +1,172 @@
+"""Batch assembly and geometric augmentation: multi-scale resize and horizontal flip.
+
+One implementation, in torch, that runs wherever the batch is. The loader *draws* the
+augmentation (:class:`AugmentPlan`, seeded by seed/epoch/step) and by default the training
+step *applies* it on the accelerator right after ``batch.to(device)``; CPU workers then only
+decode, which keeps the loader at the JPEG-decode floor (benchmarks/RESULTS.md). For CPU-only
+training the loader can apply it in its workers instead (``LoaderConfig.augment_in_loader``).
+
+Coordinates are continuous pixel coordinates (pixel ``i`` spans ``[i, i + 1)``), so a
+horizontal flip maps ``x → W − x`` and boxes ``[x1, x2] → [W − x2, W − x1]``; keypoints swap
+left/right joints (``bdd100k.POSE_FLIP_PERM``); unlabelled keypoints (v = 0) stay all-zero.
+Key and reference frames of a tracking pair share the same scale and flip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+from data_pipeline import bdd100k
+from data_pipeline.structures import AugmentPlan, Batch, FrameTargets
+
+#: The paper's multi-scale training heights (appendix I): 600..720 in steps of 24.
+PAPER_SCALES: tuple[int, ...] = (600, 624, 648, 672, 696, 720)
+
+_MASK_FIELDS = ("masks", "sem", "drivable", "lane")
+_FLIP_PERM = torch.tensor(bdd100k.POSE_FLIP_PERM)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentConfig:
+    """``scales``: candidate image heights (aspect kept); empty = keep the original size."""
+
+    scales: tuple[int, ...] = PAPER_SCALES
+    flip_prob: float = 0.5
+
+    def __post_init__(self):
+        if any(int(h) <= 0 for h in self.scales):
+            raise ValueError(f"AugmentConfig.scales must be positive heights, got {self.scales}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"AugmentConfig.flip_prob must be in [0, 1], got {self.flip_prob}")
+
+
+def pad_images(images: list[Tensor], size_divisor: int) -> Tensor:
+    """Stack ``[3, h_i, w_i]`` uint8 images into ``[B, 3, H, W]``, zero-padded bottom/right."""
+    h = max(int(i.shape[-2]) for i in images)
+    w = max(int(i.shape[-1]) for i in images)
+    h = -(-h // size_divisor) * size_divisor
+    w = -(-w // size_divisor) * size_divisor
+    out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    for k, im in enumerate(images):
+        out[k, :, : im.shape[-2], : im.shape[-1]] = im
+    return out
+
+
+def _resize_targets(t: FrameTargets, sy: float, sx: float, size: tuple[int, int]) -> FrameTargets:
+    kw: dict = {}
+    nearest = TF.InterpolationMode.NEAREST_EXACT
+    for name in _MASK_FIELDS:
+        m = getattr(t, name)
+        if m is None:
+            continue
+        if name in ("sem", "drivable"):
+            kw[name] = TF.resize(m[None], list(size), interpolation=nearest, antialias=False)[0]
+        elif m.shape[0] == 0:
+            kw[name] = m.new_zeros((0, *size))
+        else:
+            kw[name] = TF.resize(m, list(size), interpolation=nearest, antialias=False)
+    scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
+    if t.boxes is not None:
+        kw["boxes"] = t.boxes * scale.to(t.boxes.device)
+    if t.pose_boxes is not None:
+        kw["pose_boxes"] = t.pose_boxes * scale.to(t.pose_boxes.device)
+    if t.keypoints is not None:
+        k = t.keypoints.clone()
+        k[..., 0] *= sx
+        k[..., 1] *= sy
+        kw["keypoints"] = k
+    return replace(t, **kw)
+
+
+def _flip_boxes(b: Tensor, width: int) -> Tensor:
+    return torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1)
+
+
+def _flip_targets(t: FrameTargets, width: int) -> FrameTargets:
+    kw: dict = {}
+    for name in _MASK_FIELDS:
+        m = getattr(t, name)
+        if m is not None:
+            kw[name] = m.flip(-1)
+    if t.boxes is not None:
+        kw["boxes"] = _flip_boxes(t.boxes, width)
+    if t.pose_boxes is not None:
+        kw["pose_boxes"] = _flip_boxes(t.pose_boxes, width)
+    if t.keypoints is not None:
+        k = t.keypoints[:, _FLIP_PERM.to(t.keypoints.device)].clone()
+        labelled = k[..., 2] > 0
+        k[..., 0] = torch.where(labelled, width - k[..., 0], k[..., 0])
+        kw["keypoints"] = k
+    return replace(t, **kw)
+
+
+def _augment_one(image: Tensor, t: FrameTargets, height: int | None, flip: bool) -> tuple[Tensor, FrameTargets]:
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    if height is not None and height != h:
+        nw = max(1, round(w * height / h))
+        image = TF.resize(image, [height, nw], antialias=True)
+        t = _resize_targets(t, height / h, nw / w, (height, nw))
+        w = nw
+    if flip:
+        image = image.flip(-1)
+        t = _flip_targets(t, w)
+    return image, t
+
+
+def apply_augment(batch: Batch) -> Batch:
+    """Apply ``batch.augment`` (scale + flip) to images, reference frames and every target.
+
+    Runs on the batch's device. Returns the batch unchanged when there is no plan or it has
+    already been applied.
+    """
+    plan = batch.augment
+    if plan is None or plan.applied:
+        return batch
+    if len(plan.flips) != len(batch):
+        raise ValueError(f"augment plan has {len(plan.flips)} flips for a batch of {len(batch)}")
+    images, targets, sizes = [], [], []
+    ref_images, ref_targets = [], []
+    for i, (h, w) in enumerate(batch.image_sizes):
+        im, t = _augment_one(batch.images[i, :, :h, :w], batch.targets[i], plan.height, plan.flips[i])
+        images.append(im)
+        targets.append(t)
+        sizes.append((int(im.shape[-2]), int(im.shape[-1])))
+        if batch.ref_images is not None:
+            assert batch.ref_targets is not None
+            rim, rt = _augment_one(batch.ref_images[i, :, :h, :w], batch.ref_targets[i], plan.height, plan.flips[i])
+            ref_images.append(rim)
+            ref_targets.append(rt)
+    meta = [dict(m, flip=plan.flips[i], height=sizes[i][0]) for i, m in enumerate(batch.meta)]
+    return replace(
+        batch,
+        images=pad_images(images, batch.size_divisor),
+        image_sizes=sizes,
+        targets=targets,
+        ref_images=pad_images(ref_images, batch.size_divisor) if ref_images else None,
+        ref_targets=ref_targets if ref_targets else None,
+        meta=meta,
+        augment=replace(plan, applied=True),
+    )
+
+
+def targets_equal(a: FrameTargets, b: FrameTargets, atol: float = 0.0) -> bool:
+    """Field-by-field equality of two targets (``atol`` for float tensors); used by tests/tools."""
+    for f in fields(FrameTargets):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if (x is None) != (y is None):
+            return False
+        if isinstance(x, Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return False
+            if x.is_floating_point():
+                if not torch.allclose(x, y, atol=atol, rtol=0):
+                    return False
+            elif not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
