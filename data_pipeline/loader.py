@@ -19,13 +19,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from data_pipeline import bdd100k
+from data_pipeline import bdd100k, fsio
 from data_pipeline.decode import DecodedFrame, decode_clip
 from data_pipeline.errors import DataError
 from data_pipeline.sampler import (
@@ -98,7 +97,7 @@ class LoaderConfig:
 
 def iter_shard(url: str) -> Iterator[dict]:
     """Raw grouped samples of one tar shard at any fsspec URI (bytes only, nothing decoded)."""
-    with fsspec.open(url, "rb") as f:
+    with fsio.open_read(url) as f:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": f}]))
 
 

@@ -1,0 +1,54 @@
+"""Reading ``manifest.json`` (written by :mod:`data_pipeline.convert`) into loader inputs."""
+
+from __future__ import annotations
+
+import json
+
+from data_pipeline import fsio
+from data_pipeline.errors import DataError
+from data_pipeline.loader import ShardFamily
+from data_pipeline.shard_format import FORMAT_VERSION, MANIFEST_NAME
+
+
+def read_manifest(uri: str) -> dict:
+    """The manifest at ``uri`` (the converter's output root), checked for its format version."""
+    path = fsio.join(uri, MANIFEST_NAME)
+    if not fsio.exists(path):
+        raise FileNotFoundError(f"{path}: no manifest; run `vtd data convert` first (or check the URI)")
+    try:
+        manifest = json.loads(fsio.read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, f"malformed JSON: {e}") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(path, f"format_version {version!r}, this build reads {FORMAT_VERSION}", field="format_version")
+    return manifest
+
+
+def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = None) -> list[ShardFamily]:
+    """One :class:`ShardFamily` per image set of ``split`` listed in the manifest at ``uri``.
+
+    ``sets`` selects and orders the image sets (the order is the round-robin order); by default
+    every set of the split that has frames, in the order det, seg, track.
+    """
+    manifest = read_manifest(uri)
+    entries = {k: v for k, v in manifest["sets"].items() if v["split"] == split}
+    order = sets if sets is not None else tuple(s for s in ("det", "seg", "track") if f"{s}/{split}" in entries)
+    out = []
+    for s in order:
+        entry = entries.get(f"{s}/{split}")
+        if entry is None:
+            raise DataError(fsio.join(uri, MANIFEST_NAME), f"no image set {s!r} for split {split!r}", field="sets")
+        shards = tuple(fsio.join(uri, sh["path"]) for sh in entry["shards"] if sh["samples"] > 0)
+        if not shards:
+            continue
+        out.append(
+            ShardFamily(
+                set_name=s,
+                split=split,
+                urls=shards,
+                frames=int(entry["samples"]),
+                task_frames={t: int(v["samples"]) for t, v in entry["tasks"].items()},
+            )
+        )
+    return out

@@ -1,0 +1,314 @@
+"""Generated dataset → shards → loader: labels come back exactly; batches are balanced across ranks.
+
+The expected labels are read straight from the BDD100K files with json/PIL here, independently
+of the converter and the decoder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipeline import bdd100k
+from data_pipeline.bdd100k import Layout
+from data_pipeline.decode import decode_clip
+from data_pipeline.errors import DataError
+from data_pipeline.loader import LoaderConfig, MultiSetDataset, build_train_loader, iter_frames, iter_shard
+from data_pipeline.manifest import families_from_manifest
+from data_pipeline.structures import AugmentPlan, LabelSource
+from data_pipeline.transforms import AugmentConfig, apply_augment
+
+NO_AUG = AugmentConfig(scales=(), flip_prob=0.0)
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def _box(label) -> list[float]:
+    """Scalabel box2d is inclusive (x2 = last pixel); targets use continuous coordinates."""
+    b = label["box2d"]
+    return [b["x1"], b["y1"], b["x2"] + 1, b["y2"] + 1]
+
+
+def _instances_from_json(labels) -> list[tuple]:
+    out = []
+    for lab in labels:
+        cat = lab["category"]
+        if cat in bdd100k.STUFF_DET_CATEGORIES:
+            continue
+        attrs = lab.get("attributes", {})
+        cls = bdd100k.THING_TO_ID[bdd100k.IGNORE_MAP.get(cat, cat)]
+        ignore = cat in bdd100k.IGNORE_MAP or bool(attrs.get("crowd")) or bool(attrs.get("ignored"))
+        out.append((cls, tuple(np.float32(_box(lab)).tolist()), ignore))
+    return out
+
+
+def _instances_from_bitmask(rgba: np.ndarray) -> dict[int, tuple]:
+    f = bdd100k.decode_bitmask(rgba)
+    out = {}
+    for iid in np.unique(f["instance"][f["category"] > 0]):
+        m = f["instance"] == iid
+        ys, xs = np.nonzero(m)
+        cls = int(f["category"][m][0]) - 1
+        ignore = bool(f["crowd"][m].any() or f["ignore"][m].any())
+        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        out[int(iid)] = (cls, box, ignore, m.astype(np.uint8))
+    return out
+
+
+def expected_frames(root: str, split: str = "train") -> dict[str, dict]:
+    """name → expected labels, from the BDD100K files of ``root``."""
+    r = Path(root)
+    exp: dict[str, dict] = {}
+    for fr in json.loads((r / Layout.det_json(split)).read_text()):
+        stem = fr["name"][:-4]
+        a = fr["attributes"]
+        exp[fr["name"]] = {
+            "weather": bdd100k.WEATHERS.index(a["weather"]),
+            "scene": bdd100k.SCENES.index(a["scene"]),
+            "instances": sorted(_instances_from_json(fr["labels"])),
+            "drivable": _png(r / Layout.drivable_masks(split) / f"{stem}.png"),
+            "lane": bdd100k.decode_lane_mask(_png(r / Layout.lane_masks(split) / f"{stem}.png")),
+            "pose": None,
+        }
+    joints = {j: k for k, j in enumerate(bdd100k.POSE_JOINTS)}
+    for fr in json.loads((r / Layout.pose_json(split)).read_text()):
+        kps = []
+        for lab in fr["labels"]:
+            k = np.zeros((18, 3), np.float32)
+            for n in lab["graph"]["nodes"]:
+                k[joints[n["category"]]] = [*n["location"], 2 if n["visibility"] == "V" else 1]
+            kps.append(k)
+        exp[fr["name"]]["pose"] = np.stack(kps) if kps else np.zeros((0, 18, 3), np.float32)
+    for p in sorted((r / Layout.sem_masks(split)).glob("*.png")):
+        inst = _instances_from_bitmask(_png(r / Layout.ins_bitmasks(split) / p.name))
+        exp[p.stem + ".jpg"] = {
+            "sem": _png(p),
+            "instances": sorted((c, b, i) for c, b, i, _ in inst.values()),
+            "masks": {(c, b): m for c, b, _, m in inst.values()},
+        }
+    for vid in sorted((r / Layout.box_track_dir(split)).glob("*.json")):
+        for fr in json.loads(vid.read_text()):
+            exp[fr["name"]] = {
+                "tracks": sorted(
+                    (int(lab["id"]), bdd100k.THING_TO_ID[bdd100k.IGNORE_MAP.get(lab["category"], lab["category"])],
+                     tuple(np.float32(_box(lab)).tolist()))
+                    for lab in fr["labels"] if lab["category"] not in bdd100k.STUFF_DET_CATEGORIES
+                )
+            }
+    for vdir in sorted((r / Layout.seg_track_bitmasks(split)).iterdir()):
+        for p in sorted(vdir.glob("*.png")):
+            inst = _instances_from_bitmask(_png(p))
+            exp[p.stem + ".jpg"] = {
+                "tracks": sorted((iid, c, b) for iid, (c, b, _, _) in inst.items()),
+                "track_masks": {iid: m for iid, (_, _, _, m) in inst.items()},
+            }
+    return exp
+
+
+def _same(got: list[tuple], want: list[tuple], box_at: int) -> bool:
+    """Equal lists of label tuples; the box (float32 after a flip) compared to 1e-4 px."""
+    return len(got) == len(want) and all(
+        g[:box_at] + g[box_at + 1:] == w[:box_at] + w[box_at + 1:] and np.allclose(g[box_at], w[box_at], atol=1e-4, rtol=0)
+        for g, w in zip(got, want)
+    )
+
+
+def check_targets(name: str, t, e: dict, width: int, flip: bool) -> None:
+    """Assert that decoded targets ``t`` equal the expected labels ``e`` (flipped if ``flip``)."""
+
+    def fb(b):  # expected box after an optional flip
+        x1, y1, x2, y2 = b
+        return (width - x2, y1, width - x1, y2) if flip else (x1, y1, x2, y2)
+
+    def fm(m):
+        return np.ascontiguousarray(m[..., ::-1]) if flip else m
+
+    if "weather" in e:
+        assert (t.weather, t.scene) == (e["weather"], e["scene"]), name
+        assert np.array_equal(t.drivable.numpy(), fm(e["drivable"])), name
+        assert np.array_equal(t.lane.numpy(), fm(e["lane"])), name
+    if "instances" in e:
+        got = sorted(zip(t.classes.tolist(), map(tuple, t.boxes.tolist()), t.ignore.tolist()))
+        want = sorted((c, tuple(np.float32(fb(b)).tolist()), i) for c, b, i in e["instances"])
+        assert _same(got, want, box_at=1), name
+    if "masks" in e:
+        assert np.array_equal(t.sem.numpy(), fm(e["sem"])), name
+        for k in range(t.num_instances):
+            key = (int(t.classes[k]), tuple(np.float32(fb(t.boxes[k].tolist())).tolist()))
+            assert np.array_equal(t.masks[k].numpy(), fm(e["masks"][key])), name
+    if e.get("pose") is not None:
+        k = e["pose"].copy()
+        if flip:
+            names = list(bdd100k.POSE_JOINTS)
+            swap = [names.index(n.replace("left_", "R_").replace("right_", "left_").replace("R_", "right_")) for n in names]
+            k = k[:, swap]
+            k[..., 0] = np.where(k[..., 2] > 0, width - k[..., 0], 0)
+        assert np.allclose(t.keypoints.numpy(), k, atol=1e-4), name
+    if "tracks" in e:
+        got = sorted(zip(t.track_ids.tolist(), t.classes.tolist(), map(tuple, t.boxes.tolist())))
+        want = sorted((i, c, tuple(np.float32(fb(b)).tolist())) for i, c, b in e["tracks"])
+        assert _same(got, want, box_at=2), name
+    if "track_masks" in e:
+        for k, tid in enumerate(t.track_ids.tolist()):
+            assert np.array_equal(t.masks[k].numpy(), fm(e["track_masks"][tid])), name
+
+
+def test_every_frame_round_trips_through_the_shards(tiny_root, tiny_shards):
+    exp = expected_frames(tiny_root)
+    seen = set()
+    for fam in families_from_manifest(tiny_shards, "train"):
+        for f in iter_frames(fam.urls):
+            name = f.record["name"]
+            check_targets(name, f.targets, exp[name], f.image.shape[-1], flip=False)
+            image = np.asarray(Image.open(_image_path(tiny_root, f.record, fam.set_name)).convert("RGB"))
+            assert np.array_equal(f.image.permute(1, 2, 0).numpy(), image), name
+            seen.add(name)
+    assert seen == set(exp), "every labelled frame of the train split is in the shards"
+
+
+def _image_path(root: str, rec: dict, set_name: str) -> Path:
+    r = Path(root)
+    if set_name == "det":
+        return r / Layout.images_100k("train") / rec["name"]
+    if set_name == "seg":
+        return r / Layout.images_10k("train") / rec["name"]
+    for base in (Layout.images_track("train"), Layout.images_seg_track("train")):
+        p = r / base / rec["video"] / rec["name"]
+        if p.exists():
+            return p
+    raise FileNotFoundError(rec["name"])
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_training_batches_carry_the_original_labels(tiny_root, tiny_shards, flip):
+    exp = expected_frames(tiny_root)
+    cfg = LoaderConfig(batch_size=2, num_workers=0, augment=AugmentConfig(scales=(), flip_prob=float(flip)))
+    ds = MultiSetDataset(families_from_manifest(tiny_shards, "train"), cfg, rank=0, world_size=1)
+    checked = Counter()
+    for batch in ds:
+        assert batch.augment is not None and batch.augment.flips == (flip,) * len(batch)
+        batch = apply_augment(batch)
+        for i, t in enumerate(batch.targets):
+            name = batch.meta[i]["name"]
+            check_targets(name, t, exp[name], batch.image_sizes[i][1], flip=flip)
+            # label presence comes through per task
+            assert batch.labels[i].tolist().count(int(LabelSource.REAL)) >= 1
+            checked[batch.set_name] += 1
+        if batch.set_name == "track":
+            assert batch.ref_images is not None and len(batch.ref_targets) == len(batch)
+            for m in batch.meta:
+                assert 0 < abs(m["ref_frame_index"] - m["frame_index"]) <= cfg.ref_range
+    assert set(checked) == {"det", "seg", "track"}
+
+
+def test_flip_twice_is_identity(tiny_shards):
+    cfg = LoaderConfig(batch_size=2, num_workers=0, augment=AugmentConfig(scales=(), flip_prob=1.0))
+    ds = MultiSetDataset(families_from_manifest(tiny_shards, "train"), cfg, rank=0, world_size=1)
+    for batch in ds:
+        once = apply_augment(batch)
+        twice = apply_augment(replace(once, augment=AugmentPlan(height=None, flips=(True,) * len(batch))))
+        assert torch.equal(twice.images, batch.images)
+        assert not torch.equal(once.images, batch.images)
+        for a, b in zip(batch.targets + (batch.ref_targets or []), twice.targets + (twice.ref_targets or [])):
+            for field in ("boxes", "keypoints", "pose_boxes"):
+                x, y = getattr(a, field), getattr(b, field)
+                assert (x is None and y is None) or torch.allclose(x, y, atol=1e-4)
+            for field in ("masks", "sem", "drivable", "lane", "classes", "track_ids", "ignore"):
+                x, y = getattr(a, field), getattr(b, field)
+                assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_multiscale_resizes_images_and_labels_consistently(tiny_shards):
+    cfg = LoaderConfig(batch_size=2, num_workers=0, augment=AugmentConfig(scales=(48,), flip_prob=0.0))
+    ds = MultiSetDataset(families_from_manifest(tiny_shards, "train"), cfg, rank=0, world_size=1)
+    batch = next(iter(ds))
+    (h0, w0) = batch.image_sizes[0]
+    out = apply_augment(batch)
+    h, w = out.image_sizes[0]
+    assert h == 48 and w == round(w0 * 48 / h0)
+    assert out.images.shape[-2] % 32 == 0 and out.images.shape[-1] % 32 == 0
+    t0, t1 = batch.targets[0], out.targets[0]
+    if t0.boxes is not None and t0.num_instances:
+        assert torch.allclose(t1.boxes, t0.boxes * torch.tensor([w / w0, h / h0, w / w0, h / h0]))
+    for field in ("drivable", "sem"):
+        m = getattr(t1, field)
+        if m is not None:
+            assert tuple(m.shape) == (h, w)
+            assert set(m.unique().tolist()) <= set(getattr(t0, field).unique().tolist())  # nearest: no new values
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_rank_gets_the_same_number_of_batches(tiny_shards, world_size):
+    fams = families_from_manifest(tiny_shards, "train")
+    shard_counts = {f.set_name: len(f.urls) for f in fams}
+    assert len(set(shard_counts.values())) > 1, f"fixture should have unequal shard counts: {shard_counts}"
+    cfg = LoaderConfig(batch_size=2, num_workers=2, augment=NO_AUG)
+    per_rank_sets, per_rank_names = [], []
+    for rank in range(world_size):
+        ds = MultiSetDataset(fams, cfg, rank=rank, world_size=world_size)
+        ds.set_epoch(1)
+        batches = list(build_train_loader(ds))
+        assert len(batches) == len(ds) > 0
+        per_rank_sets.append([b.set_name for b in batches])
+        per_rank_names.append([m["name"] for b in batches for m in b.meta])
+    assert all(s == per_rank_sets[0] for s in per_rank_sets), "ranks step through the same sets in the same order"
+    assert per_rank_names[0] != per_rank_names[1], "ranks see different data"
+
+
+def test_batches_are_deterministic_by_seed_and_epoch(tiny_shards):
+    fams = families_from_manifest(tiny_shards, "train")
+
+    def names(epoch, seed=0):
+        ds = MultiSetDataset(fams, LoaderConfig(batch_size=2, num_workers=2, seed=seed, augment=AugmentConfig(scales=(64, 96))), rank=0, world_size=1)
+        ds.set_epoch(epoch)
+        return [(b.set_name, tuple(m["name"] for m in b.meta), b.augment) for b in build_train_loader(ds)]
+
+    assert names(0) == names(0)
+    assert names(0) != names(1)
+    assert names(0) != names(0, seed=1)
+
+
+def test_require_tasks_restricts_track_set_to_the_mots_subset(tiny_shards):
+    cfg = LoaderConfig(batch_size=2, num_workers=0, augment=NO_AUG, require_tasks={"track": ("mots",)})
+    fams = [f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "track"]
+    ds = MultiSetDataset(fams, cfg, rank=0, world_size=1)
+    assert len(ds) == fams[0].task_frames["mots"] // 2
+    for batch in ds:
+        assert bool(batch.has("mots").all())
+
+
+def test_loader_reads_from_an_fsspec_uri(tiny_root):
+    from data_pipeline.convert import ConvertOptions, convert
+
+    convert(ConvertOptions(bdd_root=tiny_root, out="memory://vtd-test/shards", sets=("seg",), splits=("train",),
+                           shard_size=4, progress=False, overwrite=True))
+    fams = families_from_manifest("memory://vtd-test/shards", "train")
+    assert fams[0].urls[0].startswith("memory://")
+    ds = MultiSetDataset(fams, LoaderConfig(batch_size=2, num_workers=0, augment=NO_AUG), rank=0, world_size=1)
+    assert sum(len(b) for b in ds) == 2 * len(ds) > 0
+
+
+def test_decoder_refuses_pickles_and_unknown_members(tiny_shards, tmp_path):
+    fam = families_from_manifest(tiny_shards, "train")[0]
+    sample = next(iter_shard(fam.urls[0]))
+    evil = dict(sample, **{"0.pyd": b"cos\nsystem\n(S'touch /tmp/pwned'\ntR."})
+    with pytest.raises(DataError, match=r"unexpected member '0\.pyd'"):
+        decode_clip(evil)
+    broken = dict(sample, **{"clip.json": b"{not json"})
+    with pytest.raises(DataError, match="malformed JSON"):
+        decode_clip(broken)
+    corrupt = dict(sample, **{"0.jpg": b"\xff\xd8\xff\xe0garbage"})
+    with pytest.raises(DataError, match="corrupt JPEG") as e:
+        decode_clip(corrupt)
+    assert fam.urls[0] in str(e.value)
