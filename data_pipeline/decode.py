@@ -60,16 +60,20 @@ def _instances(record: dict, bitmask: Tensor | None, where: str) -> dict[str, Te
         "track_ids": torch.tensor([int(i.get("track_id", -1)) for i in inst], dtype=torch.int64),
     }
     if bitmask is not None:
-        # (B << 8) + A is the instance id of a pixel; one binary mask per instance that has one.
+        # (B << 8) + A is the instance id of a pixel. An instance's pixels lie inside its box
+        # (the box is the mask's extent), so each binary mask is computed on that crop only.
         ids = (bitmask[2].to(torch.int32) << 8) | bitmask[3].to(torch.int32)
         h, w = ids.shape
         masks = torch.zeros((n, h, w), dtype=torch.uint8)
         valid = torch.zeros(n, dtype=torch.bool)
         for k, i in enumerate(inst):
             bid = i.get("bitmask_id")
-            if bid is not None:
-                masks[k] = ids == int(bid)
-                valid[k] = True
+            if bid is None:
+                continue
+            x1, y1 = max(0, int(i["box"][0])), max(0, int(i["box"][1]))
+            x2, y2 = min(w, -int(-i["box"][2] // 1)), min(h, -int(-i["box"][3] // 1))
+            masks[k, y1:y2, x1:x2] = ids[y1:y2, x1:x2] == int(bid)
+            valid[k] = True
         out["masks"], out["mask_valid"] = masks, valid
     return out
 

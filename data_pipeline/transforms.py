@@ -50,9 +50,12 @@ def pad_images(images: list[Tensor], size_divisor: int) -> Tensor:
     w = max(int(i.shape[-1]) for i in images)
     h = -(-h // size_divisor) * size_divisor
     w = -(-w // size_divisor) * size_divisor
-    out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    out = images[0].new_empty((len(images), images[0].shape[0], h, w))
     for k, im in enumerate(images):
-        out[k, :, : im.shape[-2], : im.shape[-1]] = im
+        ih, iw = int(im.shape[-2]), int(im.shape[-1])
+        out[k, :, :ih, :iw] = im
+        out[k, :, ih:, :] = 0  # zero only the padding, not the whole batch
+        out[k, :, :ih, iw:] = 0
     return out
 
 

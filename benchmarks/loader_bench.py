@@ -1,0 +1,147 @@
+"""Loader throughput against the JPEG-decode floor, and loader memory as the dataset grows.
+
+Usage::
+
+    uv run python benchmarks/loader_bench.py [--frames 64] [--workdir /tmp/vtd-loader-bench]
+
+What it measures, all on one core (``torch.set_num_threads(1)``, loader with ``num_workers=0``
+so the loop runs in this process):
+
+* ``jpeg floor``: ``torchvision.io.decode_jpeg`` of the very JPEG bytes stored in the shards
+  (the fastest decoder installed here), frames/s;
+* ``jpeg+png floor``: the same plus ``decode_png`` of the label masks stored with each frame
+  (drivable, lane, sem, instance bitmask): the bare decode work a labelled sample needs;
+* ``loader``: the training loader (shard read → decode of JPEG, masks and labels → collate),
+  frames/s, per image set, and its ratio to the floor (side by side, same run);
+* ``loader+aug``: the same with the augmentation applied in the loader (scale + flip on CPU);
+* peak RSS of a fresh process streaming 1×, 2× and 4× the dataset (shards repeated).
+
+Images are 1280×720 (the synth generator's ``full`` size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+from torchvision.io import decode_jpeg, decode_png
+
+from data_pipeline.convert import ConvertOptions, convert
+from data_pipeline.loader import LoaderConfig, MultiSetDataset, ShardFamily, iter_shard
+from data_pipeline.manifest import families_from_manifest
+from data_pipeline.synth import generate
+from data_pipeline.transforms import AugmentConfig
+
+
+def floor_fps(urls, repeat: int, with_masks: bool) -> float:
+    """Bare decode of the JPEGs (and, with ``with_masks``, the label PNGs) stored in the shards."""
+    blobs = [
+        (k.endswith(".jpg"), torch.frombuffer(bytearray(v), dtype=torch.uint8))
+        for u in urls
+        for s in iter_shard(u)
+        for k, v in s.items()
+        if k.endswith(".jpg") or (with_masks and k.endswith(".png"))
+    ]
+    n = sum(is_jpg for is_jpg, _ in blobs)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        for is_jpg, b in blobs:
+            decode_jpeg(b) if is_jpg else decode_png(b)
+    return repeat * n / (time.perf_counter() - t0)
+
+
+def loader_fps(fam: ShardFamily, repeat: int, in_loader: bool) -> float:
+    cfg = LoaderConfig(batch_size=2, num_workers=0, augment_in_loader=in_loader, shuffle_buffer=8,
+                       augment=AugmentConfig())
+    ds = MultiSetDataset([fam], cfg, rank=0, world_size=1)
+    frames = 0
+    next(iter(ds))  # warm-up
+    t0 = time.perf_counter()
+    for epoch in range(repeat):
+        ds.set_epoch(epoch)
+        for b in ds:
+            frames += len(b)
+    return frames / (time.perf_counter() - t0)
+
+
+def replicate(src: Path, dst: Path, times: int) -> list[str]:
+    """Copies of the shards with renamed keys: a dataset ``times`` as large, same content."""
+    dst.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for k in range(times):
+        for shard in sorted(src.glob("*.tar")):
+            out = dst / f"rep{k}-{shard.name}"
+            with tarfile.open(shard) as tin, tarfile.open(out, "w") as tout:
+                for m in tin.getmembers():
+                    data = tin.extractfile(m).read()
+                    m.name = f"r{k}" + m.name
+                    tout.addfile(m, io.BytesIO(data))
+            urls.append(str(out))
+    return urls
+
+
+def peak_rss_child(urls: list[str], frames: int) -> float:
+    """Peak RSS (MiB) of a fresh process streaming the given shards once through the loader."""
+    code = (
+        "import json,resource,sys,torch;torch.set_num_threads(1)\n"
+        "from data_pipeline.loader import LoaderConfig,MultiSetDataset,ShardFamily\n"
+        "urls=json.loads(sys.argv[1]);n=int(sys.argv[2])\n"
+        "fam=ShardFamily(set_name='det',split='train',urls=tuple(urls),frames=n)\n"
+        "ds=MultiSetDataset([fam],LoaderConfig(batch_size=2,num_workers=0,shuffle_buffer=8),rank=0,world_size=1)\n"
+        "c=sum(len(b) for b in ds)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(urls), str(frames)], check=True,
+                         capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workdir", default="/tmp/vtd-loader-bench")
+    p.add_argument("--repeat", type=int, default=3)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    work = Path(a.workdir)
+    root, shards = work / "bdd100k", work / "shards"
+    if not (shards / "manifest.json").exists():
+        generate(str(root), seed=0, size="full", overwrite=True)
+        convert(ConvertOptions(bdd_root=str(root), out=str(shards), shard_size=4, workers=2, overwrite=True,
+                               progress=False))
+    fams = {f.set_name: f for f in families_from_manifest(str(shards), "train")}
+    print(f"# torch {torch.__version__}, 1 thread, {os.cpu_count()} cores on this machine; 1280x720 frames")
+    print("ratios are loader / floor, measured side by side in this run")
+    print(f"{'set':<6} {'frames':>6} {'jpeg floor':>10} {'jpeg+png floor':>14} {'loader':>7} "
+          f"{'/jpeg':>6} {'/jpeg+png':>9} {'loader+aug':>10} {'/jpeg':>6}")
+    for s, fam in fams.items():
+        fl = floor_fps(fam.urls, a.repeat, with_masks=False)
+        fm = floor_fps(fam.urls, a.repeat, with_masks=True)
+        lo = loader_fps(fam, a.repeat, in_loader=False)
+        la = loader_fps(fam, 1, in_loader=True)
+        print(f"{s:<6} {fam.frames:>6} {fl:>10.1f} {fm:>14.1f} {lo:>7.1f} {lo / fl:>6.2f} {lo / fm:>9.2f} "
+              f"{la:>10.1f} {la / fl:>6.2f}")
+    print("(frames/s on one core)")
+
+    det = fams["det"]
+    print("\n# peak RSS of a fresh loader process (det set, shards repeated)")
+    for times in (1, 2, 4):
+        d = work / f"rep{times}"
+        shutil.rmtree(d, ignore_errors=True)
+        urls = replicate(Path(det.urls[0]).parent, d, times)
+        rss = peak_rss_child(urls, det.frames * times)
+        print(f"dataset x{times}: {det.frames * times:>5} frames  peak RSS {rss:7.1f} MiB")
+    print(f"# this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
