@@ -1,0 +1,476 @@
+"""Optical flow decoder (PWC-Net style) and its unsupervised loss.
+
+Paper (appendix G, "Association Decoders"): the flow decoder follows PWC-Net [54] on the first
+two FPN pixel feature maps (P2, P3), builds a four-level feature pyramid, and at each level
+warps the reference features with the upsampled flow of the coarser level, computes a cost
+volume by local correlation and predicts the flow with convolutions (fewer dense connections
+than PWC-Net). It is trained without flow labels with the census loss [40] (λ_photo = 1.0),
+the edge-aware second-order smoothness [58] (λ_smooth = 4.0, edge weight 150) and the range
+map occlusion estimate of Wang et al. [62].
+
+Flow convention used everywhere in this module (and by the flow metric, REFERENCE §7):
+``flow[:, :, y, x] = (dx, dy)`` such that ``key(x, y) ≈ ref(x + dx, y + dy)``: the flow maps
+key-frame pixels to reference-frame pixels and the reference frame is *backward warped* onto
+the key frame. Pixel coordinates are integer indices of pixel centres (``x`` right, ``y``
+down); ``x + dx`` lies on the reference frame's grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "FlowConfig",
+    "FlowDecoder",
+    "FlowLoss",
+    "FlowLossConfig",
+    "census_transform",
+    "correlation",
+    "range_map",
+    "upsample_flow",
+    "warp",
+]
+
+# ITU-R 601 luma weights (tf.image.rgb_to_grayscale, what UFlow's census loss uses); RGB order.
+_GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional building blocks (shared by the decoder, the loss and the tests)
+# ---------------------------------------------------------------------------------------------
+
+
+def _base_grid(batch: int, height: int, width: int, device: torch.device) -> Tensor:
+    """``[B, 2, H, W]`` float32 pixel coordinates ``(x, y)`` of every pixel centre."""
+    ys = torch.arange(height, device=device, dtype=torch.float32)
+    xs = torch.arange(width, device=device, dtype=torch.float32)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((grid_x, grid_y)).unsqueeze(0).expand(batch, 2, height, width)
+
+
+def warp(x: Tensor, flow: Tensor) -> Tensor:
+    """Backward-warp ``x`` with ``flow``: ``out[..., y, x] = x[..., y + dy, x + dx]``.
+
+    Args:
+        x: ``[B, C, H, W]`` features or image of the reference frame.
+        flow: ``[B, 2, H, W]`` displacement ``(dx, dy)`` in pixels of ``x``'s grid.
+
+    Returns:
+        ``[B, C, H, W]`` float32, bilinear samples, zero where ``p + flow(p)`` falls outside.
+        Integer flows reproduce shifted pixels exactly (``align_corners=True`` coordinates).
+    """
+    b, _, h, w = x.shape
+    if flow.shape != (b, 2, h, w):
+        raise ValueError(f"warp: flow shape {tuple(flow.shape)} does not match x {tuple(x.shape)}")
+    pos = _base_grid(b, h, w, x.device) + flow.float()
+    # Normalise to [-1, 1] with align_corners=True: pixel 0 -> -1, pixel W-1 -> +1.
+    gx = 2.0 * pos[:, 0] / max(w - 1, 1) - 1.0
+    gy = 2.0 * pos[:, 1] / max(h - 1, 1) - 1.0
+    grid = torch.stack((gx, gy), dim=-1)  # [B, H, W, 2]
+    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def correlation(key: Tensor, ref: Tensor, max_displacement: int) -> Tensor:
+    """Local correlation (PWC-Net cost volume) computed by shifting ``ref``.
+
+    Args:
+        key: ``[B, C, H, W]`` key-frame features.
+        ref: ``[B, C, H, W]`` (warped) reference-frame features.
+        max_displacement: ``d``; displacements ``-d..d`` in both axes.
+
+    Returns:
+        ``[B, (2d+1)², H, W]`` float32; channel ``(dy + d)·(2d+1) + (dx + d)`` holds
+        ``mean_c key[c, y, x] · ref[c, y + dy, x + dx]`` (zero outside ``ref``).
+    """
+    if key.shape != ref.shape:
+        raise ValueError(f"correlation: key {tuple(key.shape)} != ref {tuple(ref.shape)}")
+    d = int(max_displacement)
+    _, _, h, w = key.shape
+    # fp32 on purpose: a channel-mean of products is a reduction (REFERENCE §5).
+    key = key.float()
+    padded = F.pad(ref.float(), (d, d, d, d))
+    # One shifted product per displacement: autograd keeps only views of ``padded``, so the
+    # memory is the (2d+1)² output channels, not the (2d+1)²·C of an unfold-based version.
+    costs = [
+        (key * padded[:, :, dy : dy + h, dx : dx + w]).mean(dim=1)
+        for dy in range(2 * d + 1)
+        for dx in range(2 * d + 1)
+    ]
+    return torch.stack(costs, dim=1)
+
+
+@torch.no_grad()
+def range_map(flow: Tensor) -> Tensor:
+    """Range map of Wang et al. 2018 (occlusion-aware unsupervised flow).
+
+    Every pixel ``p`` of the *source* frame of ``flow`` is forward-splatted to ``p + flow(p)``
+    on the *target* frame with bilinear weights; the range map counts how much of the source
+    frame lands on each target pixel. Target pixels with range ≈ 0 are not reached by any
+    source pixel (occluded in the source frame); range > 1 means collisions.
+
+    Args:
+        flow: ``[B, 2, H, W]`` flow from the source frame to the target frame (pixels).
+
+    Returns:
+        ``[B, 1, H, W]`` float32 range map on the target frame (no gradient).
+    """
+    b, _, h, w = flow.shape
+    pos = _base_grid(b, h, w, flow.device) + flow.float()
+    x, y = pos[:, 0], pos[:, 1]
+    x0, y0 = torch.floor(x), torch.floor(y)
+    out = torch.zeros(b * h * w, device=flow.device, dtype=torch.float32)
+    batch_offset = (torch.arange(b, device=flow.device) * (h * w)).view(b, 1, 1)
+    for ox in (0.0, 1.0):
+        for oy in (0.0, 1.0):
+            xi, yi = x0 + ox, y0 + oy
+            weight = (1.0 - (x - xi).abs()) * (1.0 - (y - yi).abs())
+            inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1) & torch.isfinite(weight)
+            idx = batch_offset + yi.clamp(0, h - 1).long() * w + xi.clamp(0, w - 1).long()
+            out.index_add_(0, idx.reshape(-1), torch.where(inside, weight, 0.0).reshape(-1))
+    return out.view(b, 1, h, w)
+
+
+def upsample_flow(flow: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize a flow that is in *input-image* pixels to ``size`` (bilinear; values unchanged).
+
+    ``FlowDecoder`` outputs are already in image pixels, so upsampling the stride-4 output to
+    the image resolution only interpolates. (Flows in level pixels would need rescaling.)
+    """
+    return F.interpolate(flow.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def census_transform(gray: Tensor, patch_size: int) -> Tensor:
+    """Soft census transform (UnFlow / UFlow).
+
+    Args:
+        gray: ``[B, 1, H, W]`` intensities in 0..255.
+        patch_size: odd window size (7 in the paper).
+
+    Returns:
+        ``[B, patch_size², H, W]``: ``t = Δ / sqrt(0.81 + Δ²)`` with ``Δ`` = neighbour − centre
+        (zero padding; the loss masks a ``patch_size // 2`` border).
+    """
+    b, _, h, w = gray.shape
+    neighbours = F.unfold(gray, patch_size, padding=patch_size // 2)
+    diff = neighbours.view(b, patch_size * patch_size, h, w) - gray
+    return diff / torch.sqrt(0.81 + diff * diff)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, frozen=True)
+class FlowConfig:
+    """Flow decoder architecture.
+
+    ``channels[l]`` are the pyramid feature channels of level ``l`` (finest first; level ``l``
+    has stride ``4·2^l``: P2, P3, then stride-2 convolutions). ``estimator_channels`` are the
+    conv widths of the per-level flow estimator (a plain chain: the "reduced dense connections"
+    of the paper); ``context_channels``/``context_dilations`` the PWC-Net context network that
+    refines the finest flow (empty tuples disable it).
+    """
+
+    channels: tuple[int, ...] = (64, 96, 128, 160)
+    levels: int = 4
+    max_displacement: int = 4
+    estimator_channels: tuple[int, ...] = (128, 96, 64, 32)
+    context_channels: tuple[int, ...] = (64, 64, 64, 32)
+    context_dilations: tuple[int, ...] = (1, 2, 4, 8)
+    negative_slope: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.levels < 2:
+            raise ValueError(f"FlowConfig.levels must be >= 2 (P2 and P3), got {self.levels}")
+        if len(self.channels) != self.levels:
+            raise ValueError(
+                f"FlowConfig.channels needs one entry per level ({self.levels}), got {self.channels}"
+            )
+        if self.max_displacement < 1:
+            raise ValueError(f"FlowConfig.max_displacement must be >= 1, got {self.max_displacement}")
+        if not self.estimator_channels:
+            raise ValueError("FlowConfig.estimator_channels must not be empty")
+        if len(self.context_channels) != len(self.context_dilations):
+            raise ValueError(
+                "FlowConfig.context_channels and context_dilations differ in length: "
+                f"{self.context_channels} vs {self.context_dilations}"
+            )
+        for name in ("channels", "estimator_channels", "context_channels", "context_dilations"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ValueError(f"FlowConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+def _conv(cin: int, cout: int, slope: float, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation),
+        nn.LeakyReLU(slope, inplace=True),
+    )
+
+
+class _FlowEstimator(nn.Module):
+    """Conv chain ``[cost, key features, upsampled flow] -> (features, flow residual)``."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...], slope: float) -> None:
+        super().__init__()
+        layers, cin = [], in_channels
+        for cout in widths:
+            layers.append(_conv(cin, cout, slope))
+            cin = cout
+        self.convs = nn.Sequential(*layers)
+        self.predict = nn.Conv2d(cin, 2, 3, padding=1)
+        self.out_channels = cin
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        feat = self.convs(x)
+        return feat, self.predict(feat)
+
+
+class FlowDecoder(nn.Module):
+    """PWC-Net style coarse-to-fine flow decoder on FPN P2/P3.
+
+    ``forward(key, ref)``:
+        key, ref: ``[P2, P3]`` of the key and the reference frame, ``[B, C, H/4, W/4]`` and
+        ``[B, C, H/8, W/8]`` with ``C = in_channels``.
+
+    Returns ``levels`` flows, finest first; ``flows[l]`` is ``[B, 2, h_l, w_l]`` at stride
+    ``self.strides[l] = 4·2^l`` (the finest at stride 4), in **pixels of the input image**
+    (multiply a level's native flow by its stride), float32, mapping key to reference pixels
+    (module docstring). ``upsample_flow(flows[0], (H, W))`` gives the full-resolution flow.
+
+    Internally each level works in its own pixel units: the coarser flow is upsampled
+    (bilinear) and doubled, the reference features are warped with it, the cost volume
+    (``(2d+1)²`` channels, LeakyReLU) is concatenated with the key features and the upsampled
+    flow, and the estimator predicts a residual. The finest flow is refined by the context
+    network.
+    """
+
+    def __init__(self, cfg: FlowConfig, in_channels: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        slope = cfg.negative_slope
+        self.strides = tuple(4 * 2**level for level in range(cfg.levels))
+        ch = cfg.channels
+        pyramid = [
+            nn.Sequential(_conv(in_channels, ch[0], slope), _conv(ch[0], ch[0], slope)),  # P2
+            nn.Sequential(_conv(in_channels, ch[1], slope), _conv(ch[1], ch[1], slope)),  # P3
+        ]
+        for level in range(2, cfg.levels):  # strides 16, 32, ...: from the level below
+            pyramid.append(
+                nn.Sequential(_conv(ch[level - 1], ch[level], slope, stride=2), _conv(ch[level], ch[level], slope))
+            )
+        self.pyramid = nn.ModuleList(pyramid)
+        cost_channels = (2 * cfg.max_displacement + 1) ** 2
+        self.estimators = nn.ModuleList(
+            _FlowEstimator(cost_channels + ch[level] + 2, cfg.estimator_channels, slope)
+            for level in range(cfg.levels)
+        )
+        self.context: nn.Sequential | None = None
+        if cfg.context_channels:
+            layers, cin = [], self.estimators[0].out_channels + 2
+            for cout, dil in zip(cfg.context_channels, cfg.context_dilations, strict=True):
+                layers.append(_conv(cin, cout, slope, dilation=dil))
+                cin = cout
+            layers.append(nn.Conv2d(cin, 2, 3, padding=1))
+            self.context = nn.Sequential(*layers)
+
+    def _features(self, feats: list[Tensor]) -> list[Tensor]:
+        """``[P2, P3]`` -> ``levels`` pyramid features, finest first."""
+        out = [self.pyramid[0](feats[0]), self.pyramid[1](feats[1])]
+        for level in range(2, self.cfg.levels):
+            out.append(self.pyramid[level](out[-1]))
+        return out
+
+    def forward(self, key: list[Tensor], ref: list[Tensor]) -> list[Tensor]:
+        if len(key) != 2 or len(ref) != 2:
+            raise ValueError(f"FlowDecoder expects [P2, P3] per frame, got {len(key)} key and {len(ref)} ref maps")
+        key_pyr, ref_pyr = self._features(key), self._features(ref)
+        flows: list[Tensor] = []
+        flow: Tensor | None = None
+        for level in reversed(range(self.cfg.levels)):
+            k, r = key_pyr[level], ref_pyr[level]
+            b, _, h, w = k.shape
+            if flow is None:
+                up = torch.zeros(b, 2, h, w, device=k.device, dtype=torch.float32)
+                warped = r
+            else:
+                # Level pixels: one coarse pixel is two fine pixels (strides double exactly).
+                up = 2.0 * F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
+                warped = warp(r, up)
+            cost = F.leaky_relu(correlation(k, warped, self.cfg.max_displacement), self.cfg.negative_slope)
+            feat, residual = self.estimators[level](torch.cat([cost, k, up], dim=1))
+            flow = up + residual.float()
+            if level == 0 and self.context is not None:
+                flow = flow + self.context(torch.cat([feat, flow], dim=1)).float()
+            flows.append(flow * self.strides[level])
+        return flows[::-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, frozen=True)
+class FlowLossConfig:
+    """Unsupervised flow loss (paper appendix G: census λ 1.0, smoothness λ 4.0, edge 150).
+
+    ``pixel_mean``/``pixel_std`` (0..255 scale, RGB) undo the model's input normalisation:
+    the census transform's constants assume 0..255 intensities and the edge weight 150 assumes
+    0..1 images (UFlow). ``occlusion_thr``: range map (clamped to [0, 1]) below it = occluded
+    (ARFlow's 0.2). ``collision_thr``: forward-only fallback, see :class:`FlowLoss`.
+    """
+
+    census_weight: float = 1.0
+    smooth_weight: float = 4.0
+    edge_weight: float = 150.0
+    census_patch: int = 7
+    census_eps: float = 0.01
+    census_q: float = 0.4
+    occlusion_thr: float = 0.2
+    collision_thr: float = 1.5
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    def __post_init__(self) -> None:
+        if self.census_patch < 3 or self.census_patch % 2 == 0:
+            raise ValueError(f"FlowLossConfig.census_patch must be odd and >= 3, got {self.census_patch}")
+        for name in ("census_weight", "smooth_weight", "edge_weight", "census_eps", "census_q"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"FlowLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+            raise ValueError(
+                f"FlowLossConfig pixel_mean/std must be 3 values (std > 0): {self.pixel_mean}, {self.pixel_std}"
+            )
+
+
+class FlowLoss(nn.Module):
+    """Census photometric loss + edge-aware second-order smoothness.
+
+    ``forward(flows, key_img, ref_img, valid=None, backward_flows=None)``:
+        flows: ``FlowDecoder`` output (key → ref), finest first, image pixels.
+        key_img, ref_img: ``[B, 3, H, W]`` RGB normalised with ``pixel_mean``/``pixel_std``.
+        valid: optional ``[B, H, W]`` or ``[B, 1, H, W]`` bool/float, True on real pixels
+            (False on batch padding); both frames of a pair share the image size.
+        backward_flows: optional decoder output for (ref → key), i.e. ``decoder(ref, key)``.
+
+    Returns ``{"census": ..., "smooth": ...}``, scalar float32, already multiplied by
+    ``census_weight`` and ``smooth_weight``.
+
+    * Census (UnFlow/UFlow): the finest flow is upsampled to the image size; the reference
+      grayscale image is backward-warped onto the key frame; 7×7 soft census on both; soft
+      Hamming distance ``Σ d²/(0.1 + d²)``; robust penalty ``(|h| + 0.01)^0.4``; mean over the
+      mask (zero border of ``patch // 2``, in-frame targets, ``valid``, non-occluded).
+    * Occlusion, with ``backward_flows`` (the paper's approach, Wang et al. 2018): the range
+      map of the key frame is splatted from the ref → key flow; key pixels with
+      ``clamp(range, 0, 1) < occlusion_thr`` are occluded. The loss is then symmetric: the
+      ref → key direction is scored too (masked by the range map of the key → ref flow) and
+      both census and smoothness are the mean of the two directions.
+    * Occlusion, key → ref flow only (fallback): the range map of the *reference* frame is
+      splatted from the key → ref flow and read back at each key pixel's target; a key pixel
+      whose target collects more than ``collision_thr`` source pixels is an occlusion
+      candidate (an occluded pixel lands where its occluder lands) and is masked, together
+      with its occluder. This masks a superset of the true occlusions; pass ``backward_flows``
+      for the paper's estimate.
+    * Smoothness (UFlow, ``smoothness_at_level=2``): on the finest flow at stride 4, in that
+      level's pixels (image pixels / 4), second differences in x and y through a robust L1
+      ``sqrt(x² + 1e-6)``, weighted by ``exp(-mean_c (150·∇I)²)`` with ``∇I`` the stride-2
+      difference of the image (0..1) resized to the flow resolution.
+
+    Masks are computed without gradient. All arithmetic is float32.
+    """
+
+    def __init__(self, cfg: FlowLossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_gray", torch.tensor(_GRAY_WEIGHTS).view(1, 3, 1, 1), persistent=False)
+
+    def forward(
+        self,
+        flows: list[Tensor],
+        key_img: Tensor,
+        ref_img: Tensor,
+        valid: Tensor | None = None,
+        backward_flows: list[Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        if key_img.shape != ref_img.shape or key_img.dim() != 4 or key_img.shape[1] != 3:
+            raise ValueError(
+                f"FlowLoss: images must be [B, 3, H, W] alike, got {tuple(key_img.shape)} and {tuple(ref_img.shape)}"
+            )
+        b, _, h, w = key_img.shape
+        key255 = key_img.float() * self._std + self._mean
+        ref255 = ref_img.float() * self._std + self._mean
+        if valid is not None:
+            valid = (valid.view(b, 1, h, w) > 0).float()
+
+        fw = upsample_flow(flows[0], (h, w))
+        if backward_flows is None:
+            with torch.no_grad():
+                visible = (warp(range_map(fw), fw) <= self.cfg.collision_thr).float()
+            census = self._census(fw, key255, ref255, visible, valid)
+            smooth = self._smooth(flows[0], key255, valid)
+        else:
+            bw = upsample_flow(backward_flows[0], (h, w))
+            with torch.no_grad():
+                visible_key = (range_map(bw).clamp(0, 1) >= self.cfg.occlusion_thr).float()
+                visible_ref = (range_map(fw).clamp(0, 1) >= self.cfg.occlusion_thr).float()
+            census = 0.5 * (
+                self._census(fw, key255, ref255, visible_key, valid)
+                + self._census(bw, ref255, key255, visible_ref, valid)
+            )
+            smooth = 0.5 * (self._smooth(flows[0], key255, valid) + self._smooth(backward_flows[0], ref255, valid))
+        return {"census": self.cfg.census_weight * census, "smooth": self.cfg.smooth_weight * smooth}
+
+    def _census(self, flow: Tensor, src255: Tensor, tgt255: Tensor, visible: Tensor, valid: Tensor | None) -> Tensor:
+        """Census loss of ``src`` vs ``tgt`` warped by ``flow`` (``[B, 2, H, W]``, image pixels)."""
+        cfg = self.cfg
+        b, _, h, w = src255.shape
+        src_gray = (src255 * self._gray).sum(1, keepdim=True)
+        tgt_gray = (tgt255 * self._gray).sum(1, keepdim=True)
+        warped = warp(tgt_gray, flow)
+        with torch.no_grad():
+            pos = _base_grid(b, h, w, flow.device) + flow.detach()
+            mask = (
+                (pos[:, 0:1] >= 0) & (pos[:, 0:1] <= w - 1) & (pos[:, 1:2] >= 0) & (pos[:, 1:2] <= h - 1)
+            ).float() * visible
+            if valid is not None:
+                mask = mask * valid * (warp(valid, flow.detach()) > 0.5).float()
+            r = cfg.census_patch // 2
+            border = torch.zeros_like(mask)
+            border[:, :, r : h - r, r : w - r] = 1.0
+            mask = mask * border
+        t_src = census_transform(src_gray, cfg.census_patch)
+        t_tgt = census_transform(warped, cfg.census_patch)
+        sq = (t_src - t_tgt) ** 2
+        hamming = (sq / (0.1 + sq)).sum(1, keepdim=True)
+        penalty = (hamming.abs() + cfg.census_eps) ** cfg.census_q
+        return (penalty * mask).sum() / (mask.sum() + 1e-6)
+
+    def _smooth(self, flow: Tensor, img255: Tensor, valid: Tensor | None) -> Tensor:
+        """Edge-aware 2nd-order smoothness of a stride-4 ``flow`` (image pixels) on ``img``."""
+        b, _, h, w = flow.shape
+        if h < 3 or w < 3:
+            return flow.float().sum() * 0.0
+        flow = flow.float() / 4.0  # level pixels (UFlow computes smoothness at level 2)
+        img = F.interpolate(img255 / 255.0, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        edge = self.cfg.edge_weight
+        weight_y = torch.exp(-((edge * (img[:, :, 2:] - img[:, :, :-2])) ** 2).mean(1, keepdim=True))
+        weight_x = torch.exp(-((edge * (img[..., 2:] - img[..., :-2])) ** 2).mean(1, keepdim=True))
+        ddy = flow[:, :, 2:] - 2.0 * flow[:, :, 1:-1] + flow[:, :, :-2]
+        ddx = flow[..., 2:] - 2.0 * flow[..., 1:-1] + flow[..., :-2]
+        term_y = weight_y * torch.sqrt(ddy * ddy + 1e-6)
+        term_x = weight_x * torch.sqrt(ddx * ddx + 1e-6)
+        if valid is None:
+            return 0.5 * (term_y.mean() + term_x.mean())
+        m = (F.interpolate(valid, size=(h, w), mode="nearest") > 0).float()
+        m_y = m[:, :, 2:] * m[:, :, 1:-1] * m[:, :, :-2]
+        m_x = m[..., 2:] * m[..., 1:-1] * m[..., :-2]
+        loss_y = (term_y * m_y).sum() / (2.0 * m_y.sum() + 1e-6)
+        loss_x = (term_x * m_x).sum() / (2.0 * m_x.sum() + 1e-6)
+        return 0.5 * (loss_y + loss_x)
