@@ -1,0 +1,150 @@
+"""Model facts for ``vtd model info``: parameter count and inference MACs (paper Table 13).
+
+``params_m``: all parameters (trainable or not; frozen batch-norm statistics are buffers) in
+millions. ``gmacs``: multiply-accumulates of one ``predict`` call on a single
+``height × width`` image, counted with :class:`torch.utils.flop_counter.FlopCounterMode`
+(MACs = FLOPs / 2), on a randomly initialised model (seeded) and a random image.
+
+What is counted: matrix multiplications and linear layers, convolutions (incl. transposed),
+attention (``scaled_dot_product_attention``: PyTorch counts it on GPU; the CPU kernel is added
+here with PyTorch's own formula), and — added here because FlopCounterMode does not know
+torchvision's custom ops — deformable convolutions (``Cin/g · k² `` MACs per output element,
+the bilinear sampling of the offsets excluded) and RoIAlign (4 MACs per bilinear sample).
+``gmacs_deformable`` reports the deformable convolutions' share, to compare with counters that
+skip custom ops (the paper's figures most likely do). Not counted (FlopCounterMode has no
+formula for them): element-wise ops, normalisation,
+activations, softmax, interpolation, NMS, box coding, the flow decoder's correlation (an
+element-wise product + mean) and mask pasting.
+
+Video tasks: the flow decoder and the tracker use the previous frame, whose features an online
+video model already computed; so the flow decoder runs on (frame, reference) but the reference
+frame's backbone + FPN pass is subtracted (one image's worth of extraction per frame).
+
+The RoI-based decoders' cost depends on how many boxes they see: the box decoder sees the RPN
+proposals (1000 at test time), mask / embedding decoders the detections (≤ 100), the keypoint
+decoder the person detections; the counts used are returned with the result. The keypoint decoder is counted on every
+detection (an upper bound) so that the figure does not depend on the classes a randomly
+initialised detector predicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from data_pipeline.bdd100k import TASKS
+from data_pipeline.structures import Batch, FrameTargets
+from vtd_train.model.vtdnet import VTDNet, VTDNetConfig
+
+
+def _deform_conv_flop(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    # out [B, Cout, Ho, Wo]; weight [Cout, Cin/groups, kh, kw]
+    b, cout, ho, wo = out_shape
+    _, cin_g, kh, kw = weight_shape
+    return 2 * b * cout * ho * wo * cin_g * kh * kw
+
+
+def _roi_align_flop(input_shape, rois_shape, spatial_scale, pooled_h, pooled_w, sampling_ratio, *args, out_shape=None, **kwargs) -> int:
+    r, c, ph, pw = out_shape
+    s = sampling_ratio if sampling_ratio > 0 else 2  # adaptive: ~2 samples per bin at FPN scales
+    return 2 * 4 * r * c * ph * pw * s * s
+
+
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _custom_flops() -> dict:
+    ops = torch.ops
+    # keys are op packets: FlopCounterMode looks formulas up by ``func._overloadpacket``
+    mapping = {
+        ops.torchvision.deform_conv2d: _deform_conv_flop,
+        ops.torchvision.roi_align: _roi_align_flop,
+    }
+    cpu_sdpa = getattr(ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa] = _sdpa_cpu_flop
+    return mapping
+
+
+def count_flops(fn, *args, **kwargs) -> tuple[int, dict[str, int], object]:
+    """FLOPs of ``fn(*args, **kwargs)`` (with this module's custom op formulas), FLOPs per
+    outermost module class called (``{"TorchvisionResNet": ..., "BoxHead": ...}``; calls of the
+    same class are summed) and the result."""
+    with FlopCounterMode(display=False, custom_mapping=_custom_flops()) as counter:
+        out = fn(*args, **kwargs)
+    per_module: dict[str, int] = {}
+    counts = counter.get_flop_counts()
+    per_module["deform_conv2d (op)"] = int(counts.get("Global", {}).get(torch.ops.torchvision.deform_conv2d, 0))
+    for name, ops in counts.items():
+        if "." not in name and name != "Global":
+            per_module[name] = per_module.get(name, 0) + int(sum(ops.values()))
+    return counter.get_total_flops(), per_module, out
+
+
+def model_info(
+    backbone: str = "resnet50",
+    variant: str = "vtdnet",
+    height: int = 720,
+    width: int = 1280,
+    *,
+    config: VTDNetConfig | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """``{"params_m", "gmacs", "gflops", ...}`` of ``variant`` (``vtdnet`` | ``mt`` | ``single:TASK``)
+    with ``backbone`` at ``height × width`` (see the module docstring). ``config`` overrides the
+    variant's configuration (e.g. a tiny one in tests)."""
+    cfg = config if config is not None else VTDNetConfig.variant(variant, backbone)
+    # Count the keypoint decoder on every detection (an upper bound: at test time it runs on the
+    # person detections only), so that the count does not depend on the classes a randomly
+    # initialised detector happens to predict.
+    cfg = replace(cfg, keypoint=replace(cfg.keypoint, classes=tuple(range(cfg.box.num_classes))))
+    torch.manual_seed(seed)
+    model = VTDNet(cfg).to(device).eval()
+    params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (1, 3, height, width), dtype=torch.uint8, generator=gen).to(device)
+    video = "flow" in cfg.tasks
+    batch = Batch(
+        set_name="info",
+        images=image,
+        image_sizes=[(height, width)],
+        targets=[FrameTargets()],
+        labels=torch.zeros(1, len(TASKS), dtype=torch.int8),
+        ref_images=image.clone() if video else None,
+    )
+    seen: list[int] = []
+    hook = model.rpn.register_forward_hook(lambda m, i, o: seen.append(len(o.proposals[0]))) if model.rpn is not None else None
+    with torch.no_grad():
+        flops, per_module, preds = count_flops(model.predict, batch)
+        ref_flops, ref_modules = 0, {}
+        if video:  # the reference frame's extraction belongs to the previous frame
+            ref_flops, ref_modules, _ = count_flops(model.extract, model.normalizer(image))
+    for k, v in ref_modules.items():
+        per_module[k] -= v
+    deform = per_module.pop("deform_conv2d (op)")
+    if hook is not None:
+        hook.remove()
+    p = preds[0]
+    per_frame = flops - ref_flops
+    return {
+        "variant": variant if config is None else "custom",
+        "backbone": cfg.backbone.name,
+        "tasks": list(cfg.tasks),
+        "height": height,
+        "width": width,
+        "params_m": round(params / 1e6, 2),
+        "gmacs": round(per_frame / 2e9, 1),
+        "gflops": round(per_frame / 1e9, 1),
+        # the deformable convolutions' share (counters that skip custom ops report gmacs − this)
+        "gmacs_deformable": round(deform / 2e9, 1),
+        "proposals": seen[0] if seen else 0,
+        "detections": 0 if p.boxes is None else int(p.boxes.shape[0]),
+        "pose_detections": 0 if p.keypoints is None else int(p.keypoints.shape[0]),
+        "gmacs_by_module": {k: round(v / 2e9, 2) for k, v in per_module.items() if v},
+        "excluded": "element-wise ops, norms, activations, softmax, interpolation, NMS, flow correlation, "
+        "mask pasting, deformable-conv offset sampling",
+    }
