@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from data_pipeline.convert import ConvertOptions, convert
-from data_pipeline.synth import generate
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # before anything imports ray
+
+import pytest  # noqa: E402
+
+from data_pipeline.convert import ConvertOptions, convert  # noqa: E402
+from data_pipeline.synth import generate  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +26,16 @@ def tiny_shards(tiny_root, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("shards")
     convert(ConvertOptions(bdd_root=tiny_root, out=str(out), shard_size=3, clip_len=4, workers=1, progress=False, overwrite=True))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded local Ray cluster for the whole test session (4 logical CPUs), with Ray's
+    metrics agent exporting Prometheus metrics on ``info.metrics_export_port``."""
+    import ray
+
+    from cluster.local import connect
+
+    info = connect(num_cpus=4)
+    yield info
+    ray.shutdown()

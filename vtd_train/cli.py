@@ -115,6 +115,24 @@ def _add_optional_commands(sub) -> None:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_model_info)
 
+    ev = sub.add_parser("evaluate", help="the ten VTD metrics + VTDA of a checkpoint on validation shards, with a report")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (local path or fsspec URI)")
+    ev.add_argument("--data", required=True, help="shard root written by `vtd data convert` (any fsspec URI)")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--out", default="runs/eval", help="directory for metrics.json and the report")
+    ev.add_argument("--address", default=None, help="Ray cluster address; default: run in this process")
+    ev.add_argument("--workers", type=int, default=None, help="Ray workers for inference (default: one per shard family, at most 8)")
+    ev.add_argument("--reference", default=None, help="metrics.json to compare against (default: the paper's VTDNet-R50)")
+    ev.add_argument("--overlays", type=int, default=4, help="frames rendered as qualitative overlays")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    tr = sub.add_parser("train", help="train VTDNet on Ray Train (embedded local cluster by default)")
+    tr.add_argument("--config", required=True, help="training config (YAML)")
+    tr.add_argument("--address", default=None, help="Ray cluster address; default: start a local cluster")
+    tr.add_argument("--storage", default=None, help="checkpoint storage URI (overrides the config)")
+    tr.add_argument("--name", default=None, help="run name (overrides the config; reuse it to resume)")
+    tr.set_defaults(func=_cmd_train)
+
     sc = sub.add_parser("score", help="VTDA from a metrics JSON file")
     sc.add_argument("metrics", help="JSON object with canonical metric keys")
     sc.set_defaults(func=_cmd_score)
@@ -130,6 +148,18 @@ def _cmd_model_info(a: argparse.Namespace) -> int:
         for k, v in info.items():
             print(f"{k}: {v}")
     return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from vtd_train.evaluation.evaluate import evaluate_command
+
+    return evaluate_command(a)
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from vtd_train.train.launch import train_command
+
+    return train_command(a)
 
 
 def _cmd_score(a: argparse.Namespace) -> int:

@@ -1,0 +1,82 @@
+"""Connecting to a Ray cluster, or starting the embedded local one.
+
+Every command that runs on Ray (``vtd train``, ``vtd evaluate``) goes through
+:func:`connect`: with an address it joins that cluster (``auto`` or ``ray://...`` or
+``host:port``); without one it starts a local cluster in this process with Ray's metrics
+agent exporting Prometheus metrics on ``metrics_export_port`` (the same port KubeRay names
+``metrics``, 8080, on every pod).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import ray
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What the caller needs to know about the cluster it is on."""
+
+    address: str
+    embedded: bool
+    metrics_export_port: int | None
+    num_cpus: float
+    num_gpus: float
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def connect(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    metrics_export_port: int | None = None,
+    include_dashboard: bool = False,
+) -> ClusterInfo:
+    """Join the cluster at ``address``, or start an embedded local one when it is ``None``.
+
+    Idempotent within a process: when Ray is already initialised the existing connection is
+    described and reused (a test session shares one cluster across all tests).
+    """
+    if ray.is_initialized():
+        ctx = ray.get_runtime_context()
+        res = ray.cluster_resources()
+        return ClusterInfo(
+            address=ctx.gcs_address, embedded=address is None, metrics_export_port=_metrics_port(),
+            num_cpus=res.get("CPU", 0.0), num_gpus=res.get("GPU", 0.0),
+        )
+    if address is None:
+        port = metrics_export_port if metrics_export_port is not None else free_port()
+        ctx = ray.init(
+            num_cpus=num_cpus, include_dashboard=include_dashboard, _metrics_export_port=port,
+            logging_level="warning", log_to_driver=True,
+        )
+        embedded = True
+    else:
+        try:
+            ctx = ray.init(address=address, logging_level="warning")
+        except ConnectionError as e:
+            raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: {e}") from None
+        port, embedded = None, False
+    res = ray.cluster_resources()
+    return ClusterInfo(
+        address=ctx.address_info["gcs_address"], embedded=embedded,
+        metrics_export_port=port if embedded else _metrics_port(),
+        num_cpus=res.get("CPU", 0.0), num_gpus=res.get("GPU", 0.0),
+    )
+
+
+def _metrics_port() -> int | None:
+    """The metrics export port of the node this process runs on, if Ray reports one."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for n in ray.nodes():
+        if n.get("NodeID") == node_id:
+            return n.get("MetricsExportPort")
+    return None
