@@ -9,11 +9,12 @@ so the loop runs in this process):
 
 * ``jpeg floor``: ``torchvision.io.decode_jpeg`` of the very JPEG bytes stored in the shards
   (the fastest decoder installed here), frames/s;
-* ``jpeg+png floor``: the same plus ``decode_png`` of the label masks stored with each frame
-  (drivable, lane, sem, instance bitmask): the bare decode work a labelled sample needs;
+* ``jpeg+labels``: the same plus the decode of the label maps stored with each frame
+  (drivable, lane, sem, instance ids; ``.npz``): the bare decode work a labelled sample needs;
 * ``loader``: the training loader (shard read → decode of JPEG, masks and labels → collate),
   frames/s, per image set, and its ratio to the floor (side by side, same run);
 * ``loader+aug``: the same with the augmentation applied in the loader (scale + flip on CPU);
+* ms per label map: decoding the dataset's PNG vs the shard's ``.npz`` (why shards store ``.npz``);
 * peak RSS of a fresh process streaming 1×, 2× and 4× the dataset (shards repeated).
 
 Images are 1280×720 (the synth generator's ``full`` size).
@@ -34,30 +35,59 @@ import time
 from pathlib import Path
 
 import torch
+import numpy as np
+from PIL import Image
 from torchvision.io import decode_jpeg, decode_png
 
 from data_pipeline.convert import ConvertOptions, convert
 from data_pipeline.loader import LoaderConfig, MultiSetDataset, ShardFamily, iter_shard
 from data_pipeline.manifest import families_from_manifest
+from data_pipeline.shard_format import decode_label_map, encode_label_map
 from data_pipeline.synth import generate
 from data_pipeline.transforms import AugmentConfig
 
 
-def floor_fps(urls, repeat: int, with_masks: bool) -> float:
-    """Bare decode of the JPEGs (and, with ``with_masks``, the label PNGs) stored in the shards."""
+def floor_fps(urls, repeat: int, with_labels: bool) -> float:
+    """Bare decode of the JPEGs (and, with ``with_labels``, the label maps) stored in the shards."""
     blobs = [
-        (k.endswith(".jpg"), torch.frombuffer(bytearray(v), dtype=torch.uint8))
+        (k.endswith(".jpg"), torch.frombuffer(bytearray(v), dtype=torch.uint8) if k.endswith(".jpg") else v)
         for u in urls
         for s in iter_shard(u)
         for k, v in s.items()
-        if k.endswith(".jpg") or (with_masks and k.endswith(".png"))
+        if k.endswith(".jpg") or (with_labels and k.endswith(".npz"))
     ]
     n = sum(is_jpg for is_jpg, _ in blobs)
     t0 = time.perf_counter()
     for _ in range(repeat):
         for is_jpg, b in blobs:
-            decode_jpeg(b) if is_jpg else decode_png(b)
+            decode_jpeg(b) if is_jpg else decode_label_map(b)
     return repeat * n / (time.perf_counter() - t0)
+
+
+def png_label_ms(root: Path, repeat: int) -> dict[str, tuple[float, float]]:
+    """Per label kind: ms to decode the dataset's PNG vs the shard's ``.npz`` of the same map."""
+    out = {}
+    kinds = {"drivable": "labels/drivable/masks/train", "lane": "labels/lane/masks/train",
+             "sem": "labels/sem_seg/masks/train", "bitmask": "labels/ins_seg/bitmasks/train"}
+    for kind, rel in kinds.items():
+        pngs = [p.read_bytes() for p in sorted((root / rel).glob("*.png"))[:8]]
+        arrays = [np.asarray(Image.open(io.BytesIO(b))) for b in pngs]
+        if kind == "bitmask":
+            arrays = [((a[..., 2].astype(np.uint16) << 8) | a[..., 3]).astype(np.uint16) for a in arrays]
+        npzs = [encode_label_map(a) for a in arrays]
+        pt = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in pngs]
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            for b in pt:
+                decode_png(b)
+        t_png = (time.perf_counter() - t0) / (repeat * len(pt)) * 1e3
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            for b in npzs:
+                decode_label_map(b)
+        t_npz = (time.perf_counter() - t0) / (repeat * len(npzs)) * 1e3
+        out[kind] = (t_png, t_npz)
+    return out
 
 
 def loader_fps(fam: ShardFamily, repeat: int, in_loader: bool) -> float:
@@ -120,17 +150,20 @@ def main() -> None:
                                progress=False))
     fams = {f.set_name: f for f in families_from_manifest(str(shards), "train")}
     print(f"# torch {torch.__version__}, 1 thread, {os.cpu_count()} cores on this machine; 1280x720 frames")
-    print("ratios are loader / floor, measured side by side in this run")
-    print(f"{'set':<6} {'frames':>6} {'jpeg floor':>10} {'jpeg+png floor':>14} {'loader':>7} "
-          f"{'/jpeg':>6} {'/jpeg+png':>9} {'loader+aug':>10} {'/jpeg':>6}")
+    print("ratios are loader / floor, measured side by side in this run; frames/s on one core")
+    print(f"{'set':<6} {'frames':>6} {'jpeg floor':>10} {'jpeg+labels':>11} {'loader':>7} "
+          f"{'/jpeg':>6} {'/jpeg+labels':>12} {'loader+aug':>10} {'/jpeg':>6}")
     for s, fam in fams.items():
-        fl = floor_fps(fam.urls, a.repeat, with_masks=False)
-        fm = floor_fps(fam.urls, a.repeat, with_masks=True)
+        fl = floor_fps(fam.urls, a.repeat, with_labels=False)
+        fm = floor_fps(fam.urls, a.repeat, with_labels=True)
         lo = loader_fps(fam, a.repeat, in_loader=False)
         la = loader_fps(fam, 1, in_loader=True)
-        print(f"{s:<6} {fam.frames:>6} {fl:>10.1f} {fm:>14.1f} {lo:>7.1f} {lo / fl:>6.2f} {lo / fm:>9.2f} "
+        print(f"{s:<6} {fam.frames:>6} {fl:>10.1f} {fm:>11.1f} {lo:>7.1f} {lo / fl:>6.2f} {lo / fm:>12.2f} "
               f"{la:>10.1f} {la / fl:>6.2f}")
-    print("(frames/s on one core)")
+
+    print("\n# one 1280x720 label map: ms to decode the dataset's PNG vs the shard's .npz")
+    for kind, (t_png, t_npz) in png_label_ms(root, a.repeat).items():
+        print(f"{kind:<9} png {t_png:6.2f} ms   npz {t_npz:6.2f} ms   ({t_png / t_npz:.1f}x)")
 
     det = fams["det"]
     print("\n# peak RSS of a fresh loader process (det set, shards repeated)")

@@ -49,6 +49,7 @@ from webdataset.writer import TarWriter
 from data_pipeline import bdd100k as B
 from data_pipeline import fsio
 from data_pipeline import shard_format as SF
+from data_pipeline.shard_format import INSTANCE_MEMBER, encode_label_map
 from data_pipeline.errors import DataError, VTDInputError
 from data_pipeline.inspect import add_frame_counts, empty_task_counts, merge_task_counts, sort_task_counts
 
@@ -597,12 +598,16 @@ def _build_frame(root: str, spec: FrameSpec) -> tuple[dict[str, Any], dict[str, 
         except FileNotFoundError:
             raise DataError(mask_uri, "missing mask", frame=name, field=kind) from None
         arr = _read_mask(png, kind, mask_uri, name, size)
-        members[f"{kind}.png"] = png
         if kind == "bitmask":
             tracking = "mots" in spec["bitmask_tasks"]
             record["instances"] += _bitmask_instances(arr, mask_uri, name, tracking=tracking)
+            # The per-instance category and attribute bits now live in the record; the pixels
+            # only need the instance id, (B << 8) + A, which fits 16 bits exactly.
+            ids = (arr[..., 2].astype(np.uint16) << 8) | arr[..., 3].astype(np.uint16)
+            members[INSTANCE_MEMBER] = encode_label_map(ids)
             tasks.update(spec["bitmask_tasks"])
         else:
+            members[f"{kind}.npz"] = encode_label_map(arr)
             tasks.add(kind)
     if spec["flow"]:
         tasks.add("flow")
@@ -855,10 +860,16 @@ def _bitmask_instances(rgba: np.ndarray, uri: str, frame: str, *, tracking: bool
     flags = {k: np.maximum.reduceat(fields[k][fg][order], starts) for k in ("truncated", "occluded", "crowd", "ignore")}
     x1, x2 = np.minimum.reduceat(xs, starts), np.maximum.reduceat(xs, starts)
     y1, y2 = np.minimum.reduceat(ys, starts), np.maximum.reduceat(ys, starts)
+    gbits = fields["truncated"] * 8 + fields["occluded"] * 4 + fields["crowd"] * 2 + fields["ignore"]
+    g = gbits[fg][order]
+    gmin, gmax = np.minimum.reduceat(g, starts), np.maximum.reduceat(g, starts)
     out = []
     for n, iid in enumerate(uniq.tolist()):
         if cmin[n] != cmax[n]:
             raise DataError(uri, f"instance {iid} has several category ids ({int(cmin[n])}..{int(cmax[n])})",
+                            frame=frame, field="bitmask")
+        if gmin[n] != gmax[n]:
+            raise DataError(uri, f"instance {iid} has several attribute values in G ({int(gmin[n])}..{int(gmax[n])})",
                             frame=frame, field="bitmask")
         crowd, ignore = bool(flags["crowd"][n]), bool(flags["ignore"][n])
         out.append({

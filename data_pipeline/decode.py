@@ -1,24 +1,26 @@
 """Safe decoding of shard samples into frames with typed targets.
 
-Only JSON, JPEG and PNG are ever decoded (``torchvision.io``); nothing is unpickled or
-``torch.load``-ed, whatever a shard contains (shared/REFERENCE.md §4). A member this module does
-not know is an error, not something silently passed through.
+Only JSON, JPEG (``torchvision.io``) and label-map ``.npz`` archives (``allow_pickle=False``) are
+ever decoded; nothing is unpickled or ``torch.load``-ed, whatever a shard contains
+(shared/REFERENCE.md §4). A member this module does not know is an error, not something
+silently passed through.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_pipeline import bdd100k
 from data_pipeline.errors import DataError
-from data_pipeline.shard_format import CLIP_MEMBER, MASK_MEMBERS
+from data_pipeline.shard_format import CLIP_MEMBER, INSTANCE_MEMBER, MASK_MEMBERS, decode_label_map
 from data_pipeline.structures import FrameTargets, LabelSource
 
 _SOURCES = {"real": LabelSource.REAL, "pseudo": LabelSource.PSEUDO}
@@ -39,14 +41,7 @@ def _bytes_tensor(data: bytes) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def _png(data: bytes, where: str, mode: ImageReadMode) -> Tensor:
-    try:
-        return decode_png(_bytes_tensor(data), mode=mode)
-    except RuntimeError as e:
-        raise DataError(where, f"corrupt PNG: {e}") from None
-
-
-def _instances(record: dict, bitmask: Tensor | None, where: str) -> dict[str, Tensor]:
+def _instances(record: dict, ids: np.ndarray | None, where: str) -> dict[str, Tensor]:
     inst = record.get("instances") or []
     n = len(inst)
     boxes = torch.tensor([i["box"] for i in inst], dtype=torch.float32).reshape(n, 4)
@@ -59,22 +54,21 @@ def _instances(record: dict, bitmask: Tensor | None, where: str) -> dict[str, Te
         "ignore": torch.tensor([bool(i["ignore"]) for i in inst], dtype=torch.bool),
         "track_ids": torch.tensor([int(i.get("track_id", -1)) for i in inst], dtype=torch.int64),
     }
-    if bitmask is not None:
-        # (B << 8) + A is the instance id of a pixel. An instance's pixels lie inside its box
-        # (the box is the mask's extent), so each binary mask is computed on that crop only.
-        ids = (bitmask[2].to(torch.int32) << 8) | bitmask[3].to(torch.int32)
+    if ids is not None:
+        # One binary mask per instance that has pixels in the id map. An instance's pixels lie
+        # inside its box (the box is the mask's extent), so each mask is computed on that crop.
         h, w = ids.shape
-        masks = torch.zeros((n, h, w), dtype=torch.uint8)
+        masks = np.zeros((n, h, w), dtype=np.uint8)
         valid = torch.zeros(n, dtype=torch.bool)
         for k, i in enumerate(inst):
             bid = i.get("bitmask_id")
             if bid is None:
                 continue
             x1, y1 = max(0, int(i["box"][0])), max(0, int(i["box"][1]))
-            x2, y2 = min(w, -int(-i["box"][2] // 1)), min(h, -int(-i["box"][3] // 1))
-            masks[k, y1:y2, x1:x2] = ids[y1:y2, x1:x2] == int(bid)
+            x2, y2 = min(w, math.ceil(i["box"][2])), min(h, math.ceil(i["box"][3]))
+            np.equal(ids[y1:y2, x1:x2], int(bid), out=masks[k, y1:y2, x1:x2], casting="unsafe")
             valid[k] = True
-        out["masks"], out["mask_valid"] = masks, valid
+        out["masks"], out["mask_valid"] = torch.from_numpy(masks), valid
     return out
 
 
@@ -108,30 +102,33 @@ def decode_frame(members: dict[str, bytes], record: dict, where: str) -> Decoded
     if unknown:
         raise DataError(where, f"unknown tasks {sorted(unknown)}", frame=name, field="tasks")
 
-    def mask(kind: str, mode=ImageReadMode.GRAY) -> Tensor | None:
+    def label_map(kind: str) -> np.ndarray | None:
         if kind not in members:
             return None
-        m = _png(members[kind], f"{where}:{kind}", mode)
-        if tuple(m.shape[1:]) != (h, w):
-            raise DataError(where, f"mask is {m.shape[2]}x{m.shape[1]}, image is {w}x{h}", frame=name, field=kind)
+        try:
+            m = decode_label_map(members[kind])
+        except ValueError as e:
+            raise DataError(where, str(e), frame=name, field=kind) from None
+        if m.shape != (h, w):
+            raise DataError(where, f"label map is {m.shape[1]}x{m.shape[0]}, image is {w}x{h}", frame=name, field=kind)
         return m
 
     t = FrameTargets()
     t.weather = -1 if record.get("weather") is None else int(record["weather"])
     t.scene = -1 if record.get("scene") is None else int(record["scene"])
-    bitmask = mask("bitmask.png", ImageReadMode.RGB_ALPHA)
+    ids = label_map(INSTANCE_MEMBER)
     if record.get("instances") is not None and any(k in sources for k in ("det", "ins", "mot", "mots")):
-        for k, v in _instances(record, bitmask, where).items():
+        for k, v in _instances(record, ids, where).items():
             setattr(t, k, v)
     if "pose" in sources:
         t.keypoints, t.pose_boxes = _pose(record)
-    sem = mask("sem.png")
-    t.sem = None if sem is None else sem[0]
-    drv = mask("drivable.png")
-    t.drivable = None if drv is None else drv[0]
-    lane = mask("lane.png")
+    for kind, field in (("sem.npz", "sem"), ("drivable.npz", "drivable")):
+        m = label_map(kind)
+        if m is not None:
+            setattr(t, field, torch.from_numpy(m))
+    lane = label_map("lane.npz")
     if lane is not None:
-        t.lane = torch.from_numpy(bdd100k.decode_lane_mask(lane[0].numpy()))
+        t.lane = torch.from_numpy(bdd100k.decode_lane_mask(lane))
     return DecodedFrame(image=image, targets=t, sources=sources, record=record)
 
 
@@ -161,8 +158,3 @@ def decode_clip(sample: dict[str, Any]) -> list[DecodedFrame]:
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     records = clip.get("frames", [])
     return [decode_frame(members.get(i, {}), rec, where) for i, rec in enumerate(records)]
-
-
-def bitmask_fields(bitmask: Tensor) -> dict[str, np.ndarray]:
-    """``[4, H, W]`` RGBA bitmask tensor → :func:`bdd100k.decode_bitmask` fields."""
-    return bdd100k.decode_bitmask(bitmask.permute(1, 2, 0).numpy())

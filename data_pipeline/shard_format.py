@@ -13,14 +13,20 @@ member                   content
 =======================  =====================================================================
 ``K.clip.json``          ``{"set", "split", "frames": [FrameRecord, ...]}`` (UTF-8 JSON)
 ``K.{i}.jpg``            frame ``i``'s original JPEG bytes, never re-encoded
-``K.{i}.drivable.png``   BDD100K drivable mask (det set)
-``K.{i}.lane.png``       BDD100K lane mask (det set)
-``K.{i}.sem.png``        BDD100K semantic mask (seg set)
-``K.{i}.bitmask.png``    BDD100K RGBA instance bitmask (ins_seg, or seg_track for MOTS)
+``K.{i}.drivable.npz``   drivable map, uint8 ``[H, W]`` with the BDD100K values (det set)
+``K.{i}.lane.npz``       lane map, uint8 ``[H, W]``, the BDD100K lane byte encoding (det set)
+``K.{i}.sem.npz``        semantic map, uint8 ``[H, W]`` train ids / 255 (seg set)
+``K.{i}.instances.npz``  instance-id map, uint16 ``[H, W]``: the bitmask's ``(B << 8) + A``
+                         (ins_seg, or seg_track for MOTS); category and attribute bits are in
+                         the record's instances (checked constant per instance)
 =======================  =====================================================================
 
-Masks are the dataset's own PNG files, copied byte for byte. Nothing is pickled: the loader
-decodes JSON, JPEG and PNG only.
+Label maps are the dataset's PNG masks decoded once at conversion time and stored as
+compressed NumPy archives (one array ``m``): decoding a 720p label PNG costs about as much as
+decoding the JPEG itself, an RGBA bitmask twice that, while inflating the same values is
+several times cheaper (benchmarks/RESULTS.md). Values are exactly the PNG's; nothing is
+resampled. Nothing is pickled: the loader reads JSON, JPEG and ``.npz`` with
+``allow_pickle=False`` only.
 
 FrameRecord (JSON object)::
 
@@ -51,14 +57,45 @@ Instance::
 
 from __future__ import annotations
 
+import io
 from typing import Final
 
+import numpy as np
+
 MANIFEST_NAME: Final = "manifest.json"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 
 CLIP_MEMBER: Final = "clip.json"
-#: Per-frame mask members (suffix after ``{i}.``).
-MASK_MEMBERS: Final = ("drivable.png", "lane.png", "sem.png", "bitmask.png")
+INSTANCE_MEMBER: Final = "instances.npz"
+#: Per-frame label-map members (suffix after ``{i}.``).
+MASK_MEMBERS: Final = ("drivable.npz", "lane.npz", "sem.npz", INSTANCE_MEMBER)
+_LABEL_DTYPES: Final = (np.dtype(np.uint8), np.dtype(np.uint16))
+
+
+def encode_label_map(arr: np.ndarray) -> bytes:
+    """A 2-D uint8/uint16 label map → compressed ``.npz`` bytes holding it as array ``m``."""
+    if arr.ndim != 2 or arr.dtype not in _LABEL_DTYPES:
+        raise ValueError(f"label maps are 2-D uint8/uint16, got {arr.dtype} {arr.shape}")
+    buf = io.BytesIO()
+    np.savez_compressed(buf, m=np.ascontiguousarray(arr))
+    return buf.getvalue()
+
+
+def decode_label_map(data: bytes) -> np.ndarray:
+    """Inverse of :func:`encode_label_map`; never unpickles (``allow_pickle=False``).
+
+    Raises ``ValueError`` for anything that is not such an archive.
+    """
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            if list(z.keys()) != ["m"]:
+                raise ValueError(f"expected one array 'm', found {list(z.keys())}")
+            arr = z["m"]
+    except (OSError, EOFError, KeyError, ValueError) as e:
+        raise ValueError(f"not a label map archive: {e}") from None
+    if arr.ndim != 2 or arr.dtype not in _LABEL_DTYPES:
+        raise ValueError(f"label maps are 2-D uint8/uint16, got {arr.dtype} {arr.shape}")
+    return arr
 
 
 def frame_member(i: int, kind: str) -> str:

@@ -20,6 +20,7 @@ from data_pipeline import bdd100k as B
 from data_pipeline import convert as convert_mod
 from data_pipeline import fsio
 from data_pipeline.convert import ConvertOptions, convert
+from data_pipeline.shard_format import decode_label_map
 from data_pipeline.errors import DataError
 from data_pipeline.inspect import inspect_shards
 
@@ -237,30 +238,32 @@ def test_inspect_counts_equal_manifest(converted):
     assert report["totals"]["tasks"] == manifest["totals"]["tasks"]
 
 
-def test_image_and_mask_bytes_are_copied_unmodified(converted, pristine):
+def test_images_copied_unmodified_and_label_maps_decode_to_the_png_values(converted, pristine):
     out, _ = converted
     frames = _frames(str(out))
     assert set(frames) == {"a.jpg", "b.jpg", "c.jpg", "p.jpg", "m.jpg", "s1.jpg", "s2.jpg"} | {
         f"vid1-{i + 1:07d}.jpg" for i in (0, 1, 2, 3, 5)} | {f"vid2-{i + 1:07d}.jpg" for i in range(3)} | {
         f"vid3-{i + 1:07d}.jpg" for i in range(3)}
-    checks = [
-        ("a.jpg", "jpg", "images/100k/train/a.jpg"),
-        ("a.jpg", "drivable.png", "labels/drivable/masks/train/a.png"),
-        ("a.jpg", "lane.png", "labels/lane/masks/train/a.png"),
-        ("m.jpg", "drivable.png", "labels/drivable/masks/train/m.png"),
-        ("s1.jpg", "jpg", "images/10k/train/s1.jpg"),
-        ("s1.jpg", "sem.png", "labels/sem_seg/masks/train/s1.png"),
-        ("s1.jpg", "bitmask.png", "labels/ins_seg/bitmasks/train/s1.png"),
-        ("vid1-0000006.jpg", "jpg", "images/track/train/vid1/vid1-0000006.jpg"),
-        ("vid3-0000002.jpg", "bitmask.png", "labels/seg_track_20/bitmasks/train/vid3/vid3-0000002.png"),
-    ]
-    for name, kind, src in checks:
+    for name, src in [("a.jpg", "images/100k/train/a.jpg"), ("s1.jpg", "images/10k/train/s1.jpg"),
+                      ("vid1-0000006.jpg", "images/track/train/vid1/vid1-0000006.jpg")]:
         _, i, _, members = frames[name]
-        assert members[f"{i}.{kind}"] == (pristine / src).read_bytes(), (name, kind)
-    # Members exist only for labelled masks: b has drivable but no lane; s2 has no bitmask.
-    _, i, rec, members = frames["b.jpg"]
-    assert f"{i}.drivable.png" in members and f"{i}.lane.png" not in members and "lane" not in rec["tasks"]
-    assert not any(k.endswith("bitmask.png") for k in frames["s2.jpg"][3])
+        assert members[f"{i}.jpg"] == (pristine / src).read_bytes(), name
+    for name, kind, src in [
+        ("a.jpg", "drivable.npz", "labels/drivable/masks/train/a.png"),
+        ("a.jpg", "lane.npz", "labels/lane/masks/train/a.png"),
+        ("m.jpg", "drivable.npz", "labels/drivable/masks/train/m.png"),
+        ("s1.jpg", "sem.npz", "labels/sem_seg/masks/train/s1.png"),
+    ]:
+        _, i, _, members = frames[name]
+        got = decode_label_map(members[f"{i}.{kind}"])
+        want = np.asarray(Image.open(pristine / src))
+        assert got.dtype == np.uint8 and np.array_equal(got, want), (name, kind)
+    for name, src in [("s1.jpg", "labels/ins_seg/bitmasks/train/s1.png"),
+                      ("vid3-0000002.jpg", "labels/seg_track_20/bitmasks/train/vid3/vid3-0000002.png")]:
+        _, i, _, members = frames[name]
+        rgba = np.asarray(Image.open(pristine / src)).astype(np.int32)
+        got = decode_label_map(members[f"{i}.instances.npz"])
+        assert got.dtype == np.uint16 and np.array_equal(got, (rgba[..., 2] << 8) + rgba[..., 3]), name
 
 
 def test_category_mapping_ignore_and_stuff(converted):
@@ -477,6 +480,20 @@ BAD_INPUTS = {
                              (r / B.Layout.pose_json("train")).read_text().replace('"N"', '"X"')),
                              "pose_train.json", "a.jpg", "labels[0].graph.nodes[1].visibility", "'V' or 'N'"),
 }
+
+
+def test_bitmask_attributes_must_be_constant_per_instance(bdd, tmp_path):
+    """The shards keep one instance-id map plus per-instance attributes, so attribute bits that
+    vary inside an instance cannot be represented: an error, never a silent merge."""
+    path = bdd / "labels/ins_seg/bitmasks/train/s1.png"
+    rgba = np.asarray(Image.open(path)).copy()
+    ys, xs = np.nonzero(rgba[..., 0] > 0)
+    rgba[ys[0], xs[0], 1] ^= 0b100  # the occluded bit of one pixel only
+    _png(path, rgba)
+    with pytest.raises(DataError) as info:
+        convert(_opts(bdd, tmp_path / "raise", sets=("seg",)))
+    assert info.value.file.endswith("s1.png") and info.value.frame == "s1.jpg" and info.value.field == "bitmask"
+    assert "several attribute values" in info.value.message
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
