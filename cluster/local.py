@@ -38,9 +38,12 @@ def connect(
     *,
     num_cpus: int | None = None,
     metrics_export_port: int | None = None,
-    include_dashboard: bool = False,
+    include_dashboard: bool = True,
 ) -> ClusterInfo:
     """Join the cluster at ``address``, or start an embedded local one when it is ``None``.
+
+    The embedded cluster runs Ray's dashboard by default: Ray Train's controller queries the
+    State API it serves (without it, Train logs a warning every few seconds).
 
     Idempotent within a process: when Ray is already initialised the existing connection is
     described and reused (a test session shares one cluster across all tests).

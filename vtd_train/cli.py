@@ -121,7 +121,7 @@ def _add_optional_commands(sub) -> None:
     ev.add_argument("--split", default="val")
     ev.add_argument("--out", default="runs/eval", help="directory for metrics.json and the report")
     ev.add_argument("--address", default=None, help="Ray cluster address; default: run in this process")
-    ev.add_argument("--workers", type=int, default=None, help="Ray workers for inference (default: one per shard family, at most 8)")
+    ev.add_argument("--workers", type=int, default=None, help="Ray workers for inference (default: one per work unit, at most 8 and at most the cluster's CPUs)")
     ev.add_argument("--reference", default=None, help="metrics.json to compare against (default: the paper's VTDNet-R50)")
     ev.add_argument("--overlays", type=int, default=4, help="frames rendered as qualitative overlays")
     ev.set_defaults(func=_cmd_evaluate)

@@ -1,0 +1,50 @@
+"""The training shell: everything about running VTDNet on Ray Train, nothing about the model.
+
+Module map (one concern each):
+
+- :mod:`~vtd_train.train.config` — ``TrainConfig`` (frozen dataclasses) from YAML, with errors naming file/key/value
+- :mod:`~vtd_train.train.launch` — config checks, the ``TorchTrainer``, ``vtd train``
+- :mod:`~vtd_train.train.loop` — the per-worker function: model, data, resume, the step loop
+- :mod:`~vtd_train.train.step` — one step: autocast, loss sum, backward, non-finite agreement, optimizer step
+- :mod:`~vtd_train.train.grad_sync` — presence-aware gradient averaging across ranks (the DDP replacement)
+- :mod:`~vtd_train.train.amp` — autocast + GradScaler
+- :mod:`~vtd_train.train.optim` — AdamW / apex, the step-decay schedule, freezing
+- :mod:`~vtd_train.train.checkpointing` — training checkpoints (atomic), RNG capture/restore
+- :mod:`~vtd_train.train.reporting` — the one ``ray.train.report`` call and the progress line
+- :mod:`~vtd_train.train.monitoring` — Prometheus metrics per rank
+- :mod:`~vtd_train.train.faults` — fault injection for drills and tests
+
+Submodules are imported lazily (``vtd --help`` must stay fast).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "TrainConfig": "config",
+    "load_train_config": "config",
+    "train_config_from_dict": "config",
+    "run_training": "launch",
+    "train_command": "launch",
+    "train_loop_per_worker": "loop",
+    "NonFiniteLossError": "step",
+    "load_checkpoint": "checkpointing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"vtd_train.train.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'vtd_train.train' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vtd_train.train.checkpointing import load_checkpoint
+    from vtd_train.train.config import TrainConfig, load_train_config, train_config_from_dict
+    from vtd_train.train.launch import run_training, train_command
+    from vtd_train.train.loop import train_loop_per_worker
+    from vtd_train.train.step import NonFiniteLossError

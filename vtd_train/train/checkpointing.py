@@ -1,0 +1,209 @@
+"""Training checkpoints: the model part (:mod:`vtd_train.checkpoint`) plus the training state.
+
+A training checkpoint directory holds:
+
+=====================  =========================================================================
+``train_state.pt``     optimizer, GradScaler and every rank's own state (RNG states — torch,
+                       CUDA, numpy, python — and its partial epoch-loss sums); read with
+                       ``weights_only=True``
+``train_state.json``   progress (epoch, batch index within it, global step, counters, per-epoch
+                       losses), world size, optimizer implementation, the run config
+``model.pt``           model weights (:func:`vtd_train.checkpoint.save_model`)
+``model.json``         model config — written last: a directory without it is incomplete
+=====================  =========================================================================
+
+It is usable by ``vtd evaluate`` as is (the model part). The lr schedule has no state of its
+own: the learning rate is a function of the global step (:func:`vtd_train.train.optim.lr_at`).
+
+Atomicity: :func:`write_checkpoint` builds the directory under a ``.partial-<uuid>`` name and
+renames it into place only when every file is written, so a crash mid-save leaves no directory
+under the final name; Ray Train then copies the finished directory to ``storage_path`` and
+registers it only after the copy completed. :func:`load_checkpoint` rejects a directory that lacks
+any of the four files.
+
+Resume position: ``(epoch, batch_index)`` — the loader is deterministic in (seed, epoch, rank,
+world size), so a resumed run rebuilds epoch ``epoch``'s loader, draws and drops its first
+``batch_index`` batches, then restores the RNG states (after the loader iterator drew its own
+base seed), which makes the continuation bit-identical on CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_pipeline import fsio
+from vtd_train.checkpoint import MODEL_JSON, MODEL_WEIGHTS, CheckpointError, save_model
+from vtd_train.model.vtdnet import VTDNetConfig
+
+TRAIN_STATE_PT = "train_state.pt"
+TRAIN_STATE_JSON = "train_state.json"
+FORMAT_VERSION = 1
+CHECKPOINT_FILES = (TRAIN_STATE_PT, TRAIN_STATE_JSON, MODEL_WEIGHTS, MODEL_JSON)
+
+
+@dataclass
+class Progress:
+    """Where training stands. ``epoch``: the epoch in progress (or next to start);
+    ``batch_index``: batches of it already consumed; ``global_step``: batches consumed in all,
+    skipped steps included; ``images_seen``: images over all ranks. ``epoch_losses[e]``: mean
+    total loss of epoch ``e`` over all ranks' updated steps."""
+
+    epoch: int = 0
+    batch_index: int = 0
+    global_step: int = 0
+    images_seen: int = 0
+    skipped_steps: int = 0
+    nonfinite_steps: int = 0
+    overflow_steps: int = 0
+    nonfinite_streak: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Progress:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states
+# ---------------------------------------------------------------------------------------------
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states in a ``weights_only``-loadable form."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def write_checkpoint(
+    directory: str,
+    *,
+    model: nn.Module,
+    model_cfg: VTDNetConfig,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    progress: Progress,
+    rank_states: list[dict[str, Any]],
+    meta: dict[str, Any],
+) -> str:
+    """Write a complete checkpoint as the new local directory ``directory`` (atomically).
+    ``rank_states[r]``: rank ``r``'s ``{"rng": capture_rng(...), ...}``."""
+    if os.path.exists(directory):
+        raise FileExistsError(f"{directory}: checkpoint directory already exists")
+    tmp = f"{directory}.partial-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        buf = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "ranks": rank_states}, buf)
+        fsio.write_bytes_atomic(os.path.join(tmp, TRAIN_STATE_PT), buf.getvalue())
+        doc = {"format_version": FORMAT_VERSION, "progress": asdict(progress), **meta}
+        fsio.write_json_atomic(os.path.join(tmp, TRAIN_STATE_JSON), doc)
+        save_model(tmp, model, model_cfg, meta={"step": progress.global_step, "epoch": progress.epoch,
+                                                "run": meta.get("run"), "stage": meta.get("stage")})
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainCheckpoint:
+    """A loaded training checkpoint (tensors on CPU)."""
+
+    uri: str
+    progress: Progress
+    meta: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]
+    rank_states: list[dict[str, Any]]
+
+
+def _read_torch(uri: str) -> Any:
+    return torch.load(io.BytesIO(fsio.read_bytes(uri)), map_location="cpu", weights_only=True)
+
+
+def check_complete(uri: str) -> None:
+    """Raise :class:`CheckpointError` unless ``uri`` holds every checkpoint file."""
+    missing = [f for f in CHECKPOINT_FILES if not fsio.exists(fsio.join(uri, f))]
+    if missing:
+        raise CheckpointError(f"{uri}: not a complete training checkpoint (missing {', '.join(missing)})")
+
+
+def load_checkpoint(uri: str) -> TrainCheckpoint:
+    """Read a training checkpoint directory (local path or fsspec URI)."""
+    check_complete(uri)
+    jpath = fsio.join(uri, TRAIN_STATE_JSON)
+    try:
+        doc = json.loads(fsio.read_bytes(jpath))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{jpath}: malformed JSON: {e}") from None
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{jpath}: format_version {doc.get('format_version')!r}, this build reads {FORMAT_VERSION}")
+    try:
+        state = _read_torch(fsio.join(uri, TRAIN_STATE_PT))
+        weights = _read_torch(fsio.join(uri, MODEL_WEIGHTS))
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{uri}: unreadable checkpoint file: {e}") from None
+    meta = {k: v for k, v in doc.items() if k not in ("format_version", "progress")}
+    return TrainCheckpoint(
+        uri=uri, progress=Progress.from_dict(doc["progress"]), meta=meta, model_state=weights,
+        optimizer=state["optimizer"], scaler=state["scaler"], rank_states=list(state["ranks"]),
+    )
+
+
+def load_weights(model: nn.Module, uri: str) -> None:
+    """Load the model part of checkpoint ``uri`` into ``model`` (names and shapes must match)."""
+    if not fsio.exists(fsio.join(uri, MODEL_JSON)):
+        raise CheckpointError(f"{uri}: not a complete checkpoint (no {MODEL_JSON})")
+    state = _read_torch(fsio.join(uri, MODEL_WEIGHTS))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{uri}: weights do not fit this run's model: {e}") from None
+
+
+def read_progress(uri: str) -> Progress:
+    """Only the progress of a checkpoint (cheap; for tools and tests)."""
+    check_complete(uri)
+    return Progress.from_dict(json.loads(fsio.read_bytes(fsio.join(uri, TRAIN_STATE_JSON)))["progress"])

@@ -1,0 +1,397 @@
+"""The training run's configuration: frozen dataclasses, loaded from YAML with errors that name
+the file, the key and the value.
+
+A run config (``configs/tiny.yaml`` is the annotated example) composes:
+
+=====================  ========================================================================
+key                    what
+=====================  ========================================================================
+name, stage            run name (``RunConfig.name``: reuse it to resume) and stage label
+storage_path           where Ray Train persists checkpoints: a local path or any pyarrow/fsspec
+                       URI (``s3://bucket/runs``)
+seed, precision        seed of model init, per-rank RNGs and the loader; ``fp16`` (paper, with a
+                       GradScaler), ``bf16`` (autocast, no scaler) or ``fp32``
+epochs, global_batch_size, max_steps
+                       the schedule length; the global batch is split evenly over the workers
+resources              ``num_workers``, ``use_gpu``, ``cpus_per_worker``
+data                   shard root URI (``vtd data convert`` output), split, image sets, loader
+                       settings (sampling mode, scales, flips, ``require_tasks``, workers)
+model                  ``preset`` (``tiny``, ``vtdnet``, ``mt``, ``single:<task>``, optionally
+                       ``tiny:<variant>``) + any :class:`VTDNetConfig` field as an override
+optimizer              AdamW: lr 1e-4, betas (0.9, 0.999), weight decay 0.05 (paper §5 / I);
+                       ``implementation`` auto | torch | apex_adam | apex_lamb; ``grad_clip``
+lr_schedule            ``milestones`` in epochs (×``gamma`` at each; paper: 8 and 11 of 12),
+                       optional linear warm-up in steps
+checkpoint             ``every_steps`` (0: epoch ends only), ``at_epoch_end``, ``num_to_keep``
+failures               ``max_failures`` (Ray FailureConfig) and ``max_consecutive_nonfinite``
+report_every_steps     the reporting interval (a ``ray.train.report`` and a progress line)
+freeze                 module-name prefixes whose parameters are frozen (fine-tuning stage)
+init_checkpoint        weights to start from when the run has no checkpoint of its own
+faults                 fault injection for drills and tests (NaN loss term, killed worker)
+=====================  ========================================================================
+
+Loading: :func:`load_train_config` (YAML file or URI) → :func:`train_config_from_dict`, which goes
+through :func:`vtd_train.model.config.config_from_dict` (unknown keys, wrong types) and the
+``__post_init__`` range checks below; every error is a :class:`VTDInputError` prefixed with the
+file and the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from data_pipeline import fsio
+from data_pipeline.errors import VTDInputError
+from data_pipeline.loader import LoaderConfig
+from data_pipeline.sampler import SAMPLING_MODES
+from data_pipeline.transforms import PAPER_SCALES, AugmentConfig
+from vtd_train.model.config import config_from_dict
+from vtd_train.model.vtdnet import VTDNetConfig
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "torch", "apex_adam", "apex_lamb")
+MODEL_PRESETS = ("tiny", "vtdnet", "mt", "single:<task>", "tiny:<variant>")
+IMAGE_SETS = ("det", "seg", "track")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise VTDInputError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResourcesConfig:
+    """Ray Train workers: one rank per worker (one GPU each with ``use_gpu``)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the shards are and how the loader reads them (see :class:`LoaderConfig`).
+
+    ``sets``: image sets to train on, in round-robin order (default: every set of the split).
+    ``require_tasks``: ``{set: [task, ...]}`` keeps only key frames labelled for those tasks.
+    ``loader_workers``: DataLoader worker processes per rank.
+    """
+
+    uri: str
+    split: str = "train"
+    sets: tuple[str, ...] | None = None
+    sampling: str = "round_robin"
+    scales: tuple[int, ...] = PAPER_SCALES
+    flip_prob: float = 0.5
+    require_tasks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    loader_workers: int = 2
+    shuffle_buffer: int = 32
+    ref_range: int = 3
+    size_divisor: int = 32
+    augment_in_loader: bool = False
+    prefetch_factor: int = 2
+
+    def __post_init__(self) -> None:
+        _check(bool(self.uri), "uri must name the shard root written by `vtd data convert`")
+        _check(self.sampling in SAMPLING_MODES, f"sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+        if self.sets is not None:
+            bad = [s for s in self.sets if s not in IMAGE_SETS]
+            _check(not bad and len(self.sets) > 0, f"sets must be a non-empty list of {IMAGE_SETS}, got {list(self.sets)}")
+        _check(self.loader_workers >= 0, f"loader_workers must be >= 0, got {self.loader_workers}")
+        _check(self.size_divisor >= 1, f"size_divisor must be >= 1, got {self.size_divisor}")
+        if not isinstance(self.require_tasks, dict):
+            raise VTDInputError(f"require_tasks must be a mapping set -> [task, ...], got {self.require_tasks!r}")
+        from data_pipeline.bdd100k import TASKS
+
+        norm: dict[str, tuple[str, ...]] = {}
+        for s, tasks in self.require_tasks.items():
+            _check(s in IMAGE_SETS, f"require_tasks: unknown image set {s!r}; sets are {IMAGE_SETS}")
+            if isinstance(tasks, str) or not isinstance(tasks, (list, tuple)):
+                raise VTDInputError(f"require_tasks.{s} must be a list of tasks, got {tasks!r}")
+            bad = [t for t in tasks if t not in TASKS]
+            _check(not bad, f"require_tasks.{s}: unknown task(s) {bad}; tasks are {TASKS}")
+            norm[s] = tuple(tasks)
+        object.__setattr__(self, "require_tasks", norm)
+        # scales / flip_prob are range-checked by AugmentConfig
+        AugmentConfig(scales=self.scales, flip_prob=self.flip_prob)
+
+    def loader_config(self, *, batch_size: int, seed: int, pin_memory: bool = False) -> LoaderConfig:
+        """The per-rank :class:`LoaderConfig` (``batch_size`` is the per-rank batch)."""
+        return LoaderConfig(
+            batch_size=batch_size,
+            num_workers=self.loader_workers,
+            sampling=self.sampling,  # type: ignore[arg-type]
+            seed=seed,
+            shuffle_buffer=self.shuffle_buffer,
+            ref_range=self.ref_range,
+            size_divisor=self.size_divisor,
+            augment=AugmentConfig(scales=self.scales, flip_prob=self.flip_prob),
+            augment_in_loader=self.augment_in_loader,
+            require_tasks=dict(self.require_tasks),
+            pin_memory=pin_memory,
+            prefetch_factor=self.prefetch_factor,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """AdamW (paper §5 and appendix I: lr 1e-4, β 0.9/0.999, weight decay 0.05).
+
+    ``implementation``: ``auto`` = apex ``FusedAdam`` (AdamW mode) when apex is importable and the
+    workers use GPUs, else ``torch.optim.AdamW`` (``fused=True`` where the device supports it);
+    ``torch``, ``apex_adam`` and ``apex_lamb`` (``FusedLAMB``) force one. ``grad_clip``: max L2
+    norm of all gradients (after unscaling), ``null`` for none.
+    """
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    implementation: str = "auto"
+    fused: bool = True
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), f"betas must be in [0, 1), got {list(self.betas)}")
+        _check(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(
+            self.implementation in OPTIMIZER_IMPLEMENTATIONS,
+            f"implementation must be one of {OPTIMIZER_IMPLEMENTATIONS}, got {self.implementation!r}",
+        )
+        _check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LRScheduleConfig:
+    """Step decay: lr × ``gamma`` at the start of each milestone epoch (0-based epoch index
+    ``m`` = after ``m`` full epochs; the paper's 8 and 11 of 12), after an optional linear
+    warm-up over ``warmup_steps`` steps starting at ``warmup_ratio`` × lr."""
+
+    milestones: tuple[int, ...] = (8, 11)
+    gamma: float = 0.1
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.001
+
+    def __post_init__(self) -> None:
+        _check(
+            all(b > a for a, b in zip(self.milestones, self.milestones[1:])),
+            f"milestones must be strictly increasing, got {list(self.milestones)}",
+        )
+        _check(all(m >= 1 for m in self.milestones), f"milestones must be >= 1, got {list(self.milestones)}")
+        _check(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0 < self.warmup_ratio <= 1, f"warmup_ratio must be in (0, 1], got {self.warmup_ratio}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointPolicy:
+    """When to checkpoint: every ``every_steps`` steps (0: never mid-epoch), at each epoch end
+    (``at_epoch_end``) and always at the end of the run. ``num_to_keep``: Ray's
+    ``CheckpointConfig(num_to_keep)`` (``null``: keep all)."""
+
+    every_steps: int = 0
+    at_epoch_end: bool = True
+    num_to_keep: int | None = 3
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")
+        _check(self.num_to_keep is None or self.num_to_keep >= 1, f"num_to_keep must be >= 1 or null, got {self.num_to_keep}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailurePolicy:
+    """``max_failures``: worker-group restarts from the last checkpoint (Ray ``FailureConfig``;
+    -1 = unlimited). ``max_consecutive_nonfinite``: steps in a row with a non-finite loss (or,
+    without a GradScaler, non-finite gradients) before the run stops with an error naming the
+    loss terms; single ones are skipped on every rank together."""
+
+    max_failures: int = 3
+    max_consecutive_nonfinite: int = 5
+
+    def __post_init__(self) -> None:
+        _check(self.max_failures >= -1, f"max_failures must be >= -1, got {self.max_failures}")
+        _check(self.max_consecutive_nonfinite >= 1, f"max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultConfig:
+    """Fault injection, for failure drills and the tests; everything off by default.
+
+    ``nan_loss_term`` × NaN on rank ``nan_rank`` at the global steps ``nan_steps`` (0-based).
+    ``kill_rank`` SIGKILLs its own worker process just before global step ``kill_step`` (after Ray
+    has committed every checkpoint reported so far), once:
+    the file ``kill_marker`` is created first and its existence disarms the kill (so the
+    restarted run goes through).
+    """
+
+    nan_loss_term: str | None = None
+    nan_rank: int = 0
+    nan_steps: tuple[int, ...] = ()
+    kill_rank: int | None = None
+    kill_step: int = 0
+    kill_marker: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.nan_loss_term is not None:
+            _check(self.nan_loss_term.startswith("loss/"), f"nan_loss_term must be a loss key loss/<task>/<term>, got {self.nan_loss_term!r}")
+            _check(bool(self.nan_steps), "nan_steps must list the steps at which nan_loss_term is poisoned")
+        if self.kill_rank is not None:
+            _check(bool(self.kill_marker), "kill_marker (a file path) is required with kill_rank: it makes the kill happen once")
+            _check(self.kill_step >= 0, f"kill_step must be >= 0, got {self.kill_step}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run (one stage). See the module docstring for the keys."""
+
+    data: DataConfig
+    name: str = "vtd"
+    stage: str = "joint"
+    storage_path: str = "runs/train"
+    seed: int = 0
+    precision: str = "fp16"
+    epochs: int = 12
+    global_batch_size: int = 16
+    max_steps: int | None = None
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    model: VTDNetConfig = field(default_factory=VTDNetConfig.vtdnet)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    failures: FailurePolicy = field(default_factory=FailurePolicy)
+    report_every_steps: int = 50
+    freeze: tuple[str, ...] = ()
+    init_checkpoint: str | None = None
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty run name without '/', got {self.name!r}")
+        _check(bool(self.stage), f"stage must be non-empty, got {self.stage!r}")
+        _check(bool(self.storage_path), "storage_path must be a path or URI")
+        _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.global_batch_size >= 1, f"global_batch_size must be >= 1, got {self.global_batch_size}")
+        n = self.resources.num_workers
+        _check(
+            self.global_batch_size % n == 0,
+            f"global_batch_size {self.global_batch_size} is not divisible by resources.num_workers {n}: "
+            f"every worker takes global_batch_size / num_workers images per step",
+        )
+        _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 or null, got {self.max_steps}")
+        _check(self.report_every_steps >= 1, f"report_every_steps must be >= 1, got {self.report_every_steps}")
+        late = [m for m in self.lr_schedule.milestones if m > self.epochs]
+        _check(not late, f"lr_schedule.milestones {list(late)} lie beyond epochs {self.epochs}")
+        _check(all(isinstance(p, str) and p for p in self.freeze), f"freeze must list module-name prefixes, got {list(self.freeze)}")
+        if self.faults.kill_rank is not None or self.faults.nan_loss_term is not None:
+            for what, r in (("kill_rank", self.faults.kill_rank), ("nan_rank", self.faults.nan_rank)):
+                _check(r is None or 0 <= r < n, f"faults.{what} {r} is not a rank of {n} workers")
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.global_batch_size // self.resources.num_workers
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (for logs and ``train_state.json``)."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model presets
+# ---------------------------------------------------------------------------------------------
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def model_config_from_dict(data: dict | None, *, source: str) -> VTDNetConfig:
+    """``{"preset": "tiny", **overrides}`` → :class:`VTDNetConfig`.
+
+    ``preset``: ``vtdnet`` (default), ``mt``, ``single:<task>`` (paper variants, ResNet-50 unless
+    ``backbone.name`` says otherwise), ``tiny`` or ``tiny:<variant>`` (the CPU-sized model of
+    :meth:`VTDNetConfig.tiny`). Every other key overrides that field of the preset (nested
+    mappings merge), validated by :func:`config_from_dict`.
+    """
+    data = dict(data or {})
+    preset = data.pop("preset", "vtdnet")
+    if not isinstance(preset, str):
+        raise VTDInputError(f"{source}: preset must be a string, got {preset!r}")
+    try:
+        if preset == "tiny" or preset.startswith("tiny:"):
+            base = VTDNetConfig.tiny(preset.split(":", 1)[1] if ":" in preset else "vtdnet")
+        else:
+            base = VTDNetConfig.variant(preset)
+    except VTDInputError as e:
+        raise VTDInputError(f"{source}: preset {preset!r}: {e} (presets: {MODEL_PRESETS})") from None
+    merged = _merge(dataclasses.asdict(base), data)
+    return config_from_dict(VTDNetConfig, merged, source=source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def train_config_from_dict(data: Any, *, source: str = "<config>") -> TrainConfig:
+    """Validate a parsed YAML mapping into a :class:`TrainConfig` (errors name source and key)."""
+    if not isinstance(data, dict):
+        raise VTDInputError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    data = dict(data)
+    if "data" not in data:
+        raise VTDInputError(f"{source}: missing key 'data' (data.uri: the shard root written by `vtd data convert`)")
+    if "model" in data:
+        model = data["model"]
+        if model is not None and not isinstance(model, dict):
+            raise VTDInputError(f"{source}: model: expected a mapping, got {model!r}")
+        data["model"] = model_config_from_dict(model, source=f"{source}: model")
+    return config_from_dict(TrainConfig, data, source=source)
+
+
+def load_train_config(path: str, **overrides: Any) -> TrainConfig:
+    """Read a YAML run config (local path or fsspec URI); ``overrides`` replace top-level keys
+    (``None`` values are ignored), e.g. the CLI's ``--storage`` and ``--name``."""
+    try:
+        text = fsio.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as e:
+        raise VTDInputError(f"{path}: not UTF-8 text: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise VTDInputError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise VTDInputError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return train_config_from_dict(data, source=path)
+
+
+def _absolute(uri: str) -> str:
+    """Local paths become absolute (workers need not share the driver's working directory)."""
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with local ``storage_path``, ``data.uri``, ``init_checkpoint`` made absolute."""
+    return dataclasses.replace(
+        cfg,
+        storage_path=_absolute(cfg.storage_path),
+        data=dataclasses.replace(cfg.data, uri=_absolute(cfg.data.uri)),
+        init_checkpoint=None if cfg.init_checkpoint is None else _absolute(cfg.init_checkpoint),
+    )

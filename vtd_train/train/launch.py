@@ -1,0 +1,167 @@
+"""Launching a training run: config checks, the ``TorchTrainer``, and ``vtd train``.
+
+``vtd train --config FILE [--address ADDR] [--storage URI] [--name RUN]``:
+
+* without ``--address`` the run starts an embedded local Ray cluster in this process
+  (:func:`cluster.local.connect`), with ``--address`` (``auto``, ``host:port``, ``ray://...``) it
+  joins that cluster;
+* checkpoints go to ``<storage>/<name>/checkpoint_step*``; relaunching with the same storage and
+  name resumes from the run's latest checkpoint (Ray Train restores the run's snapshot), and a
+  worker failure restarts all workers from it, up to ``failures.max_failures`` times;
+* progress lines (rank 0, one per reporting interval) show up in the terminal through Ray's log
+  forwarding; the command ends with a summary line and exits 0, or 1 when the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+import cluster.local  # noqa: F401  (sets the worker-environment variables before Ray is imported)
+from data_pipeline import fsio
+from data_pipeline.errors import VTDInputError
+from data_pipeline.manifest import families_from_manifest
+from vtd_train.train.checkpointing import TRAIN_STATE_JSON, Progress
+from vtd_train.train.config import TrainConfig, load_train_config, resolve_paths
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Checks that need more than the YAML, done before any worker starts: the manifest is
+    readable, the requested sets exist, the freeze prefixes match parameters of the model (built
+    on the meta device, no memory), the storage is shared."""
+    import torch
+
+    from vtd_train.model.vtdnet import VTDNet
+    from vtd_train.train.optim import freeze
+
+    families_from_manifest(cfg.data.uri, cfg.data.split, cfg.data.sets)
+    with torch.device("meta"):
+        model = VTDNet(cfg.model)
+    freeze(model, cfg.freeze)
+    if "://" in cfg.storage_path and fsio.is_process_local(cfg.storage_path):
+        raise VTDInputError(f"storage_path {cfg.storage_path!r} lives in one process only; workers need shared storage")
+
+
+#: URI schemes pyarrow opens itself (Ray passes them to ``pyarrow.fs.FileSystem.from_uri``).
+PYARROW_SCHEMES = frozenset({"s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file"})
+
+
+def _storage(uri: str) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for Ray: local paths and pyarrow URIs (s3://,
+    gs://, hdfs://, ...) as they are; any other fsspec URI through pyarrow's fsspec handler."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if not scheme or scheme in PYARROW_SCHEMES:
+        return uri, None
+    import fsspec
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def build_trainer(cfg: TrainConfig):
+    """The ``TorchTrainer`` of a run (Ray Train V2): gloo on CPU, NCCL on GPUs."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vtd_train.train.loop import train_loop_per_worker
+
+    res = cfg.resources
+    path, filesystem = _storage(cfg.storage_path)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train_config": cfg},
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker={"CPU": res.cpus_per_worker}),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.failures.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            # Ray Train's own INFO lines repeat every metric of every report; ours are the progress lines
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def run_training(cfg: TrainConfig):
+    """Check, build and fit; returns Ray's ``Result`` (raises ``TrainingFailedError``)."""
+    cfg = resolve_paths(cfg)
+    check_config(cfg)
+    return build_trainer(cfg).fit()
+
+
+def _check_resources(cfg: TrainConfig, info) -> None:
+    res = cfg.resources
+    need_cpu = res.num_workers * res.cpus_per_worker
+    need_gpu = res.num_workers if res.use_gpu else 0
+    if info.embedded and (info.num_cpus < need_cpu or info.num_gpus < need_gpu):
+        raise VTDInputError(
+            f"resources: {res.num_workers} workers × {res.cpus_per_worker} CPU{' + 1 GPU' if res.use_gpu else ''} "
+            f"do not fit the local cluster ({info.num_cpus:g} CPUs, {info.num_gpus:g} GPUs); lower resources.num_workers "
+            f"/ cpus_per_worker or pass --address of a larger cluster"
+        )
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """``vtd train``: load + validate the config, connect, fit, print a summary."""
+    from ray.train import TrainingFailedError
+
+    from cluster.local import connect
+
+    cfg = load_train_config(args.config, storage_path=args.storage, name=args.name)
+    cfg = resolve_paths(cfg)
+    check_config(cfg)
+    info = connect(args.address)
+    _check_resources(cfg, info)
+    where = "embedded local Ray cluster" if info.embedded else f"Ray cluster {info.address}"
+    print(
+        f"vtd train: run {cfg.name!r} (stage {cfg.stage}) on the {where}: {cfg.resources.num_workers} worker(s), "
+        f"{'GPU' if cfg.resources.use_gpu else 'CPU'}, checkpoints in {cfg.storage_path}/{cfg.name}",
+        flush=True,
+    )
+    try:
+        result = build_trainer(cfg).fit()
+    except TrainingFailedError as e:
+        print(f"vtd: error: training run {cfg.name!r} failed: {e}", file=sys.stderr)
+        return 1
+    if result.checkpoint is None:
+        print(f"vtd train: run {cfg.name!r} finished without a checkpoint", flush=True)
+        return 0
+    p = checkpoint_progress(result.checkpoint)
+    losses = ", ".join(f"{x:.4f}" for x in p.epoch_losses)
+    print(
+        f"vtd train: run {cfg.name!r} done at step {p.global_step} (epoch losses [{losses}], "
+        f"skipped steps {p.skipped_steps}); latest checkpoint: {result.checkpoint.path}",
+        flush=True,
+    )
+    return 0
+
+
+def checkpoint_progress(checkpoint) -> Progress:
+    """The :class:`Progress` recorded in a Ray ``Checkpoint`` (reads one small file, also on
+    remote storage)."""
+    import json
+
+    path = checkpoint.path.rstrip("/") + "/" + TRAIN_STATE_JSON
+    with checkpoint.filesystem.open_input_stream(path) as f:
+        return Progress.from_dict(json.loads(f.read())["progress"])
+
+
+def config_with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """``cfg`` with top-level fields replaced (``data=dict(...)`` etc. replace nested fields)."""
+    def norm(v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    out = {}
+    for k, v in changes.items():
+        cur = getattr(cfg, k)
+        if isinstance(v, dict) and dataclasses.is_dataclass(cur):
+            out[k] = dataclasses.replace(cur, **{kk: norm(vv) for kk, vv in v.items()})
+        else:
+            out[k] = norm(v)
+    return dataclasses.replace(cfg, **out)

@@ -1,0 +1,248 @@
+"""The per-worker training function that Ray Train runs on every rank (the training shell).
+
+``train_loop_per_worker({"train_config": TrainConfig})`` — what one rank does:
+
+1. set the device (``ray.train.torch.get_device``; NCCL/gloo process group set up by Ray),
+   seed, build VTDNet identically on every rank, freeze the configured prefixes, build the
+   optimizer (:mod:`~vtd_train.train.optim`), precision (:mod:`~vtd_train.train.amp`) and the
+   presence-aware gradient averaging (:mod:`~vtd_train.train.grad_sync`, the DDP replacement);
+2. restore from ``ray.train.get_checkpoint()`` (weights, optimizer, scaler, position, this rank's
+   RNG) or start from ``init_checkpoint``; broadcast rank 0's weights;
+3. for each epoch: ``dataset.set_epoch(e)``, skip the batches a resumed epoch already consumed,
+   then per batch ``batch.to(device)`` → ``apply_augment`` (on the device) →
+   :class:`~vtd_train.train.step.TrainStep` → monitor (every rank, every step) → at the steps
+   fixed by the config (same on every rank): epoch bookkeeping, checkpoint, and the one
+   :meth:`~vtd_train.train.reporting.Reporter.report`;
+4. stop with :class:`~vtd_train.train.step.NonFiniteLossError` after
+   ``failures.max_consecutive_nonfinite`` non-finite steps in a row (agreed across ranks, so every
+   rank raises at the same step; Ray then retries from the last checkpoint up to
+   ``failures.max_failures`` times — a transient fault recovers, a deterministic one fails again).
+
+Nothing here is model-specific beyond ``model(batch) -> {loss/<task>/<term>: tensor}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline.errors import VTDInputError
+from data_pipeline.loader import MultiSetDataset, build_train_loader
+from data_pipeline.manifest import families_from_manifest
+from data_pipeline.transforms import apply_augment
+from vtd_train.checkpoint import CheckpointError
+from vtd_train.model.vtdnet import VTDNet
+from vtd_train.train.amp import Precision
+from vtd_train.train.checkpointing import Progress, capture_rng, load_checkpoint, load_weights, restore_rng, write_checkpoint
+from vtd_train.train.config import TrainConfig
+from vtd_train.train.faults import FaultInjector
+from vtd_train.train.grad_sync import GradSync, all_gather_objects, broadcast_state, mutable_buffers, replica_divergence
+from vtd_train.train.optim import build_optimizer, freeze, lr_at
+from vtd_train.train.reporting import Reporter
+from vtd_train.train.step import NonFiniteGuard, NonFiniteLossError, StepOutput, TrainStep  # noqa: F401 (re-export)
+
+log = logging.getLogger(__name__)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _allreduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _quiet_ray_report_log() -> None:
+    """Ray Train 2.60 logs every report's full metrics dict at INFO on every rank, from a logger
+    named by its file path (so ``LoggingConfig(log_level)`` does not reach it); our progress
+    line is the summary."""
+    try:
+        from ray.train.v2._internal.execution import context as ray_ctx
+    except ImportError:  # pragma: no cover - other Ray versions
+        return
+    logging.getLogger(ray_ctx.__file__).setLevel(logging.WARNING)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    _quiet_ray_report_log()
+
+    from vtd_train.train.monitoring import TrainMonitor
+
+    cfg: TrainConfig = config["train_config"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+
+    # -- model, optimizer, precision, gradient averaging --------------------------------------
+    _seed_all(cfg.seed)  # identical initialisation on every rank (and broadcast below)
+    model = VTDNet(cfg.model).to(device)
+    params = freeze(model, cfg.freeze)
+    optimizer, optimizer_name = build_optimizer(params, cfg.optimizer, device)
+    precision = Precision(cfg.precision, device)
+    sync = GradSync(params, buffers=mutable_buffers(model))
+    _seed_all(cfg.seed + 1000 * (rank + 1))  # per-rank streams (RoI sampling, ...)
+
+    # -- data -----------------------------------------------------------------------------------
+    families = families_from_manifest(cfg.data.uri, cfg.data.split, cfg.data.sets)
+    loader_cfg = cfg.data.loader_config(batch_size=cfg.per_worker_batch_size, seed=cfg.seed, pin_memory=device.type == "cuda")
+    dataset = MultiSetDataset(families, loader_cfg, rank=rank, world_size=world)
+    steps_per_epoch = len(dataset)
+    if steps_per_epoch == 0:
+        raise VTDInputError(
+            f"{cfg.data.uri}: split {cfg.data.split!r} has no full batch for global_batch_size {cfg.global_batch_size} "
+            f"({dataset.batches_per_set()} batches per set and rank)"
+        )
+    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+
+    # -- resume ---------------------------------------------------------------------------------
+    progress, rng_state, resumed_from = Progress(), None, None
+    epoch_acc = [0.0, 0.0]  # this rank's (sum, count) of the total loss of updated steps this epoch
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            tc = load_checkpoint(d)
+        try:
+            model.load_state_dict(tc.model_state, strict=True)
+            optimizer.load_state_dict(tc.optimizer)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{tc.uri}: does not fit this run's model/optimizer (changed config?): {e}") from None
+        if tc.scaler and precision.scaler.is_enabled():
+            precision.scaler.load_state_dict(tc.scaler)
+        progress, resumed_from = tc.progress, tc.progress.global_step
+        if len(tc.rank_states) == world:
+            rng_state = tc.rank_states[rank]["rng"]
+            epoch_acc = list(tc.rank_states[rank]["epoch_acc"])
+        elif rank == 0:
+            log.warning("resuming %d ranks from a checkpoint of %d: RNG streams restart, the continuation is not bit-exact",
+                        world, len(tc.rank_states))
+        progress.batch_index = min(progress.batch_index, steps_per_epoch)
+    elif cfg.init_checkpoint is not None:
+        load_weights(model, cfg.init_checkpoint)
+    broadcast_state(model)
+
+    monitor = TrainMonitor(run=cfg.name, stage=cfg.stage, rank=rank)
+    faults = FaultInjector(cfg.faults, rank)
+    step_fn = TrainStep(model, optimizer, precision, sync, grad_clip=cfg.optimizer.grad_clip, loss_hook=faults.loss_hook, rank=rank)
+    static = {"optimizer": optimizer_name, "precision": cfg.precision, "world_size": world, "stage": cfg.stage}
+    reporter = Reporter(run=cfg.name, stage=cfg.stage, rank=rank, world_size=world, epochs=cfg.epochs,
+                        steps_per_epoch=steps_per_epoch, total_steps=total_steps, static=static)
+    meta = {"run": cfg.name, "stage": cfg.stage, "world_size": world, "optimizer": optimizer_name,
+            "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict()}
+    if rank == 0:
+        log.info(
+            f"[{cfg.name}/{cfg.stage}] {world} worker(s) on {device.type}, {precision.mode}, optimizer {optimizer_name}; "
+            f"{steps_per_epoch} steps/epoch × {cfg.epochs} epochs (total {total_steps}), batch {cfg.per_worker_batch_size}/rank "
+            f"({cfg.global_batch_size} global); {len(params)} trainable tensors"
+            + (f", frozen {list(cfg.freeze)}" if cfg.freeze else "")
+            + (f"; resumed at step {resumed_from} (epoch {progress.epoch}, batch {progress.batch_index})" if resumed_from is not None else "")
+        )
+
+    def emit(*, with_checkpoint: bool) -> None:
+        """Checkpoint (optional) + the report. Called at the same steps on every rank."""
+        ckpt_dir, tmp, write_s = None, None, 0.0
+        divergence = replica_divergence(model)
+        if with_checkpoint:
+            t = time.perf_counter()
+            states = all_gather_objects({"rng": capture_rng(device), "epoch_acc": list(epoch_acc)})
+            if rank == 0:
+                tmp = tempfile.mkdtemp(prefix="vtd-ckpt-")
+                ckpt_dir = write_checkpoint(
+                    os.path.join(tmp, "checkpoint"), model=model, model_cfg=cfg.model, optimizer=optimizer,
+                    scaler=precision.scaler, progress=progress, rank_states=states, meta={**meta, "replica_divergence": divergence},
+                )
+            write_s = time.perf_counter() - t
+        try:
+            reporter.report(progress, divergence=divergence, checkpoint_dir=ckpt_dir, checkpoint_write_s=write_s,
+                            extra={"resumed_from_step": resumed_from})
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    guard = NonFiniteGuard(cfg.failures.max_consecutive_nonfinite, streak=progress.nonfinite_streak)
+    model.train()
+    try:
+        while progress.epoch < cfg.epochs and progress.global_step < total_steps:
+            epoch = progress.epoch
+            dataset.set_epoch(epoch)
+            if rng_state is not None and progress.batch_index == 0:
+                restore_rng(rng_state, device)  # before the loader iterator draws its base seed
+                rng_state = None
+            batches = iter(build_train_loader(dataset))
+            for _ in range(progress.batch_index):  # resume mid-epoch: drop consumed batches
+                next(batches)
+            if rng_state is not None:
+                restore_rng(rng_state, device)
+                rng_state = None
+            while progress.batch_index < steps_per_epoch and progress.global_step < total_steps:
+                step = progress.global_step
+                faults.before_step(step)
+                t0 = time.perf_counter()
+                batch = next(batches)
+                t1 = time.perf_counter()
+                batch = apply_augment(batch.to(device, non_blocking=True))
+                out = step_fn(batch, step=step, lr=lr_at(step, base_lr=cfg.optimizer.lr, steps_per_epoch=steps_per_epoch, cfg=cfg.lr_schedule))
+                t2 = time.perf_counter()
+                n = len(batch)
+                _advance(progress, out, images=n * world)
+                if not out.skipped:
+                    epoch_acc[0] += out.total
+                    epoch_acc[1] += 1
+                if out.local_nonfinite:
+                    monitor.record_bad_samples(n)
+                monitor.record_step(losses=out.losses, total_loss=out.total, lr=out.lr, loss_scale=out.loss_scale,
+                                    step_time_s=t2 - t0, data_wait_s=t1 - t0, images=n, set_name=batch.set_name,
+                                    skipped=out.skipped)
+                reporter.observe(out, images=n, data_wait_s=t1 - t0, step_s=t2 - t0, monitor_s=time.perf_counter() - t2)
+                if out.counts_as_nonfinite and rank == 0:
+                    log.warning(f"[{cfg.name}/{cfg.stage}] step {step}: skipped on all ranks ({out.reason}): "
+                                + "; ".join(out.nonfinite))
+                guard.update(out, step=step, epoch=epoch)
+                progress.nonfinite_streak = guard.streak
+                epoch_end = progress.batch_index == steps_per_epoch
+                if epoch_end:
+                    s, c = _allreduce_sum(epoch_acc, device)
+                    progress.epoch_losses.append(s / c if c else float("nan"))
+                    progress.epoch, progress.batch_index = epoch + 1, 0
+                    epoch_acc = [0.0, 0.0]
+                final = progress.global_step >= total_steps
+                every = cfg.checkpoint.every_steps
+                with_ckpt = final or (every > 0 and progress.global_step % every == 0) or (epoch_end and cfg.checkpoint.at_epoch_end)
+                if with_ckpt or progress.global_step % cfg.report_every_steps == 0:
+                    emit(with_checkpoint=with_ckpt)
+                if epoch_end:
+                    break
+    finally:
+        monitor.close()
+
+
+def _advance(p: Progress, out: StepOutput, *, images: int) -> None:
+    p.batch_index += 1
+    p.global_step += 1
+    p.images_seen += images
+    if out.skipped and out.reason != "no_grad":
+        p.skipped_steps += 1
+    if out.reason == "overflow":
+        p.overflow_steps += 1
+    if out.counts_as_nonfinite:
+        p.nonfinite_steps += 1
