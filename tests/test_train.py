@@ -144,6 +144,33 @@ def test_optimizer_choice_is_named_and_skips_params_without_grad():
         build_optimizer([a], OptimizerConfig(implementation="apex_adam"), torch.device("cpu"))
 
 
+def test_reporter_sends_interval_means_through_one_call(tmp_path):
+    from vtd_train.train.reporting import Reporter
+    from vtd_train.train.step import StepOutput
+
+    calls, lines = [], []
+    rep = Reporter(run="r", stage="joint", rank=0, world_size=1, epochs=2, steps_per_epoch=4, total_steps=8,
+                   static={"optimizer": "opt"}, report_fn=lambda m, **kw: calls.append((m, kw)), printer=lines.append)
+
+    def out(total, reason=None):
+        return StepOutput(losses={"loss/det/cls": total - 1.0, "loss/sem/ce": 1.0}, total=total, reason=reason,
+                          nonfinite_tasks=(), nonfinite=(), local_nonfinite=False, grad_norm=1.0, loss_scale=1.0,
+                          lr=1e-4, agree_s=0.01, allreduce_s=0.02)
+
+    for o in (out(3.0), out(5.0), out(float("nan"), "nonfinite_loss")):
+        rep.observe(o, images=2, data_wait_s=0.001, step_s=0.1, monitor_s=0.0)
+    m = rep.report(Progress(global_step=3, batch_index=3, images_seen=6, skipped_steps=1), divergence=0.0)
+    assert len(calls) == 1 and calls[0][1] == {}
+    assert (m["loss"], m["loss/det/cls"], m["loss/sem/ce"], m["skipped_steps"], m["optimizer"]) == (4.0, 3.0, 1.0, 1, "opt")
+    assert m["time/allreduce_s"] == pytest.approx(0.06) and m["time/step_s"] == pytest.approx(0.3)
+    assert lines == [lines[0]] and lines[0].startswith("[r/joint] epoch 1/2 step 3/8 |") and "loss 4.0000 | det 3.000 sem 1.000" in lines[0]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    m = rep.report(Progress(global_step=4, epoch=1), divergence=0.0, checkpoint_dir=str(ckpt))
+    assert calls[1][1]["checkpoint"].path == str(ckpt) and calls[1][1]["checkpoint_dir_name"].startswith("checkpoint_step00000004_")
+    assert m["checkpoint"] and "| checkpoint" in lines[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints (no Ray)
 # ---------------------------------------------------------------------------------------------

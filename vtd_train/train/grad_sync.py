@@ -10,7 +10,7 @@ gradient); a decoder that saw data on *some* ranks gets the same, correctly aver
 every rank; frozen parameters are ignored.
 
 **The choice: no ``DistributedDataParallel``; one small all-reduce per step of a presence vector,
-then a bucketed all-reduce of the gradients that exist somewhere.** After the local backward:
+then one all-reduce of the gradients that exist somewhere.** After the local backward:
 
 1. every rank all-reduces (SUM) one float vector ``[non-finite flags per task ..., presence per
    trainable parameter ...]`` where presence is ``p.grad is not None``. That is the step's only
@@ -21,8 +21,8 @@ then a bucketed all-reduce of the gradients that exist somewhere.** After the lo
    them entirely (``torch.optim.AdamW`` and apex's fused optimizers skip ``grad is None``): no
    weight decay, no moment update, no step count.
 3. parameters with ``n_p > 0`` are packed in model order into one flat buffer and all-reduced in a
-   single collective (a rank without a local gradient contributes zeros), then divided by ``n_p``: **the mean over the ranks that had
-   data for the parameter.** This is the convention the model already uses inside a batch (a
+   single collective (a rank without a local gradient contributes zeros), then divided by
+   ``n_p``: **the mean over the ranks that had data for the parameter.** This is the convention the model already uses inside a batch (a
    task's loss is averaged over the samples labelled for it), so a decoder's update does not
    shrink because other ranks were busy with other image sets; the backbone, used by every rank,
    gets the plain mean. When all ranks hold the same set (the default schedule) this is exactly
@@ -38,7 +38,7 @@ decoder that only some ranks fed; (b) a rank cannot skip its backward after a no
 without hanging the others, so non-finite agreement would need a second collective *before*
 backward; (c) it walks the autograd graph every step. What we give up is DDP's overlap of
 communication with the backward pass: the all-reduce runs after it (measured by
-``benchmarks/train_overhead.py`` as ``sync``). Frozen parameters (``requires_grad=False``) are simply
+``benchmarks/train_overhead.py`` as ``all-reduce``; on 2 CPU cores it is compute-bound either way). Frozen parameters (``requires_grad=False``) are simply
 not in the list. Mutable buffers (``BatchNorm`` running statistics when ``frozen_bn`` is off) are
 broadcast from rank 0 before each forward, like DDP's ``broadcast_buffers``.
 """
@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -48,7 +48,7 @@ from vtd_train.train.faults import FaultInjector
 from vtd_train.train.grad_sync import GradSync, all_gather_objects, broadcast_state, mutable_buffers, replica_divergence
 from vtd_train.train.optim import build_optimizer, freeze, lr_at
 from vtd_train.train.reporting import Reporter
-from vtd_train.train.step import NonFiniteGuard, NonFiniteLossError, StepOutput, TrainStep  # noqa: F401 (re-export)
+from vtd_train.train.step import NonFiniteGuard, StepOutput, TrainStep
 
 log = logging.getLogger(__name__)
 

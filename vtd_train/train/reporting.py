@@ -118,7 +118,6 @@ class Reporter:
         local = {
             "elapsed": elapsed, "images": self._images, "loss": [self._loss_sum, self._loss_n],
             "terms": dict(self._terms), "norm": [self._norm_sum, self._norm_n], "wait": self._wait,
-            "times": dict(self.times),
         }
         ranks = all_gather_objects(local)
         wall = max(r["elapsed"] for r in ranks) or 1e-9
