@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/tmp/vtd-train-bench")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--loader-workers", type=int, default=1, help="DataLoader processes per rank")
+    ap.add_argument("--loader-workers", type=int, default=None, help="DataLoader processes per rank (default: the config's)")
     ap.add_argument("--report-every", type=int, default=10)
     ap.add_argument("--checkpoint-every", type=int, default=20)
     ap.add_argument("--scale", type=int, default=64, help="training image height")
@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                                workers=1, progress=False, overwrite=True))
     cfg = load_train_config(str(ROOT / "configs" / "tiny.yaml"), storage_path=str(work / "runs"),
                             name=f"overhead-{int(time.time())}")
+    loader_workers = cfg.data.loader_workers if args.loader_workers is None else args.loader_workers
     cfg = config_with(
-        cfg, data={"uri": str(shards), "loader_workers": args.loader_workers, "scales": [args.scale]},
+        cfg, data={"uri": str(shards), "loader_workers": loader_workers, "scales": [args.scale]},
         resources={"num_workers": args.workers}, global_batch_size=2 * args.workers, epochs=100,
         lr_schedule={"milestones": []}, max_steps=args.steps, report_every_steps=args.report_every,
         checkpoint={"every_steps": args.checkpoint_every, "at_epoch_end": False, "num_to_keep": 1},
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     compute = t["step"] - t["data_wait"] - t["agree"] - t["allreduce"]
     base = t["step"] + t["monitor"] + t["report"]
     print(f"\ntrain overhead: {steps} steps, {args.workers} gloo workers, tiny VTDNet, batch 2/rank, height {args.scale}, "
-          f"loader workers {args.loader_workers}; cluster {info.num_cpus:g} CPUs; fit wall {wall:.1f} s")
+          f"loader workers {loader_workers}; cluster {info.num_cpus:g} CPUs; fit wall {wall:.1f} s")
     print(f"{'component':<12} {'total s':>9} {'ms/step':>9} {'% of step':>10}")
     for name, v in (("compute", compute), ("agree", t["agree"]), ("all-reduce", t["allreduce"]), ("data wait", t["data_wait"]),
                     ("monitor", t["monitor"]), ("report", t["report"])):

@@ -635,3 +635,18 @@ def test_tracker_is_deterministic_and_resets() -> None:
     assert run(tracker) == first
     with pytest.raises(ValueError, match="frame_index"):
         tracker.update(2, *_frame([(0, 1.0, 1.0, 0.9, 0)]))
+
+
+def test_multi_positive_ce_accepts_fp16_dots_and_matches_fp32():
+    """Under fp16 autocast the embedding dot products arrive in half precision; the loss must
+    not overflow its masking value and must equal the fp32 computation."""
+    from vtd_train.model.track_head import QDTrackLoss
+
+    g = torch.Generator().manual_seed(0)
+    dots = torch.randn(4, 6, generator=g) * 3
+    pos = torch.zeros(4, 6, dtype=torch.bool)
+    pos[0, 1] = pos[1, 2] = pos[1, 3] = pos[3, 0] = True  # row 2 has no positive
+    half = QDTrackLoss._multi_pos_ce(dots.half(), pos)
+    full = QDTrackLoss._multi_pos_ce(dots.half().float(), pos)
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    assert torch.allclose(half, full)

@@ -276,7 +276,9 @@ class QDTrackLoss(nn.Module):
     def _multi_pos_ce(dots: Tensor, pos: Tensor) -> Tensor:
         """Mean over rows with a positive of ``log(1 + Σ+ Σ- exp(d- − d+))``; ``[P, R]`` inputs."""
         rows = pos.any(dim=1)
-        d, p = dots[rows], pos[rows]
+        # fp32: the masking value does not fit fp16 (autocast hands us half dots), and loss
+        # reductions stay in fp32 anyway.
+        d, p = dots[rows].float(), pos[rows]
         lse_neg = torch.logsumexp(d.masked_fill(p, _NEG_INF), dim=1)
         lse_pos = torch.logsumexp((-d).masked_fill(~p, _NEG_INF), dim=1)
         return F.softplus(lse_neg + lse_pos).sum() / (rows.sum() + 1e-5)
