@@ -14,7 +14,7 @@ Key and reference frames of a tracking pair share the same scale and flip.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -154,22 +154,3 @@ def apply_augment(batch: Batch) -> Batch:
         meta=meta,
         augment=replace(plan, applied=True),
     )
-
-
-def targets_equal(a: FrameTargets, b: FrameTargets, atol: float = 0.0) -> bool:
-    """Field-by-field equality of two targets (``atol`` for float tensors); used by tests/tools."""
-    for f in fields(FrameTargets):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if (x is None) != (y is None):
-            return False
-        if isinstance(x, Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype:
-                return False
-            if x.is_floating_point():
-                if not torch.allclose(x, y, atol=atol, rtol=0):
-                    return False
-            elif not torch.equal(x, y):
-                return False
-        elif x != y:
-            return False
-    return True

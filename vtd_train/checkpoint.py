@@ -47,17 +47,24 @@ def save_model(uri: str, model: torch.nn.Module, cfg: VTDNetConfig, meta: dict[s
     fsio.write_json_atomic(fsio.join(uri, MODEL_JSON), doc)
 
 
+def read_versioned_json(path: str, version: int) -> dict[str, Any]:
+    """A checkpoint JSON file, checked to be valid JSON with ``format_version == version``."""
+    try:
+        doc = json.loads(fsio.read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: malformed JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format_version") != version:
+        found = doc.get("format_version") if isinstance(doc, dict) else None
+        raise CheckpointError(f"{path}: format_version {found!r}, this build reads {version}")
+    return doc
+
+
 def load_model(uri: str, map_location: str | torch.device = "cpu") -> tuple[VTDNet, VTDNetConfig, dict[str, Any]]:
     """Build the model a checkpoint directory describes and load its weights."""
     jpath, wpath = fsio.join(uri, MODEL_JSON), fsio.join(uri, MODEL_WEIGHTS)
     if not fsio.exists(jpath):
         raise CheckpointError(f"{uri}: not a complete checkpoint (no {MODEL_JSON})")
-    try:
-        doc = json.loads(fsio.read_bytes(jpath))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{jpath}: malformed JSON: {e}") from None
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{jpath}: format_version {doc.get('format_version')!r}, this build reads {FORMAT_VERSION}")
+    doc = read_versioned_json(jpath, FORMAT_VERSION)
     cfg = config_from_dict(VTDNetConfig, doc["model"], source=jpath)
     model = VTDNet(cfg)
     if not fsio.exists(wpath):

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from data_pipeline import fsio
-from vtd_train.checkpoint import MODEL_JSON, MODEL_WEIGHTS, CheckpointError, save_model
+from vtd_train.checkpoint import MODEL_JSON, MODEL_WEIGHTS, CheckpointError, read_versioned_json, save_model
 from vtd_train.model.vtdnet import VTDNetConfig
 
 TRAIN_STATE_PT = "train_state.pt"
@@ -174,12 +174,7 @@ def load_checkpoint(uri: str) -> TrainCheckpoint:
     """Read a training checkpoint directory (local path or fsspec URI)."""
     check_complete(uri)
     jpath = fsio.join(uri, TRAIN_STATE_JSON)
-    try:
-        doc = json.loads(fsio.read_bytes(jpath))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{jpath}: malformed JSON: {e}") from None
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{jpath}: format_version {doc.get('format_version')!r}, this build reads {FORMAT_VERSION}")
+    doc = read_versioned_json(jpath, FORMAT_VERSION)
     try:
         state = _read_torch(fsio.join(uri, TRAIN_STATE_PT))
         weights = _read_torch(fsio.join(uri, MODEL_WEIGHTS))
