@@ -10,11 +10,15 @@ so the loop runs in this process):
 * ``jpeg floor``: ``torchvision.io.decode_jpeg`` of the very JPEG bytes stored in the shards
   (the fastest decoder installed here), frames/s;
 * ``jpeg+labels``: the same plus the decode of the label maps stored with each frame
-  (drivable, lane, sem, instance ids; ``.npz``): the bare decode work a labelled sample needs;
-* ``loader``: the training loader (shard read → decode of JPEG, masks and labels → collate),
-  frames/s, per image set, and its ratio to the floor (side by side, same run);
-* ``loader+aug``: the same with the augmentation applied in the loader (scale + flip on CPU);
-* ms per label map: decoding the dataset's PNG vs the shard's ``.npz`` (why shards store ``.npz``);
+  (drivable, lane, sem, instance map; run-length members): the bare decode work a labelled
+  sample needs;
+* ``loader``: the training loader (shard read → decode of JPEG, label maps and records →
+  typed batch), frames/s, per image set, and its ratio to the floor (side by side, same run);
+* ``1 worker``: the same loader as training runs it, ``DataLoader(num_workers=1)``: the worker
+  process decodes, the main process receives the batches through shared memory;
+* ``loader+aug``: the loader preparing batches itself (scale + flip + padding on the CPU,
+  ``augment_in_loader``) instead of the training device;
+* ms per label map: decoding the dataset's PNG vs the shard's run-length member;
 * peak RSS of a fresh process streaming 1×, 2× and 4× the dataset (shards repeated).
 
 Images are 1280×720 (the synth generator's ``full`` size).
@@ -40,7 +44,7 @@ from PIL import Image
 from torchvision.io import decode_jpeg, decode_png
 
 from data_pipeline.convert import ConvertOptions, convert
-from data_pipeline.loader import LoaderConfig, MultiSetDataset, ShardFamily, iter_shard
+from data_pipeline.loader import LoaderConfig, MultiSetDataset, ShardFamily, build_train_loader, iter_shard
 from data_pipeline.manifest import families_from_manifest
 from data_pipeline.shard_format import decode_label_map, encode_label_map
 from data_pipeline.synth import generate
@@ -54,7 +58,7 @@ def floor_fps(urls, repeat: int, with_labels: bool) -> float:
         for u in urls
         for s in iter_shard(u)
         for k, v in s.items()
-        if k.endswith(".jpg") or (with_labels and k.endswith(".npz"))
+        if k.endswith(".jpg") or (with_labels and k.endswith(".rle"))
     ]
     n = sum(is_jpg for is_jpg, _ in blobs)
     t0 = time.perf_counter()
@@ -65,7 +69,8 @@ def floor_fps(urls, repeat: int, with_labels: bool) -> float:
 
 
 def png_label_ms(root: Path, repeat: int) -> dict[str, tuple[float, float]]:
-    """Per label kind: ms to decode the dataset's PNG vs the shard's ``.npz`` of the same map."""
+    """Per label kind: ms to decode the dataset's PNG vs the shard's run-length member of the
+    same map (for bitmasks: the instance map the converter stores, one value per instance)."""
     out = {}
     kinds = {"drivable": "labels/drivable/masks/train", "lane": "labels/lane/masks/train",
              "sem": "labels/sem_seg/masks/train", "bitmask": "labels/ins_seg/bitmasks/train"}
@@ -73,8 +78,9 @@ def png_label_ms(root: Path, repeat: int) -> dict[str, tuple[float, float]]:
         pngs = [p.read_bytes() for p in sorted((root / rel).glob("*.png"))[:8]]
         arrays = [np.asarray(Image.open(io.BytesIO(b))) for b in pngs]
         if kind == "bitmask":
-            arrays = [((a[..., 2].astype(np.uint16) << 8) | a[..., 3]).astype(np.uint16) for a in arrays]
-        npzs = [encode_label_map(a) for a in arrays]
+            ids = [(a[..., 2].astype(np.int32) << 8) | a[..., 3] for a in arrays]
+            arrays = [np.unique(i, return_inverse=True)[1].reshape(i.shape).astype(np.uint8) for i in ids]
+        rles = [encode_label_map(a) for a in arrays]
         pt = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in pngs]
         t0 = time.perf_counter()
         for _ in range(repeat):
@@ -83,24 +89,35 @@ def png_label_ms(root: Path, repeat: int) -> dict[str, tuple[float, float]]:
         t_png = (time.perf_counter() - t0) / (repeat * len(pt)) * 1e3
         t0 = time.perf_counter()
         for _ in range(repeat):
-            for b in npzs:
+            for b in rles:
                 decode_label_map(b)
-        t_npz = (time.perf_counter() - t0) / (repeat * len(npzs)) * 1e3
-        out[kind] = (t_png, t_npz)
+        t_rle = (time.perf_counter() - t0) / (repeat * len(rles)) * 1e3
+        out[kind] = (t_png, t_rle)
     return out
 
 
-def loader_fps(fam: ShardFamily, repeat: int, in_loader: bool) -> float:
-    cfg = LoaderConfig(batch_size=2, num_workers=0, augment_in_loader=in_loader, shuffle_buffer=8,
+def loader_fps(fam: ShardFamily, repeat: int, in_loader: bool, workers: int = 0) -> float:
+    cfg = LoaderConfig(batch_size=2, num_workers=workers, augment_in_loader=in_loader, shuffle_buffer=8,
                        augment=AugmentConfig())
     ds = MultiSetDataset([fam], cfg, rank=0, world_size=1)
     frames = 0
-    next(iter(ds))  # warm-up
+    if workers == 0:
+        next(iter(ds))  # warm-up
+        t0 = time.perf_counter()
+        for epoch in range(repeat):
+            ds.set_epoch(epoch)
+            for b in ds:
+                frames += len(b)
+        return frames / (time.perf_counter() - t0)
+    # One worker process over one long epoch (the shards listed `repeat` times over, at least
+    # 200 frames), timed from its first batch: the worker's start-up is not loader throughput.
+    times = max(repeat, -(-200 // fam.frames))
+    long = ShardFamily(set_name=fam.set_name, split=fam.split, urls=fam.urls * times, frames=fam.frames * times,
+                       task_frames={t: n * times for t, n in fam.task_frames.items()})
+    it = iter(build_train_loader(MultiSetDataset([long], cfg, rank=0, world_size=1)))
+    next(it)
     t0 = time.perf_counter()
-    for epoch in range(repeat):
-        ds.set_epoch(epoch)
-        for b in ds:
-            frames += len(b)
+    frames = sum(len(b) for b in it)
     return frames / (time.perf_counter() - t0)
 
 
@@ -152,18 +169,19 @@ def main() -> None:
     print(f"# torch {torch.__version__}, 1 thread, {os.cpu_count()} cores on this machine; 1280x720 frames")
     print("ratios are loader / floor, measured side by side in this run; frames/s on one core")
     print(f"{'set':<6} {'frames':>6} {'jpeg floor':>10} {'jpeg+labels':>11} {'loader':>7} "
-          f"{'/jpeg':>6} {'/jpeg+labels':>12} {'loader+aug':>10} {'/jpeg':>6}")
+          f"{'/jpeg':>6} {'/jpeg+labels':>12} {'1 worker':>8} {'/jpeg':>6} {'loader+aug':>10} {'/jpeg':>6}")
     for s, fam in fams.items():
         fl = floor_fps(fam.urls, a.repeat, with_labels=False)
         fm = floor_fps(fam.urls, a.repeat, with_labels=True)
         lo = loader_fps(fam, a.repeat, in_loader=False)
+        l1 = loader_fps(fam, a.repeat, in_loader=False, workers=1)
         la = loader_fps(fam, 1, in_loader=True)
         print(f"{s:<6} {fam.frames:>6} {fl:>10.1f} {fm:>11.1f} {lo:>7.1f} {lo / fl:>6.2f} {lo / fm:>12.2f} "
-              f"{la:>10.1f} {la / fl:>6.2f}")
+              f"{l1:>8.1f} {l1 / fl:>6.2f} {la:>10.1f} {la / fl:>6.2f}")
 
-    print("\n# one 1280x720 label map: ms to decode the dataset's PNG vs the shard's .npz")
-    for kind, (t_png, t_npz) in png_label_ms(root, a.repeat).items():
-        print(f"{kind:<9} png {t_png:6.2f} ms   npz {t_npz:6.2f} ms   ({t_png / t_npz:.1f}x)")
+    print("\n# one 1280x720 label map: ms to decode the dataset's PNG vs the shard's run-length member")
+    for kind, (t_png, t_rle) in png_label_ms(root, a.repeat).items():
+        print(f"{kind:<9} png {t_png:6.2f} ms   rle {t_rle:6.2f} ms   ({t_png / t_rle:.1f}x)")
 
     det = fams["det"]
     print("\n# peak RSS of a fresh loader process (det set, shards repeated)")

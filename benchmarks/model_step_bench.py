@@ -29,7 +29,7 @@ from data_pipeline.convert import ConvertOptions, convert
 from data_pipeline.loader import LoaderConfig, MultiSetDataset
 from data_pipeline.manifest import families_from_manifest
 from data_pipeline.synth import generate
-from data_pipeline.transforms import AugmentConfig, apply_augment
+from data_pipeline.transforms import AugmentConfig, prepare_batch
 from vtd_train.model.losses import total_loss
 from vtd_train.model.vtdnet import VTDNet, VTDNetConfig
 
@@ -54,8 +54,8 @@ def maskrcnn_inputs(b, device):
         keep = ~t.ignore
         boxes = t.boxes[keep]
         h, w = b.image_sizes[i]
-        if t.masks is not None:
-            masks = t.masks[keep][:, :h, :w]
+        if t.instance_map is not None:
+            masks = t.instance_masks()[keep][:, :h, :w].to(torch.uint8)
         else:  # det set: no instance masks — fill the boxes
             masks = torch.zeros((len(boxes), h, w), dtype=torch.uint8)
             for k, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
@@ -92,7 +92,7 @@ def main() -> None:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[a.precision]
     torch.manual_seed(0)
     batches = {s: b.to(device) for s, b in real_batches(Path(a.workdir), a.batch, a.height).items()}
-    batches = {s: apply_augment(b) for s, b in batches.items()}
+    batches = {s: prepare_batch(b) for s, b in batches.items()}
 
     def amp():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

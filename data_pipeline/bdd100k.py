@@ -85,12 +85,20 @@ def encode_lane(category: int, direction: int, style: int) -> int:
     return category + (direction << 5) + (style << 4)
 
 
-def decode_lane_mask(mask: np.ndarray) -> np.ndarray:
+def decode_lane_mask(mask):
     """Lane mask bytes ``[H, W]`` → ``[3, H, W]`` uint8 class maps (direction, style, category).
 
     Each map holds 0 for background and ``1 + value`` for a lane pixel, which is the
-    "one output per label, each with background" layout of the lane decoder.
+    "one output per label, each with background" layout of the lane decoder. Takes a NumPy
+    array (returns one) or a torch tensor (returns one on its device: the training step expands
+    the compact lane bytes there).
     """
+    if not isinstance(mask, np.ndarray) and hasattr(mask, "new_empty"):  # a torch.Tensor
+        import torch
+
+        m = mask.to(torch.uint8)
+        fg = (m & 0b1000) == 0
+        return torch.stack((((m >> 5) & 1) + 1, ((m >> 4) & 1) + 1, (m & 0b111) + 1)) * fg
     m = np.asarray(mask, dtype=np.uint8)
     fg = ((m & 0b1000) == 0).view(np.uint8)  # 1 on lane pixels, 0 on background
     out = np.empty((3,) + m.shape, dtype=np.uint8)

@@ -49,7 +49,7 @@ from webdataset.writer import TarWriter
 from data_pipeline import bdd100k as B
 from data_pipeline import fsio
 from data_pipeline import shard_format as SF
-from data_pipeline.shard_format import INSTANCE_MEMBER, encode_label_map
+from data_pipeline.shard_format import INSTANCE_MEMBER, LABEL_MEMBER, encode_label_map
 from data_pipeline.errors import DataError, VTDInputError
 from data_pipeline.inspect import add_frame_counts, empty_task_counts, merge_task_counts, sort_task_counts
 
@@ -509,7 +509,9 @@ def _write_shard(job: ShardJob) -> dict[str, Any]:
     skips = _Skips(job["on_error"])
     counts = empty_task_counts(job["set"])
     with fsio.atomic_open(shard_uri, "wb") as f:
-        writer = TarWriter(f, encoder=False, mtime=0.0)  # fixed mtime: reproducible bytes
+        # Fixed mtime: reproducible bytes. An int, not 0.0: tarfile stores a float mtime in an
+        # extra PAX header block per member, which doubles the header parsing every reader does.
+        writer = TarWriter(f, encoder=False, mtime=0)
         try:
             n_frames, n_clips = _write_clips(writer, job, skips, counts)
         finally:
@@ -600,14 +602,12 @@ def _build_frame(root: str, spec: FrameSpec) -> tuple[dict[str, Any], dict[str, 
         arr = _read_mask(png, kind, mask_uri, name, size)
         if kind == "bitmask":
             tracking = "mots" in spec["bitmask_tasks"]
-            record["instances"] += _bitmask_instances(arr, mask_uri, name, tracking=tracking)
-            # The per-instance category and attribute bits now live in the record; the pixels
-            # only need the instance id, (B << 8) + A, which fits 16 bits exactly.
-            ids = (arr[..., 2].astype(np.uint16) << 8) | arr[..., 3].astype(np.uint16)
-            members[INSTANCE_MEMBER] = encode_label_map(ids)
+            found = _bitmask_instances(arr, mask_uri, name, tracking=tracking)
+            members[INSTANCE_MEMBER] = encode_label_map(_instance_map(arr, found, offset=len(record["instances"])))
+            record["instances"] += found
             tasks.update(spec["bitmask_tasks"])
         else:
-            members[f"{kind}.npz"] = encode_label_map(arr)
+            members[LABEL_MEMBER[kind]] = encode_label_map(arr)
             tasks.add(kind)
     if spec["flow"]:
         tasks.add("flow")
@@ -835,6 +835,18 @@ def _read_mask(png: bytes, kind: str, uri: str, frame: str, size: tuple[int, int
         vals = np.flatnonzero(present & ~ok)[:8].tolist()
         raise DataError(uri, f"values {vals} outside the {kind} encoding ({desc})", frame=frame, field=kind)
     return arr
+
+
+def _instance_map(rgba: np.ndarray, instances: list[dict], offset: int) -> np.ndarray:
+    """The shard's instance map: ``offset + k + 1`` where the bitmask shows ``instances[k]``
+    (its ``bitmask_id``), 0 elsewhere; uint8 when that fits, else uint16. The category and
+    attribute bits live in the record, so the map only says which instance a pixel is."""
+    ids = (rgba[..., 2].astype(np.int32) << 8) | rgba[..., 3].astype(np.int32)
+    lut = np.zeros(1 << 16, dtype=np.int32)
+    for k, inst in enumerate(instances):
+        lut[inst["bitmask_id"]] = offset + k + 1
+    dense = lut[ids]
+    return dense.astype(np.uint8 if offset + len(instances) <= 255 else np.uint16)
 
 
 def _bitmask_instances(rgba: np.ndarray, uri: str, frame: str, *, tracking: bool) -> list[dict]:

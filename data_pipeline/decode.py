@@ -1,7 +1,7 @@
 """Safe decoding of shard samples into frames with typed targets.
 
-Only JSON, JPEG (``torchvision.io``) and label-map ``.npz`` archives (``allow_pickle=False``) are
-ever decoded; nothing is unpickled or ``torch.load``-ed, whatever a shard contains
+Only JSON, JPEG (``torchvision.io``) and the shard format's run-length label maps are ever
+decoded; nothing is unpickled or ``torch.load``-ed, whatever a shard contains
 (shared/REFERENCE.md §4). A member this module does not know is an error, not something
 silently passed through.
 """
@@ -9,7 +9,6 @@ silently passed through.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_pipeline import bdd100k
 from data_pipeline.errors import DataError
-from data_pipeline.shard_format import CLIP_MEMBER, INSTANCE_MEMBER, MASK_MEMBERS, decode_label_map
+from data_pipeline.shard_format import CLIP_MEMBER, INSTANCE_MEMBER, LABEL_MEMBER, MASK_MEMBERS, decode_label_map
 from data_pipeline.structures import FrameTargets, LabelSource
 
 _SOURCES = {"real": LabelSource.REAL, "pseudo": LabelSource.PSEUDO}
@@ -55,20 +54,13 @@ def _instances(record: dict, ids: np.ndarray | None, where: str) -> dict[str, Te
         "track_ids": torch.tensor([int(i.get("track_id", -1)) for i in inst], dtype=torch.int64),
     }
     if ids is not None:
-        # One binary mask per instance that has pixels in the id map. An instance's pixels lie
-        # inside its box (the box is the mask's extent), so each mask is computed on that crop.
-        h, w = ids.shape
-        masks = np.zeros((n, h, w), dtype=np.uint8)
-        valid = torch.zeros(n, dtype=torch.bool)
-        for k, i in enumerate(inst):
-            bid = i.get("bitmask_id")
-            if bid is None:
-                continue
-            x1, y1 = max(0, int(i["box"][0])), max(0, int(i["box"][1]))
-            x2, y2 = min(w, math.ceil(i["box"][2])), min(h, math.ceil(i["box"][3]))
-            np.equal(ids[y1:y2, x1:x2], int(bid), out=masks[k, y1:y2, x1:x2], casting="unsafe")
-            valid[k] = True
-        out["masks"], out["mask_valid"] = torch.from_numpy(masks), valid
+        # The map's pixel value k + 1 is instance k; the masks are expanded where they are used.
+        if int(ids.max()) > n:
+            raise DataError(where, f"instance map holds value {int(ids.max())}, the record lists {n} instances",
+                            frame=record.get("name"), field=INSTANCE_MEMBER)
+        valid = torch.tensor([i.get("bitmask_id") is not None for i in inst], dtype=torch.bool)
+        out["instance_map"] = torch.from_numpy(ids if ids.dtype == np.uint8 else ids.astype(np.int32))
+        out["mask_valid"] = valid
     return out
 
 
@@ -81,7 +73,7 @@ def _pose(record: dict) -> tuple[Tensor, Tensor]:
 
 
 def decode_frame(members: dict[str, bytes], record: dict, where: str) -> DecodedFrame:
-    """Decode one frame of a clip. ``members`` maps suffixes (``jpg``, ``lane.png``...) to bytes."""
+    """Decode one frame of a clip. ``members`` maps suffixes (``jpg``, ``lane.rle``...) to bytes."""
     name = record.get("name")
     if "jpg" not in members:
         raise DataError(where, "missing JPEG member", frame=name, field="jpg")
@@ -122,13 +114,10 @@ def decode_frame(members: dict[str, bytes], record: dict, where: str) -> Decoded
             setattr(t, k, v)
     if "pose" in sources:
         t.keypoints, t.pose_boxes = _pose(record)
-    for kind, field in (("sem.npz", "sem"), ("drivable.npz", "drivable")):
-        m = label_map(kind)
+    for kind in ("sem", "drivable", "lane"):
+        m = label_map(LABEL_MEMBER[kind])
         if m is not None:
-            setattr(t, field, torch.from_numpy(m))
-    lane = label_map("lane.npz")
-    if lane is not None:
-        t.lane = torch.from_numpy(bdd100k.decode_lane_mask(lane))
+            setattr(t, kind, torch.from_numpy(m))
     return DecodedFrame(image=image, targets=t, sources=sources, record=record)
 
 
@@ -147,7 +136,7 @@ def split_members(sample: dict[str, Any]) -> tuple[dict, dict[int, dict[str, byt
             continue
         idx, _, suffix = key.partition(".")
         if not idx.isdigit() or suffix not in _KNOWN_SUFFIXES:
-            raise DataError(where, f"unexpected member {key!r} (decoders only read JSON, JPEG and PNG)", field=key)
+            raise DataError(where, f"unexpected member {key!r} (decoders only read JSON, JPEG and run-length label maps)", field=key)
         frames.setdefault(int(idx), {})[suffix] = value
     return clip, frames
 

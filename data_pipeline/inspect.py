@@ -27,7 +27,7 @@ INSTANCE_TASKS = ("det", "ins", "mot", "mots")
 #: ``{set}/{split}/{set}-{split}-NNNNNN.tar`` relative to the output root.
 SHARD_PATH_RE = re.compile(r"(?P<set>[a-z]+)/(?P<split>[a-z]+)/(?P=set)-(?P=split)-(?P<index>\d{6})\.tar")
 #: Which mask member a labelled task requires in the shard.
-_TASK_MEMBER = {"drivable": "drivable.npz", "lane": "lane.npz", "sem": "sem.npz", "ins": SF.INSTANCE_MEMBER, "mots": SF.INSTANCE_MEMBER}
+_TASK_MEMBER = {**{k: SF.LABEL_MEMBER[k] for k in ("drivable", "lane", "sem")}, "ins": SF.INSTANCE_MEMBER, "mots": SF.INSTANCE_MEMBER}
 
 
 def frame_task_instances(frame: dict[str, Any]) -> dict[str, int]:

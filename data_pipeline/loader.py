@@ -2,9 +2,13 @@
 
 Data flow inside one DataLoader worker (``torch.utils.data`` workers, one process each)::
 
-    shards of set s (fsspec URIs) ──split by (rank, worker)──► tar samples (webdataset)
-        ──seeded shuffle buffer──► decode_clip (JSON/JPEG/PNG only)
+    shards of set s (fsspec URIs) ──split by (rank, worker)──► tar samples (tar_reader)
+        ──seeded shuffle buffer──► decode_clip (JSON, JPEG, run-length label maps only)
         ──key frame + reference frame──► collate into a Batch ──(augment plan drawn)──► yield
+
+Batches leave the worker unpadded, with compact label maps (:mod:`data_pipeline.structures`);
+:func:`data_pipeline.transforms.prepare_batch` resizes, flips and pads them on the training
+device, or in the worker with ``augment_in_loader``.
 
 Each rank takes exactly ``len(dataset)`` batches per epoch (:mod:`data_pipeline.sampler`): the
 per-set quota is ``frames // (world_size * batch_size)``, identical on every rank, and a
@@ -22,7 +26,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_pipeline import bdd100k, fsio
 from data_pipeline.decode import DecodedFrame, decode_clip
@@ -36,7 +39,8 @@ from data_pipeline.sampler import (
     split_shards,
 )
 from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
-from data_pipeline.transforms import AugmentConfig, apply_augment, pad_images
+from data_pipeline.tar_reader import iter_samples
+from data_pipeline.transforms import AugmentConfig, prepare_batch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,7 +102,7 @@ class LoaderConfig:
 def iter_shard(url: str) -> Iterator[dict]:
     """Raw grouped samples of one tar shard at any fsspec URI (bytes only, nothing decoded)."""
     with fsio.open_read(url) as f:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": f}]))
+        yield from iter_samples(f, url)
 
 
 def iter_frames(urls: tuple[str, ...] | list[str]) -> Iterator[DecodedFrame]:
@@ -225,7 +229,7 @@ class MultiSetDataset(IterableDataset):
         flips = tuple(bool(x) for x in (rng.random(len(items)) < aug.flip_prob))
         batch = Batch(
             set_name=set_name,
-            images=pad_images([k.image for k, _ in items], cfg.size_divisor),
+            images=[k.image for k, _ in items],
             image_sizes=[(int(k.image.shape[1]), int(k.image.shape[2])) for k, _ in items],
             targets=[k.targets for k, _ in items],
             labels=labels,
@@ -239,12 +243,12 @@ class MultiSetDataset(IterableDataset):
                 }
                 for k, r in items
             ],
-            ref_images=pad_images([r.image for _, r in items], cfg.size_divisor) if has_ref else None,
+            ref_images=[r.image for _, r in items] if has_ref else None,
             ref_targets=[r.targets for _, r in items] if has_ref else None,
             augment=AugmentPlan(height=height, flips=flips),
             size_divisor=cfg.size_divisor,
         )
-        return apply_augment(batch) if cfg.augment_in_loader else batch
+        return prepare_batch(batch) if cfg.augment_in_loader else batch
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()

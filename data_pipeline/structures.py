@@ -16,14 +16,22 @@ boxes          [N, 4] float32       instance boxes ``x1 y1 x2 y2`` (det / ins / 
 classes        [N] int64            thing class 0..7 (``bdd100k.THING_CATEGORIES``)
 ignore         [N] bool             crowd, ``ignored`` or mapped category: an ignore region
 track_ids      [N] int64            track id within the video (−1 outside tracking)
-masks          [N, H, W] uint8      instance masks aligned with ``boxes`` (ins / mots)
+instance_map   [H, W] uint8/int32   instance masks (ins / mots): pixel value ``k + 1`` belongs to
+                                    instance ``k`` of ``boxes``, 0 to none. One map instead of
+                                    ``N`` full-frame masks; :meth:`FrameTargets.instance_masks`
+                                    expands it where the masks are needed (on the device)
 mask_valid     [N] bool             False where an instance has a box but no mask
 keypoints      [P, 18, 3] float32   ``x, y, v`` per joint; v: 0 unlabelled, 1 occluded, 2 visible
 pose_boxes     [P, 4] float32       box of each pose instance
 sem            [H, W] uint8         semantic train id 0..18, 255 ignore
 drivable       [H, W] uint8         0 direct, 1 alternative, 2 background, 255 ignore
-lane           [3, H, W] uint8      direction / style / category maps, 0 background, 255 ignore
+lane           [H, W] uint8         the BDD100K lane byte per pixel (``bdd100k.encode_lane``,
+                                    255 background); ``bdd100k.lane_class_maps`` turns it into
+                                    the decoder's direction / style / category maps
 =============  ===================  ===========================================================
+
+Label maps travel in these compact forms from the loader to the device and are expanded there
+(by the losses and the metrics), which keeps the loader's per-frame work at the JPEG decode.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ class AugmentPlan:
 
     ``height`` is the target image height (aspect kept) or ``None`` for no resize; ``flips[i]``
     says whether sample ``i`` (and its reference frame) is flipped horizontally. ``applied``
-    turns True once :func:`data_pipeline.transforms.apply_augment` has run, so a batch is never
+    turns True once :func:`data_pipeline.transforms.prepare_batch` has run, so a batch is never
     augmented twice whether augmentation runs in the loader or on the training device.
     """
 
@@ -73,7 +81,7 @@ class FrameTargets:
     classes: Tensor | None = None
     ignore: Tensor | None = None
     track_ids: Tensor | None = None
-    masks: Tensor | None = None
+    instance_map: Tensor | None = None
     mask_valid: Tensor | None = None
     keypoints: Tensor | None = None
     pose_boxes: Tensor | None = None
@@ -85,6 +93,20 @@ class FrameTargets:
     def num_instances(self) -> int:
         return 0 if self.boxes is None else int(self.boxes.shape[0])
 
+    def instance_masks(self, index: Tensor | None = None) -> Tensor:
+        """``[n, H, W]`` bool masks of the instances ``index`` (all ``N`` by default), from
+        :attr:`instance_map`, on its device. An instance without a mask gets an empty one."""
+        if self.instance_map is None:
+            raise ValueError("these targets carry no instance map")
+        n = self.num_instances
+        if index is None:
+            index = torch.arange(n, device=self.instance_map.device)
+        index = index.to(self.instance_map.device)
+        m = self.instance_map.to(torch.int32) if self.instance_map.dtype != torch.uint8 else self.instance_map
+        if len(index) and int(index.max()) >= n:
+            raise IndexError(f"instance index {int(index.max())} out of range for {n} instances")
+        return m[None] == (index + 1).to(m.dtype)[:, None, None]
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> FrameTargets:
         kw = {}
         for f in fields(self):
@@ -93,13 +115,26 @@ class FrameTargets:
                 kw[f.name] = v.to(device, non_blocking=non_blocking)
         return replace(self, **kw)
 
+    def to_pinned(self) -> FrameTargets:
+        """A copy whose label maps live in pinned memory (small tensors are left as they are)."""
+        kw = {n: getattr(self, n).pin_memory() for n in _MAP_FIELDS if getattr(self, n) is not None}
+        return replace(self, **kw)
+
+
+#: Per-pixel fields of :class:`FrameTargets`.
+_MAP_FIELDS = ("instance_map", "sem", "drivable", "lane")
+
 
 @dataclass
 class Batch:
     """One training/eval batch; every sample comes from the same image set.
 
-    ``images`` are uint8 ``[B, 3, H, W]``, zero-padded at the bottom/right to a common size that
-    is a multiple of ``size_divisor``; ``image_sizes[i] = (h, w)`` is the valid region.
+    ``images`` are, as the loader yields them, a list of uint8 ``[3, h_i, w_i]`` frames; after
+    :func:`data_pipeline.transforms.prepare_batch` (on the training device) a uint8
+    ``[B, 3, H, W]`` tensor zero-padded at the bottom/right to a common size that is a multiple
+    of ``size_divisor`` (:attr:`padded`). ``image_sizes[i] = (h, w)`` is each valid region.
+    The loader does not pad: the device resizes every frame anyway, and a padded copy on the CPU
+    would cost a loader worker as much time as a quarter of a JPEG decode.
     ``ref_images``/``ref_targets`` hold the reference frame of each key frame (tracking set
     only: MOT contrastive pairs and flow pairs). ``labels[i, TASK_INDEX[t]]`` is a
     :class:`LabelSource` for task ``t`` of sample ``i``. ``meta[i]`` records ``name``,
@@ -107,18 +142,23 @@ class Batch:
     """
 
     set_name: str
-    images: Tensor
+    images: Tensor | list[Tensor]
     image_sizes: list[tuple[int, int]]
     targets: list[FrameTargets]
     labels: Tensor
     meta: list[dict[str, Any]] = field(default_factory=list)
-    ref_images: Tensor | None = None
+    ref_images: Tensor | list[Tensor] | None = None
     ref_targets: list[FrameTargets] | None = None
     augment: AugmentPlan | None = None
     size_divisor: int = 32
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return len(self.images)
+
+    @property
+    def padded(self) -> bool:
+        """True once images (and reference frames) are one padded ``[B, 3, H, W]`` tensor."""
+        return isinstance(self.images, Tensor)
 
     def has(self, task: str) -> Tensor:
         """``[B]`` bool: which samples carry a (real or pseudo) label for ``task``."""
@@ -134,17 +174,115 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return replace(
             self,
-            images=self.images.to(device, non_blocking=non_blocking),
+            images=_map_images(self.images, lambda x: x.to(device, non_blocking=non_blocking)),
             labels=self.labels.to(device, non_blocking=non_blocking),
             targets=[t.to(device, non_blocking) for t in self.targets],
-            ref_images=None if self.ref_images is None else self.ref_images.to(device, non_blocking=non_blocking),
+            ref_images=_map_images(self.ref_images, lambda x: x.to(device, non_blocking=non_blocking)),
             ref_targets=None if self.ref_targets is None else [t.to(device, non_blocking) for t in self.ref_targets],
         )
 
+    def __reduce__(self):
+        """Pickle every CPU tensor of the batch as a view of one packed buffer.
+
+        ``DataLoader`` workers hand batches to the training process through shared memory, one
+        segment and one file-descriptor round trip per tensor storage; a batch holds dozens of
+        tensors (images, label maps, boxes, classes...), and those round trips cost a worker
+        more than decoding the JPEGs (benchmarks/RESULTS.md). Packed, a batch crosses in one
+        segment, allocated directly in shared memory inside a worker (as
+        ``torch.utils.data.default_collate`` does), so no byte is copied more often than by
+        the default path. A batch with tensors on an accelerator pickles field by field.
+        """
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        tensors: list[Tensor] = []
+        state = _detach_tensors(state, tensors)
+        if not tensors or any(t.device.type != "cpu" for t in tensors):
+            return (_rebuild_batch, ({f.name: getattr(self, f.name) for f in fields(self)}, None, ()))
+        buf, layout = _pack(tensors)
+        return (_rebuild_batch, (state, buf, layout))
+
     def pin_memory(self) -> Batch:
-        """Called by ``torch.utils.data.DataLoader(pin_memory=True)``."""
+        """Called by ``torch.utils.data.DataLoader(pin_memory=True)``: images and label maps."""
         return replace(
             self,
-            images=self.images.pin_memory(),
-            ref_images=None if self.ref_images is None else self.ref_images.pin_memory(),
+            images=_map_images(self.images, Tensor.pin_memory),
+            targets=[t.to_pinned() for t in self.targets],
+            ref_images=_map_images(self.ref_images, Tensor.pin_memory),
+            ref_targets=None if self.ref_targets is None else [t.to_pinned() for t in self.ref_targets],
         )
+
+
+def _map_images(images, fn):
+    if images is None:
+        return None
+    return fn(images) if isinstance(images, Tensor) else [fn(x) for x in images]
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing a batch's tensors into one buffer (see Batch.__reduce__)
+# ---------------------------------------------------------------------------------------------
+
+_ALIGN = 64  # byte alignment of every packed tensor (any dtype's, and a cache line)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Placeholder for the ``index``-th packed tensor while a batch is pickled."""
+
+    index: int
+
+
+def _detach_tensors(value: Any, out: list[Tensor]) -> Any:
+    """``value`` with every tensor (in lists, dicts, FrameTargets) replaced by a :class:`_Slot`
+    whose index points into ``out``."""
+    if isinstance(value, Tensor):
+        out.append(value)
+        return _Slot(len(out) - 1)
+    if isinstance(value, FrameTargets):
+        return replace(value, **{f.name: _detach_tensors(getattr(value, f.name), out) for f in fields(value)})
+    if isinstance(value, list):
+        return [_detach_tensors(v, out) for v in value]
+    if isinstance(value, dict):
+        return {k: _detach_tensors(v, out) for k, v in value.items()}
+    return value
+
+
+def _attach_tensors(value: Any, tensors: list[Tensor]) -> Any:
+    if isinstance(value, _Slot):
+        return tensors[value.index]
+    if isinstance(value, FrameTargets):
+        return replace(value, **{f.name: _attach_tensors(getattr(value, f.name), tensors) for f in fields(value)})
+    if isinstance(value, list):
+        return [_attach_tensors(v, tensors) for v in value]
+    if isinstance(value, dict):
+        return {k: _attach_tensors(v, tensors) for k, v in value.items()}
+    return value
+
+
+def _pack(tensors: list[Tensor]) -> tuple[Tensor, tuple[tuple[int, torch.dtype, tuple[int, ...]], ...]]:
+    """One uint8 buffer holding every tensor's bytes, and ``(offset, dtype, shape)`` of each."""
+    layout, total = [], 0
+    for t in tensors:
+        layout.append((total, t.dtype, tuple(t.shape)))
+        total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    if torch.utils.data.get_worker_info() is not None:
+        # inside a DataLoader worker: allocate in shared memory right away (no second copy)
+        buf = torch.empty(0, dtype=torch.uint8)
+        buf.set_(buf.untyped_storage()._new_shared(max(total, 1))).resize_(total)
+    else:
+        buf = torch.empty(total, dtype=torch.uint8)
+    for t, (off, dtype, shape) in zip(tensors, layout):
+        _view(buf, off, dtype, shape).copy_(t)
+    return buf, tuple(layout)
+
+
+def _view(buf: Tensor, off: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    return buf[off : off + n * dtype.itemsize].view(dtype).view(shape)
+
+
+def _rebuild_batch(state: dict[str, Any], buf: Tensor | None, layout: tuple) -> Batch:
+    if buf is not None:
+        state = _attach_tensors(state, [_view(buf, *entry) for entry in layout])
+    return Batch(**state)

@@ -1,10 +1,11 @@
-"""Batch assembly and geometric augmentation: multi-scale resize and horizontal flip.
+"""Batch preparation on the device: multi-scale resize, horizontal flip and padding.
 
 One implementation, in torch, that runs wherever the batch is. The loader *draws* the
-augmentation (:class:`AugmentPlan`, seeded by seed/epoch/step) and by default the training
-step *applies* it on the accelerator right after ``batch.to(device)``; CPU workers then only
-decode, which keeps the loader at the JPEG-decode floor (benchmarks/RESULTS.md). For CPU-only
-training the loader can apply it in its workers instead (``LoaderConfig.augment_in_loader``).
+augmentation (:class:`AugmentPlan`, seeded by seed/epoch/step) and yields unpadded frames with
+compact label maps; by default the training step *applies* the plan and pads the batch on the
+accelerator right after ``batch.to(device)`` (:func:`prepare_batch`). CPU workers then only
+decode, which keeps the loader near the JPEG-decode floor (benchmarks/RESULTS.md). For CPU-only
+training the loader can prepare batches in its workers instead (``LoaderConfig.augment_in_loader``).
 
 Coordinates are continuous pixel coordinates (pixel ``i`` spans ``[i, i + 1)``), so a
 horizontal flip maps ``x → W − x`` and boxes ``[x1, x2] → [W − x2, W − x1]``; keypoints swap
@@ -26,7 +27,8 @@ from data_pipeline.structures import AugmentPlan, Batch, FrameTargets
 #: The paper's multi-scale training heights (appendix I): 600..720 in steps of 24.
 PAPER_SCALES: tuple[int, ...] = (600, 624, 648, 672, 696, 720)
 
-_MASK_FIELDS = ("masks", "sem", "drivable", "lane")
+#: Per-pixel target fields, all ``[H, W]`` (resized with nearest-neighbour, flipped with the image).
+_MAP_FIELDS = ("instance_map", "sem", "drivable", "lane")
 _FLIP_PERM = torch.tensor(bdd100k.POSE_FLIP_PERM)
 
 
@@ -62,16 +64,10 @@ def pad_images(images: list[Tensor], size_divisor: int) -> Tensor:
 def _resize_targets(t: FrameTargets, sy: float, sx: float, size: tuple[int, int]) -> FrameTargets:
     kw: dict = {}
     nearest = TF.InterpolationMode.NEAREST_EXACT
-    for name in _MASK_FIELDS:
+    for name in _MAP_FIELDS:
         m = getattr(t, name)
-        if m is None:
-            continue
-        if name in ("sem", "drivable"):
+        if m is not None:
             kw[name] = TF.resize(m[None], list(size), interpolation=nearest, antialias=False)[0]
-        elif m.shape[0] == 0:
-            kw[name] = m.new_zeros((0, *size))
-        else:
-            kw[name] = TF.resize(m, list(size), interpolation=nearest, antialias=False)
     scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
     if t.boxes is not None:
         kw["boxes"] = t.boxes * scale.to(t.boxes.device)
@@ -91,7 +87,7 @@ def _flip_boxes(b: Tensor, width: int) -> Tensor:
 
 def _flip_targets(t: FrameTargets, width: int) -> FrameTargets:
     kw: dict = {}
-    for name in _MASK_FIELDS:
+    for name in _MAP_FIELDS:
         m = getattr(t, name)
         if m is not None:
             kw[name] = m.flip(-1)
@@ -120,27 +116,43 @@ def _augment_one(image: Tensor, t: FrameTargets, height: int | None, flip: bool)
     return image, t
 
 
-def apply_augment(batch: Batch) -> Batch:
-    """Apply ``batch.augment`` (scale + flip) to images, reference frames and every target.
+def _frames(images: Tensor | list[Tensor], sizes: list[tuple[int, int]]) -> list[Tensor]:
+    """Each sample's ``[3, h, w]`` frame, from a list or a padded batch tensor."""
+    if isinstance(images, Tensor):
+        return [images[i, :, :h, :w] for i, (h, w) in enumerate(sizes)]
+    return list(images)
 
-    Runs on the batch's device. Returns the batch unchanged when there is no plan or it has
-    already been applied.
+
+def prepare_batch(batch: Batch) -> Batch:
+    """Apply ``batch.augment`` (scale + flip) to images, reference frames and every target, and
+    pad the images into one ``[B, 3, H, W]`` tensor (:attr:`Batch.padded`).
+
+    Runs on the batch's device. The plan is applied once: a batch whose plan was already
+    applied, or that has none, is only padded (and returned as it is if it already was).
     """
     plan = batch.augment
     if plan is None or plan.applied:
-        return batch
+        if batch.padded:
+            return batch
+        return replace(
+            batch,
+            images=pad_images(_frames(batch.images, batch.image_sizes), batch.size_divisor),
+            ref_images=None if batch.ref_images is None else pad_images(_frames(batch.ref_images, batch.image_sizes), batch.size_divisor),
+        )
     if len(plan.flips) != len(batch):
         raise ValueError(f"augment plan has {len(plan.flips)} flips for a batch of {len(batch)}")
+    frames = _frames(batch.images, batch.image_sizes)
+    ref_frames = None if batch.ref_images is None else _frames(batch.ref_images, batch.image_sizes)
     images, targets, sizes = [], [], []
     ref_images, ref_targets = [], []
-    for i, (h, w) in enumerate(batch.image_sizes):
-        im, t = _augment_one(batch.images[i, :, :h, :w], batch.targets[i], plan.height, plan.flips[i])
+    for i in range(len(batch)):
+        im, t = _augment_one(frames[i], batch.targets[i], plan.height, plan.flips[i])
         images.append(im)
         targets.append(t)
         sizes.append((int(im.shape[-2]), int(im.shape[-1])))
-        if batch.ref_images is not None:
+        if ref_frames is not None:
             assert batch.ref_targets is not None
-            rim, rt = _augment_one(batch.ref_images[i, :, :h, :w], batch.ref_targets[i], plan.height, plan.flips[i])
+            rim, rt = _augment_one(ref_frames[i], batch.ref_targets[i], plan.height, plan.flips[i])
             ref_images.append(rim)
             ref_targets.append(rt)
     meta = [dict(m, flip=plan.flips[i], height=sizes[i][0]) for i, m in enumerate(batch.meta)]

@@ -249,10 +249,10 @@ def test_images_copied_unmodified_and_label_maps_decode_to_the_png_values(conver
         _, i, _, members = frames[name]
         assert members[f"{i}.jpg"] == (pristine / src).read_bytes(), name
     for name, kind, src in [
-        ("a.jpg", "drivable.npz", "labels/drivable/masks/train/a.png"),
-        ("a.jpg", "lane.npz", "labels/lane/masks/train/a.png"),
-        ("m.jpg", "drivable.npz", "labels/drivable/masks/train/m.png"),
-        ("s1.jpg", "sem.npz", "labels/sem_seg/masks/train/s1.png"),
+        ("a.jpg", "drivable.rle", "labels/drivable/masks/train/a.png"),
+        ("a.jpg", "lane.rle", "labels/lane/masks/train/a.png"),
+        ("m.jpg", "drivable.rle", "labels/drivable/masks/train/m.png"),
+        ("s1.jpg", "sem.rle", "labels/sem_seg/masks/train/s1.png"),
     ]:
         _, i, _, members = frames[name]
         got = decode_label_map(members[f"{i}.{kind}"])
@@ -260,10 +260,18 @@ def test_images_copied_unmodified_and_label_maps_decode_to_the_png_values(conver
         assert got.dtype == np.uint8 and np.array_equal(got, want), (name, kind)
     for name, src in [("s1.jpg", "labels/ins_seg/bitmasks/train/s1.png"),
                       ("vid3-0000002.jpg", "labels/seg_track_20/bitmasks/train/vid3/vid3-0000002.png")]:
-        _, i, _, members = frames[name]
+        _, i, rec, members = frames[name]
         rgba = np.asarray(Image.open(pristine / src)).astype(np.int32)
-        got = decode_label_map(members[f"{i}.instances.npz"])
-        assert got.dtype == np.uint16 and np.array_equal(got, (rgba[..., 2] << 8) + rgba[..., 3]), name
+        ids = (rgba[..., 2] << 8) + rgba[..., 3]
+        # the instance map says, per pixel, which of the record's instances the bitmask shows there
+        want = np.zeros(ids.shape, np.uint8)
+        for k, inst in enumerate(rec["instances"]):
+            if inst["bitmask_id"] is not None:
+                want[ids == inst["bitmask_id"]] = k + 1
+        got = decode_label_map(members[f"{i}.instances.rle"])
+        assert got.dtype == np.uint8 and np.array_equal(got, want), name
+        assert np.array_equal(got > 0, ids > 0), f"{name}: every bitmask pixel belongs to a recorded instance"
+        assert {inst["bitmask_id"] for inst in rec["instances"]} - {None} == set(np.unique(ids[ids > 0]).tolist())
 
 
 def test_category_mapping_ignore_and_stuff(converted):

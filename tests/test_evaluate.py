@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.bdd100k import SCENES, TASKS, WEATHERS
+from data_pipeline.bdd100k import SCENES, TASKS, WEATHERS, decode_lane_mask
 from data_pipeline.errors import VTDInputError
 from data_pipeline.loader import iter_frames
 from data_pipeline.manifest import families_from_manifest, read_manifest
@@ -38,15 +38,16 @@ def oracle_flow(key: FrameTargets, ref: FrameTargets, size: tuple[int, int]) -> 
     h, w = size
     flow = torch.zeros(2, h, w)
     flow[0] = -(w + 10)
-    if key.masks is None or ref.masks is None:
+    if key.instance_map is None or ref.instance_map is None:
         return flow
+    key_masks, ref_masks = key.instance_masks(), ref.instance_masks()
     ref_ids = {int(t): i for i, t in enumerate(ref.track_ids) if not ref.ignore[i] and ref.mask_valid[i]}
     for i, t in enumerate(key.track_ids.tolist()):
         j = ref_ids.get(t)
-        if key.ignore[i] or j is None or not ref.masks[j].any():
+        if key.ignore[i] or j is None or not ref_masks[j].any():
             continue
-        qy, qx = (int(v) for v in torch.nonzero(ref.masks[j])[0])
-        ys, xs = torch.nonzero(key.masks[i], as_tuple=True)
+        qy, qx = (int(v) for v in torch.nonzero(ref_masks[j])[0])
+        ys, xs = torch.nonzero(key_masks[i], as_tuple=True)
         flow[0, ys, xs] = (qx - xs).float()
         flow[1, ys, xs] = (qy - ys).float()
     return flow
@@ -84,7 +85,7 @@ class OracleModel:
             if has("drivable"):
                 p.drivable = torch.full((h, w), 2, dtype=torch.uint8) if t.drivable is None else torch.where(t.drivable == 255, 2, t.drivable)
             if has("lane"):
-                p.lane = torch.zeros(3, h, w, dtype=torch.uint8) if t.lane is None else t.lane.clone()
+                p.lane = torch.zeros(3, h, w, dtype=torch.uint8) if t.lane is None else decode_lane_mask(t.lane)
             if has("det"):
                 n = t.num_instances
                 keep = ~t.ignore if n else torch.zeros(0, dtype=torch.bool)
@@ -92,7 +93,7 @@ class OracleModel:
                 p.classes = t.classes[keep] if n else torch.zeros(0, dtype=torch.int64)
                 p.scores = torch.ones(len(p.boxes))
                 if has("ins"):
-                    p.masks = t.masks[keep].bool() if t.masks is not None and n else torch.zeros(len(p.boxes), h, w, dtype=torch.bool)
+                    p.masks = t.instance_masks()[keep] if t.instance_map is not None and n else torch.zeros(len(p.boxes), h, w, dtype=torch.bool)
                 if has("mot"):
                     ids = t.track_ids[keep] if n else torch.zeros(0, dtype=torch.int64)
                     ids = torch.where(ids >= 0, ids, torch.arange(len(ids)))

@@ -25,7 +25,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import LoaderConfig, MultiSetDataset, build_train_loader, iter_frames, iter_shard
 from data_pipeline.manifest import families_from_manifest
 from data_pipeline.structures import AugmentPlan, LabelSource
-from data_pipeline.transforms import AugmentConfig, apply_augment
+from data_pipeline.transforms import AugmentConfig, prepare_batch
 
 NO_AUG = AugmentConfig(scales=(), flip_prob=0.0)
 
@@ -78,7 +78,7 @@ def expected_frames(root: str, split: str = "train") -> dict[str, dict]:
             "scene": bdd100k.SCENES.index(a["scene"]),
             "instances": sorted(_instances_from_json(fr["labels"])),
             "drivable": _png(r / Layout.drivable_masks(split) / f"{stem}.png"),
-            "lane": bdd100k.decode_lane_mask(_png(r / Layout.lane_masks(split) / f"{stem}.png")),
+            "lane": _png(r / Layout.lane_masks(split) / f"{stem}.png"),
             "pose": None,
         }
     joints = {j: k for k, j in enumerate(bdd100k.POSE_JOINTS)}
@@ -144,9 +144,10 @@ def check_targets(name: str, t, e: dict, width: int, flip: bool) -> None:
         assert _same(got, want, box_at=1), name
     if "masks" in e:
         assert np.array_equal(t.sem.numpy(), fm(e["sem"])), name
+        masks = t.instance_masks()
         for k in range(t.num_instances):
             key = (int(t.classes[k]), tuple(np.float32(fb(t.boxes[k].tolist())).tolist()))
-            assert np.array_equal(t.masks[k].numpy(), fm(e["masks"][key])), name
+            assert np.array_equal(masks[k].numpy(), fm(e["masks"][key]).astype(bool)), name
     if e.get("pose") is not None:
         k = e["pose"].copy()
         if flip:
@@ -160,8 +161,9 @@ def check_targets(name: str, t, e: dict, width: int, flip: bool) -> None:
         want = sorted((i, c, tuple(np.float32(fb(b)).tolist())) for i, c, b in e["tracks"])
         assert _same(got, want, box_at=2), name
     if "track_masks" in e:
+        masks = t.instance_masks()
         for k, tid in enumerate(t.track_ids.tolist()):
-            assert np.array_equal(t.masks[k].numpy(), fm(e["track_masks"][tid])), name
+            assert np.array_equal(masks[k].numpy(), fm(e["track_masks"][tid]).astype(bool)), name
 
 
 def test_every_frame_round_trips_through_the_shards(tiny_root, tiny_shards):
@@ -198,7 +200,7 @@ def test_training_batches_carry_the_original_labels(tiny_root, tiny_shards, flip
     checked = Counter()
     for batch in ds:
         assert batch.augment is not None and batch.augment.flips == (flip,) * len(batch)
-        batch = apply_augment(batch)
+        batch = prepare_batch(batch)
         for i, t in enumerate(batch.targets):
             name = batch.meta[i]["name"]
             check_targets(name, t, exp[name], batch.image_sizes[i][1], flip=flip)
@@ -216,15 +218,16 @@ def test_flip_twice_is_identity(tiny_shards):
     cfg = LoaderConfig(batch_size=2, num_workers=0, augment=AugmentConfig(scales=(), flip_prob=1.0))
     ds = MultiSetDataset(families_from_manifest(tiny_shards, "train"), cfg, rank=0, world_size=1)
     for batch in ds:
-        once = apply_augment(batch)
-        twice = apply_augment(replace(once, augment=AugmentPlan(height=None, flips=(True,) * len(batch))))
-        assert torch.equal(twice.images, batch.images)
-        assert not torch.equal(once.images, batch.images)
+        plain = prepare_batch(replace(batch, augment=None))  # padded, not augmented
+        once = prepare_batch(batch)
+        twice = prepare_batch(replace(once, augment=AugmentPlan(height=None, flips=(True,) * len(batch))))
+        assert torch.equal(twice.images, plain.images)
+        assert not torch.equal(once.images, plain.images)
         for a, b in zip(batch.targets + (batch.ref_targets or []), twice.targets + (twice.ref_targets or [])):
             for field in ("boxes", "keypoints", "pose_boxes"):
                 x, y = getattr(a, field), getattr(b, field)
                 assert (x is None and y is None) or torch.allclose(x, y, atol=1e-4)
-            for field in ("masks", "sem", "drivable", "lane", "classes", "track_ids", "ignore"):
+            for field in ("instance_map", "sem", "drivable", "lane", "classes", "track_ids", "ignore", "mask_valid"):
                 x, y = getattr(a, field), getattr(b, field)
                 assert (x is None and y is None) or torch.equal(x, y)
 
@@ -234,14 +237,14 @@ def test_multiscale_resizes_images_and_labels_consistently(tiny_shards):
     ds = MultiSetDataset(families_from_manifest(tiny_shards, "train"), cfg, rank=0, world_size=1)
     batch = next(iter(ds))
     (h0, w0) = batch.image_sizes[0]
-    out = apply_augment(batch)
+    out = prepare_batch(batch)
     h, w = out.image_sizes[0]
     assert h == 48 and w == round(w0 * 48 / h0)
     assert out.images.shape[-2] % 32 == 0 and out.images.shape[-1] % 32 == 0
     t0, t1 = batch.targets[0], out.targets[0]
     if t0.boxes is not None and t0.num_instances:
         assert torch.allclose(t1.boxes, t0.boxes * torch.tensor([w / w0, h / h0, w / w0, h / h0]))
-    for field in ("drivable", "sem"):
+    for field in ("drivable", "sem", "lane", "instance_map"):
         m = getattr(t1, field)
         if m is not None:
             assert tuple(m.shape) == (h, w)

@@ -39,9 +39,9 @@ def make_targets(g: torch.Generator, *, h: int = H, w: int = W, empty: bool = Fa
     """A frame labelled for every task; ``empty``: no objects and no people."""
     n = 0 if empty else 3
     boxes = torch.tensor([[5.0, 5.0, 40.0, 50.0], [30.0, 10.0, 80.0, 60.0], [2.0, 30.0, 20.0, 60.0]])[:n]
-    masks = torch.zeros(n, h, w, dtype=torch.uint8)
+    instance_map = torch.zeros(h, w, dtype=torch.uint8)  # later instances in front
     for k, b in enumerate(boxes.long()):
-        masks[k, b[1] : b[3], b[0] : b[2]] = 1
+        instance_map[b[1] : b[3], b[0] : b[2]] = k + 1
     p = 0 if empty else 1
     kp = torch.rand(p, 18, 3, generator=g) * torch.tensor([35.0, 45.0, 0.0]) + torch.tensor([5.0, 5.0, 2.0])
     kp[:, ::3, 2] = 0  # some unlabelled joints
@@ -52,13 +52,13 @@ def make_targets(g: torch.Generator, *, h: int = H, w: int = W, empty: bool = Fa
         classes=torch.tensor([0, 2, 1])[:n],
         ignore=torch.tensor([False, False, True])[:n],
         track_ids=torch.arange(n),
-        masks=masks,
+        instance_map=instance_map,
         mask_valid=torch.ones(n, dtype=torch.bool),
         keypoints=kp,
         pose_boxes=boxes[:p],
         sem=torch.randint(0, 19, (h, w), generator=g, dtype=torch.uint8),
         drivable=torch.randint(0, 3, (h, w), generator=g, dtype=torch.uint8),
-        lane=torch.randint(0, 3, (3, h, w), generator=g, dtype=torch.uint8),
+        lane=torch.randint(0, 256, (h, w), generator=g, dtype=torch.uint8),  # BDD100K lane bytes
     )
 
 
@@ -360,7 +360,7 @@ def test_per_sample_presence_and_pseudo_labels():
 def test_unapplied_augmentation_is_refused(vtdnet):
     batch = make_batch(("tag",))
     batch.augment = AugmentPlan(height=None, flips=(False, False))
-    with pytest.raises(ValueError, match="apply_augment"):
+    with pytest.raises(ValueError, match="prepare_batch"):
         vtdnet(batch)
 
 

@@ -233,7 +233,7 @@ def test_fp16_steps_skip_overflows_and_bf16_steps_update(tiny_shards, tmp_path, 
     overflow is skipped and halves the scale; otherwise parameters move) and bf16 (no scaler)."""
     from data_pipeline.loader import MultiSetDataset, build_train_loader
     from data_pipeline.manifest import families_from_manifest
-    from data_pipeline.transforms import apply_augment
+    from data_pipeline.transforms import prepare_batch
     from vtd_train.model.vtdnet import VTDNet
     from vtd_train.train.amp import Precision
     from vtd_train.train.grad_sync import GradSync
@@ -243,7 +243,7 @@ def test_fp16_steps_skip_overflows_and_bf16_steps_update(tiny_shards, tmp_path, 
     dev = torch.device(device)
     ds = MultiSetDataset(families_from_manifest(tiny_shards, "train", ("det",)), cfg.data.loader_config(batch_size=2, seed=0),
                          rank=0, world_size=1)
-    batches = [apply_augment(b.to(dev)) for _, b in zip(range(3), build_train_loader(ds))]
+    batches = [prepare_batch(b.to(dev)) for _, b in zip(range(3), build_train_loader(ds))]
     model_cfg = dataclasses.replace(cfg.model, tasks=("tag", "drivable", "det"))  # a smaller model: the path is the point
     for mode in ("fp16", "bf16"):
         torch.manual_seed(0)
@@ -281,7 +281,7 @@ def _partial_task_worker(rank: int, world: int, port: int, cfg, out_path: str) -
 
     from data_pipeline.loader import MultiSetDataset, build_train_loader
     from data_pipeline.manifest import families_from_manifest
-    from data_pipeline.transforms import apply_augment
+    from data_pipeline.transforms import prepare_batch
     from vtd_train.model.vtdnet import VTDNet
     from vtd_train.train.amp import Precision
     from vtd_train.train.grad_sync import GradSync, all_gather_objects
@@ -309,7 +309,7 @@ def _partial_task_worker(rank: int, world: int, port: int, cfg, out_path: str) -
     fams = {f.set_name: f for f in families_from_manifest(cfg.data.uri, "train")}
     own = {0: "det", 1: "seg"}[rank]
     ds = MultiSetDataset([fams[own]], cfg.data.loader_config(batch_size=2, seed=0), rank=0, world_size=1)
-    batch = apply_augment(next(iter(build_train_loader(ds))))
+    batch = prepare_batch(next(iter(build_train_loader(ds))))
     torch.manual_seed(100 + rank)
 
     def digest(t):

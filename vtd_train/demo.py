@@ -19,7 +19,7 @@ from data_pipeline.inspect import inspect_shards
 from data_pipeline.loader import LoaderConfig, MultiSetDataset, build_train_loader
 from data_pipeline.manifest import families_from_manifest
 from data_pipeline.synth import generate
-from data_pipeline.transforms import AugmentConfig, apply_augment
+from data_pipeline.transforms import AugmentConfig, prepare_batch
 
 #: The demo's training run: configs/tiny.yaml with these changes (a few minutes on 2 CPU cores).
 DEMO_EPOCHS = 8
@@ -53,7 +53,7 @@ def run_demo(workdir: str, seed: int = 0, size: str = "tiny") -> int:
         ds.set_epoch(0)
         n = 0
         for batch in build_train_loader(ds):
-            batch = apply_augment(batch)  # what the training step does on its device
+            batch = prepare_batch(batch)  # what the training step does on its device
             per_set[batch.set_name] += 1
             frames += len(batch)
             n += 1

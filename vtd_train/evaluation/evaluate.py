@@ -50,7 +50,7 @@ from data_pipeline.loader import ShardFamily, iter_frames, iter_shard
 from data_pipeline.manifest import families_from_manifest
 from data_pipeline.shard_format import CLIP_MEMBER
 from data_pipeline.structures import TASK_INDEX, Batch
-from data_pipeline.transforms import pad_images
+from data_pipeline.transforms import prepare_batch
 from vtd_train.model.outputs import FramePrediction
 from vtd_train.tracker import QDTracker, TrackerConfig, TrackResult
 
@@ -264,22 +264,22 @@ class EvalWorker:
                 labels[i, TASK_INDEX[t]] = int(src)
         batch = Batch(
             set_name=set_name,
-            images=pad_images([f.image for f in frames], SIZE_DIVISOR),
+            images=[f.image for f in frames],
             image_sizes=[(int(f.image.shape[1]), int(f.image.shape[2])) for f in frames],
             targets=[f.targets for f in frames],
             labels=labels,
             meta=[{"name": f.record.get("name"), "video": f.record.get("video"), "frame_index": f.record.get("frame_index"),
                    "ref_frame_index": None if refs is None else r.record.get("frame_index")}
                   for f, r in zip(frames, refs or frames)],
-            ref_images=None if refs is None else pad_images([r.image for r in refs], SIZE_DIVISOR),
+            ref_images=None if refs is None else [r.image for r in refs],
             ref_targets=None if refs is None else [r.targets for r in refs],
             augment=None,  # evaluation runs at the stored resolution, unflipped
             size_divisor=SIZE_DIVISOR,
         )
         # only the images go to the device: predict reads nothing else (the targets stay on the
         # CPU for the metrics; a model may read them, e.g. the tests' ground-truth oracle)
-        batch = replace(batch, images=batch.images.to(self.device),
-                        ref_images=None if batch.ref_images is None else batch.ref_images.to(self.device))
+        batch = prepare_batch(replace(batch, images=[x.to(self.device) for x in batch.images],
+                                      ref_images=None if refs is None else [x.to(self.device) for x in batch.ref_images]))
         preds = self.model.predict(batch)
         if len(preds) != len(frames):
             raise VTDInputError(f"the model returned {len(preds)} predictions for {len(frames)} frames")

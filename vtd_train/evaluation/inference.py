@@ -43,7 +43,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from data_pipeline.bdd100k import SCENES, WEATHERS
+from data_pipeline.bdd100k import SCENES, WEATHERS, decode_lane_mask
 from data_pipeline.errors import VTDInputError
 from data_pipeline.structures import FrameTargets, LabelSource
 from vtd_train.model.outputs import FramePrediction
@@ -111,9 +111,9 @@ def gt_instances(name: str, t: FrameTargets, *, masks: bool = False, video: str 
     ignore = _np(t.ignore).astype(bool) if t.ignore is not None else np.zeros(n, bool)
     m = None
     if masks:
-        if t.masks is None:
+        if t.instance_map is None:
             raise VTDInputError(f"frame {name!r}: labelled for a mask task but carries no instance masks")
-        m = _np(t.masks).astype(bool)
+        m = _np(t.instance_masks())
         if t.mask_valid is not None:
             ignore = ignore | ~_np(t.mask_valid).astype(bool)
     return InstanceFrame(
@@ -237,6 +237,8 @@ class EvalState:
                 gt = getattr(t, task)
                 if gt is None:
                     raise VTDInputError(f"frame {name!r}: labelled for {task} but carries no {task} map")
+                if task == "lane":  # the compact lane bytes → direction / style / category maps
+                    gt = decode_lane_mask(gt)
                 acc = getattr(self, task)
                 try:
                     acc.update(_np(_need(pred, task, name, task)), _np(gt))

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from data_pipeline.bdd100k import TASKS
+from data_pipeline.bdd100k import TASKS, decode_lane_mask
 from data_pipeline.errors import VTDInputError
 from data_pipeline.structures import Batch, FrameTargets
 from vtd_train.model.backbone import BackboneConfig, ImageNormalizer, build_backbone
@@ -273,6 +273,12 @@ class _Groups:
     pixel_tokens: Tensor | None = None  # pooled Intra-IB pixel features, keys of objects → pixels
 
 
+def _check_prepared(batch: Batch) -> None:
+    if not batch.padded or (batch.augment is not None and not batch.augment.applied):
+        raise ValueError("batch is not prepared (augmentation plan applied, images padded): "
+                         "call data_pipeline.transforms.prepare_batch(batch) on the device first")
+
+
 def _box_targets(t: FrameTargets, device: torch.device) -> BoxTargets:
     """Split a frame's boxes into matchable ground truth and ignore regions."""
     if t.boxes is None or t.boxes.shape[0] == 0:
@@ -395,8 +401,7 @@ class VTDNet(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """Training step on ``batch`` → ``{"loss/<task>/<term>": weighted scalar}``."""
-        if batch.augment is not None and not batch.augment.applied:
-            raise ValueError("batch has an augmentation plan that was not applied: call data_pipeline.transforms.apply_augment(batch) first")
+        _check_prepared(batch)
         present = {t for t in self.tasks if bool(batch.has(t).any())}
         if batch.ref_images is None and present & {"flow", "mot"}:
             raise ValueError(f"batch labels {sorted(present & {'flow', 'mot'})} but has no reference frames (ref_images)")
@@ -482,7 +487,10 @@ class VTDNet(nn.Module):
         for t in tasks:
             idx = torch.where(batch.has(t))[0].tolist()
             logits = self._seg_logits(g, pyramid, t, torch.tensor(idx, device=batch.images.device))
-            target = stack_label_maps([getattr(batch.targets[i], t) for i in idx], size).to(batch.images.device)
+            maps = [getattr(batch.targets[i], t) for i in idx]
+            if t == "lane":  # compact lane bytes → the decoder's direction / style / category maps
+                maps = [decode_lane_mask(m) for m in maps]
+            target = stack_label_maps(maps, size).to(batch.images.device)
             for k, v in self.seg_losses[t](logits, target).items():
                 losses[f"loss/{t}/{k}"] = v
         return losses
@@ -550,16 +558,16 @@ class VTDNet(nn.Module):
         mask_rois, gt_masks, gt_labels, matched = {}, {}, {}, {}
         for i in owner:
             t, tgt = batch.targets[i], targets[i]
-            if t.masks is None:
+            if t.instance_map is None:
                 continue
             boxes, labels, m = rois[i]
-            valid = t.mask_valid.bool() if t.mask_valid is not None else torch.ones(len(t.masks), dtype=torch.bool)
+            valid = t.mask_valid.bool() if t.mask_valid is not None else torch.ones(t.num_instances, dtype=torch.bool)
             valid = valid.to(labels.device)[tgt.index]  # per matchable GT box
             pos = labels > 0
             if len(valid):
                 pos &= valid[m]
             mask_rois[i], matched[i] = boxes[pos], m[pos]
-            gt_masks[i] = t.masks.to(labels.device)[tgt.index]
+            gt_masks[i] = t.instance_masks(tgt.index).to(labels.device)
             gt_labels[i] = tgt.classes + 1
         if not mask_rois:
             return
@@ -667,6 +675,7 @@ class VTDNet(nn.Module):
         ``output_sizes`` is given, resized to ``output_sizes[i]`` (boxes, keypoints and flow
         vectors scaled accordingly). Flow needs ``batch.ref_images``.
         """
+        _check_prepared(batch)
         n = len(batch)
         sizes = list(batch.image_sizes)
         out_sizes = list(output_sizes) if output_sizes is not None else sizes

@@ -9,7 +9,7 @@
 2. restore from ``ray.train.get_checkpoint()`` (weights, optimizer, scaler, position, this rank's
    RNG) or start from ``init_checkpoint``; broadcast rank 0's weights;
 3. for each epoch: ``dataset.set_epoch(e)``, skip the batches a resumed epoch already consumed,
-   then per batch ``batch.to(device)`` → ``apply_augment`` (on the device) →
+   then per batch ``batch.to(device)`` → ``prepare_batch`` (on the device) →
    :class:`~vtd_train.train.step.TrainStep` → monitor (every rank, every step) → at the steps
    fixed by the config (same on every rank): epoch bookkeeping, checkpoint, and the one
    :meth:`~vtd_train.train.reporting.Reporter.report`;
@@ -38,7 +38,7 @@ import torch.distributed as dist
 from data_pipeline.errors import VTDInputError
 from data_pipeline.loader import MultiSetDataset, build_train_loader
 from data_pipeline.manifest import families_from_manifest
-from data_pipeline.transforms import apply_augment
+from data_pipeline.transforms import prepare_batch
 from vtd_train.checkpoint import CheckpointError
 from vtd_train.model.vtdnet import VTDNet
 from vtd_train.train.amp import Precision
@@ -200,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 t1 = time.perf_counter()
-                batch = apply_augment(batch.to(device, non_blocking=True))
+                batch = prepare_batch(batch.to(device, non_blocking=True))
                 out = step_fn(batch, step=step, lr=lr_at(step, base_lr=cfg.optimizer.lr, steps_per_epoch=steps_per_epoch, cfg=cfg.lr_schedule))
                 t2 = time.perf_counter()
                 n = len(batch)

@@ -1,0 +1,150 @@
+"""The shard format's run-length label maps and the compact targets built from them."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from data_pipeline import bdd100k
+from data_pipeline.decode import decode_clip
+from data_pipeline.errors import DataError
+from data_pipeline.loader import LoaderConfig, MultiSetDataset, iter_shard
+from data_pipeline.manifest import families_from_manifest
+from data_pipeline.shard_format import decode_label_map, encode_label_map
+from data_pipeline.structures import AugmentPlan, FrameTargets
+from data_pipeline.transforms import AugmentConfig, prepare_batch
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 17), (13, 1), (37, 64), (720, 1280)])
+def test_label_maps_round_trip_exactly(dtype, shape):
+    rng = np.random.default_rng(hash((shape, np.dtype(dtype).str)) % 2**32)
+    hi = np.iinfo(dtype).max
+    noisy = rng.integers(0, hi, shape, endpoint=True).astype(dtype)
+    blocky = np.repeat(rng.integers(0, hi, (shape[0], max(1, shape[1] // 8)), endpoint=True), 8, axis=1)[:, : shape[1]]
+    blocky = np.pad(blocky, ((0, 0), (0, shape[1] - blocky.shape[1])), mode="edge").astype(dtype)
+    for a in (noisy, blocky, np.full(shape, hi, dtype), np.zeros(shape, dtype)):
+        b = decode_label_map(encode_label_map(a))
+        assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b)
+
+
+def test_a_constant_map_is_one_run():
+    data = encode_label_map(np.full((720, 1280), 255, np.uint8))
+    assert struct.unpack_from("<4sc3I", data)[4] == 1 and len(data) < 64
+
+
+def test_encoder_refuses_what_it_cannot_store():
+    for bad in (np.zeros((2, 2), np.int32), np.zeros((2, 2, 2), np.uint8), np.zeros((0, 4), np.uint8)):
+        with pytest.raises(ValueError, match="label maps are"):
+            encode_label_map(bad)
+
+
+def _member(magic=b"VRLE", code=b"B", h=2, w=3, values=(7, 9), lengths=(4, 2), payload=None):
+    vals = np.array(values, np.uint8 if code == b"B" else np.uint16).tobytes()
+    if payload is None:
+        payload = zlib.compress(vals + np.array(lengths, "<u4").tobytes())
+    return struct.pack("<4sc3I", magic, code, h, w, len(values)) + payload
+
+
+def test_decoder_names_what_is_wrong_with_a_corrupt_member():
+    assert np.array_equal(decode_label_map(_member()), [[7, 7, 7], [7, 9, 9]])
+    cases = {
+        "shorter than": b"VRLE",
+        "magic": _member(magic=b"\x89PNG"),
+        "dtype code": _member(code=b"Q"),
+        "inconsistent": _member(h=0),
+        "corrupt": _member(payload=b"not zlib at all"),
+        "holds": _member(payload=zlib.compress(b"\x07\x09\x04")),
+        "cover 5 pixels": _member(lengths=(4, 1)),
+        "zero-length": _member(values=(7, 8, 9), lengths=(4, 0, 2)),
+    }
+    for what, data in cases.items():
+        with pytest.raises(ValueError, match=what):
+            decode_label_map(data)
+
+
+def test_a_corrupt_label_map_in_a_shard_is_a_data_error_naming_the_member(tiny_shards):
+    fam = next(f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "det")
+    sample = next(s for s in iter_shard(fam.urls[0]) if "0.lane.rle" in s)
+    with pytest.raises(DataError, match="lane.rle") as e:
+        decode_clip(dict(sample, **{"0.lane.rle": sample["0.lane.rle"][:-5]}))
+    assert fam.urls[0] in str(e.value)
+    wrong_size = encode_label_map(np.zeros((3, 5), np.uint8))
+    with pytest.raises(DataError, match="label map is 5x3"):
+        decode_clip(dict(sample, **{"0.lane.rle": wrong_size}))
+
+
+def test_instance_map_values_beyond_the_record_are_refused(tiny_shards):
+    fam = next(f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "seg")
+    sample = next(iter_shard(fam.urls[0]))
+    frame = decode_clip(sample)[0]
+    h, w = frame.image.shape[-2:]
+    bad = np.zeros((h, w), np.uint8)
+    bad[0, 0] = frame.targets.num_instances + 1
+    with pytest.raises(DataError, match="instance map holds value"):
+        decode_clip(dict(sample, **{"0.instances.rle": encode_label_map(bad)}))
+
+
+def test_instance_masks_expand_the_map():
+    m = torch.tensor([[0, 1, 1], [2, 2, 0], [0, 0, 3]], dtype=torch.uint8)
+    t = FrameTargets(boxes=torch.zeros(4, 4), instance_map=m)  # instance 3 has no pixels
+    masks = t.instance_masks()
+    assert masks.dtype == torch.bool and masks.shape == (4, 3, 3)
+    for k in range(4):
+        assert torch.equal(masks[k], m == k + 1)
+    assert torch.equal(t.instance_masks(torch.tensor([2, 0])), masks[[2, 0]])
+    with pytest.raises(IndexError):
+        t.instance_masks(torch.tensor([4]))
+    wide = FrameTargets(boxes=torch.zeros(300, 4), instance_map=torch.full((2, 2), 300, dtype=torch.int32))
+    assert wide.instance_masks(torch.tensor([299, 0])).tolist() == [[[True, True], [True, True]], [[False, False], [False, False]]]
+
+
+def test_lane_maps_expand_identically_in_numpy_and_torch():
+    codes = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert np.array_equal(bdd100k.decode_lane_mask(torch.from_numpy(codes)).numpy(), bdd100k.decode_lane_mask(codes))
+
+
+def test_augmenting_the_compact_maps_equals_augmenting_each_expanded_mask(tiny_shards):
+    """Resizing / flipping the instance map and the lane bytes, then expanding them, gives what
+    expanding first and augmenting every full-size mask (the costly way) gives."""
+    fams = [f for f in families_from_manifest(tiny_shards, "train") if f.set_name in ("seg", "det")]
+    cfg = LoaderConfig(batch_size=2, num_workers=0, augment=AugmentConfig(scales=(44,), flip_prob=0.5))
+    checked = 0
+    for batch in MultiSetDataset(fams, cfg, rank=0, world_size=1):
+        batch = replace(batch, augment=AugmentPlan(height=44, flips=(True, False)))
+        out = prepare_batch(batch)
+        for i, (src, dst) in enumerate(zip(batch.targets, out.targets)):
+            size = list(out.image_sizes[i])
+            flip = out.augment.flips[i]
+
+            def expect(m: torch.Tensor) -> torch.Tensor:
+                r = TF.resize(m.to(torch.uint8), size, interpolation=TF.InterpolationMode.NEAREST_EXACT, antialias=False)
+                return r.flip(-1) if flip else r
+
+            if src.instance_map is not None and src.num_instances:
+                assert torch.equal(dst.instance_masks(), expect(src.instance_masks()).bool())
+                checked += 1
+            if src.lane is not None:
+                assert torch.equal(bdd100k.decode_lane_mask(dst.lane), expect(bdd100k.decode_lane_mask(src.lane)))
+                checked += 1
+    assert checked > 0
+
+
+def test_loader_batches_are_unpadded_until_prepared(tiny_shards):
+    fams = families_from_manifest(tiny_shards, "train")
+    cfg = LoaderConfig(batch_size=2, num_workers=0, augment=AugmentConfig(scales=(), flip_prob=0.0))
+    batch = next(iter(MultiSetDataset(fams, cfg, rank=0, world_size=1)))
+    assert not batch.padded and len(batch.images) == len(batch) == 2
+    assert [tuple(x.shape[-2:]) for x in batch.images] == batch.image_sizes
+    out = prepare_batch(batch)
+    assert out.padded and out.images.shape[-2] % 32 == 0 and out.images.shape[-1] % 32 == 0
+    for i, (h, w) in enumerate(batch.image_sizes):
+        assert torch.equal(out.images[i, :, :h, :w], batch.images[i])
+        assert not out.images[i, :, h:].any() and not out.images[i, :, :, w:].any()
+    assert prepare_batch(out) is out

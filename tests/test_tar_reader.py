@@ -1,0 +1,100 @@
+"""The shard tar reader reads what webdataset reads, and names the shard when a tar is broken."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from data_pipeline.errors import DataError
+from data_pipeline.loader import iter_shard
+from data_pipeline.manifest import families_from_manifest
+from data_pipeline.tar_reader import iter_samples
+
+
+def _webdataset(data: bytes, url: str) -> list[dict]:
+    return list(group_by_keys(tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])))
+
+
+def _ours(data: bytes, url: str) -> list[dict]:
+    return list(iter_samples(io.BytesIO(data), url))
+
+
+def _tar(members: list[tuple[str, bytes]], fmt: int, mtime: float = 0, extra: bool = False) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        if extra:
+            d = tarfile.TarInfo("somedir")
+            d.type = tarfile.DIRTYPE
+            tf.addfile(d)
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime = len(data), mtime
+            tf.addfile(ti, io.BytesIO(data))
+        if extra:
+            s = tarfile.TarInfo("alink.txt")
+            s.type, s.linkname = tarfile.SYMTYPE, "a.0.jpg"
+            tf.addfile(s)
+    return buf.getvalue()
+
+
+def test_the_converters_shards_read_as_webdataset_reads_them(tiny_shards):
+    n = 0
+    for fam in families_from_manifest(tiny_shards, "train") + families_from_manifest(tiny_shards, "val"):
+        for url in fam.urls:
+            with open(url, "rb") as f:
+                want = list(group_by_keys(tar_file_expander([{"url": url, "stream": f}])))
+            assert list(iter_shard(url)) == want
+            n += len(want)
+    assert n > 0
+
+
+LONG = "a" * 120 + "/" + "deep" * 30  # beyond ustar's 100-byte name field
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_dialects_read_as_webdataset_reads_them(fmt):
+    members = [("a.0.jpg", b"\xff\xd8" * 300), ("a.clip.json", b"{}"), ("b.0.jpg", b""), ("b.clip.json", b"x" * 513),
+               ("dir/c.CLIP.json", b"{1}")]
+    if fmt != tarfile.USTAR_FORMAT:
+        members.append((LONG + "/k.0.jpg", b"long"))
+    for mtime in (0, 1.5):  # a float mtime makes PAX write an extended header per member
+        data = _tar(members, fmt, mtime, extra=True)
+        ours = _ours(data, "mem://x.tar")
+        assert ours == _webdataset(data, "mem://x.tar")
+        assert [s["__key__"] for s in ours][:3] == ["a", "b", "dir/c"] and ours[2]["clip.json"] == b"{1}"
+
+
+def test_a_pax_size_record_overrides_the_header():
+    data = bytearray(_tar([("a.bin", b"z" * 700)], tarfile.PAX_FORMAT, mtime=1.5))
+    assert _ours(bytes(data), "u")[0]["bin"] == b"z" * 700
+
+
+def test_a_truncated_shard_names_the_shard_and_offset():
+    data = _tar([("a.0.jpg", b"j" * 2000), ("a.clip.json", b"{}")], tarfile.USTAR_FORMAT)
+    with pytest.raises(DataError, match=r"s3://bucket/shard\.tar.*truncated tar: member data at byte 512"):
+        _ours(data[:1500], "s3://bucket/shard.tar")
+    with pytest.raises(DataError, match="truncated tar: header"):
+        _ours(data[:512 * 5 + 100], "s3://bucket/shard.tar")
+
+
+def test_a_corrupt_header_is_refused():
+    data = bytearray(_tar([("a.0.jpg", b"j" * 10)], tarfile.USTAR_FORMAT))
+    data[0:1] = b"b"  # the name changes, the stored checksum does not
+    with pytest.raises(DataError, match="checksum mismatch"):
+        _ours(bytes(data), "u.tar")
+    data = bytearray(_tar([("a.0.jpg", b"j" * 10)], tarfile.USTAR_FORMAT))
+    data[124:136] = b"notoctal\0\0\0\0"
+    data[148:156] = b" " * 8
+    data[148:156] = b"%06o\0 " % sum(data[:512])  # a valid checksum over the bad size
+    with pytest.raises(DataError, match="numeric field"):
+        _ours(bytes(data), "u.tar")
+
+
+def test_members_must_be_key_dot_suffix_and_unique_per_sample():
+    with pytest.raises(DataError, match="not named KEY.SUFFIX"):
+        _ours(_tar([("README", b"hi")], tarfile.USTAR_FORMAT), "u.tar")
+    with pytest.raises(DataError, match="holds 'jpg' twice"):
+        _ours(_tar([("a.jpg", b"1"), ("a.JPG", b"2")], tarfile.USTAR_FORMAT), "u.tar")
