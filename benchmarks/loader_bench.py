@@ -2,10 +2,12 @@
 
 Usage::
 
-    uv run python benchmarks/loader_bench.py [--frames 64] [--workdir /tmp/vtd-loader-bench]
+    uv run python benchmarks/loader_bench.py [--repeat 7] [--workdir /tmp/vtd-loader-bench]
 
 What it measures, all on one core (``torch.set_num_threads(1)``, loader with ``num_workers=0``
-so the loop runs in this process):
+so the loop runs in this process, which gets a DataLoader worker's malloc settings,
+:func:`data_pipeline.loader.keep_freed_memory`), in interleaved rounds (floor pass, loader epoch, ...), so
+that a noisy host slows both sides of a ratio alike; it reports medians:
 
 * ``jpeg floor``: ``torchvision.io.decode_jpeg`` of the very JPEG bytes stored in the shards
   (the fastest decoder installed here), frames/s;
@@ -19,6 +21,8 @@ so the loop runs in this process):
 * ``loader+aug``: the loader preparing batches itself (scale + flip + padding on the CPU,
   ``augment_in_loader``) instead of the training device;
 * ms per label map: decoding the dataset's PNG vs the shard's run-length member;
+* ms to copy a batch's frames into a fresh shared-memory segment (the DataLoader hand-off) vs
+  into an already-faulted buffer: the page-fault cost the ``1 worker`` column pays;
 * peak RSS of a fresh process streaming 1×, 2× and 4× the dataset (shards repeated).
 
 Images are 1280×720 (the synth generator's ``full`` size).
@@ -32,6 +36,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -44,15 +49,22 @@ from PIL import Image
 from torchvision.io import decode_jpeg, decode_png
 
 from data_pipeline.convert import ConvertOptions, convert
-from data_pipeline.loader import LoaderConfig, MultiSetDataset, ShardFamily, build_train_loader, iter_shard
+from data_pipeline.loader import (
+    LoaderConfig,
+    MultiSetDataset,
+    ShardFamily,
+    build_train_loader,
+    iter_shard,
+    keep_freed_memory,
+)
 from data_pipeline.manifest import families_from_manifest
 from data_pipeline.shard_format import decode_label_map, encode_label_map
 from data_pipeline.synth import generate
 from data_pipeline.transforms import AugmentConfig
 
 
-def floor_fps(urls, repeat: int, with_labels: bool) -> float:
-    """Bare decode of the JPEGs (and, with ``with_labels``, the label maps) stored in the shards."""
+def floor_blobs(urls, with_labels: bool) -> tuple[list[tuple[bool, object]], int]:
+    """The JPEGs (and, with ``with_labels``, the label maps) stored in the shards, and the frame count."""
     blobs = [
         (k.endswith(".jpg"), torch.frombuffer(bytearray(v), dtype=torch.uint8) if k.endswith(".jpg") else v)
         for u in urls
@@ -60,12 +72,15 @@ def floor_fps(urls, repeat: int, with_labels: bool) -> float:
         for k, v in s.items()
         if k.endswith(".jpg") or (with_labels and k.endswith(".rle"))
     ]
-    n = sum(is_jpg for is_jpg, _ in blobs)
+    return blobs, sum(is_jpg for is_jpg, _ in blobs)
+
+
+def floor_pass(blobs, n: int) -> float:
+    """Frames/s of one pass of bare decoding: ``decode_jpeg`` (+ the label maps' runs expanded)."""
     t0 = time.perf_counter()
-    for _ in range(repeat):
-        for is_jpg, b in blobs:
-            decode_jpeg(b) if is_jpg else decode_label_map(b)
-    return repeat * n / (time.perf_counter() - t0)
+    for is_jpg, b in blobs:
+        decode_jpeg(b) if is_jpg else decode_label_map(b)
+    return n / (time.perf_counter() - t0)
 
 
 def png_label_ms(root: Path, repeat: int) -> dict[str, tuple[float, float]]:
@@ -96,29 +111,58 @@ def png_label_ms(root: Path, repeat: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-def loader_fps(fam: ShardFamily, repeat: int, in_loader: bool, workers: int = 0) -> float:
+def loader_dataset(fam: ShardFamily, in_loader: bool, workers: int = 0) -> MultiSetDataset:
     cfg = LoaderConfig(batch_size=2, num_workers=workers, augment_in_loader=in_loader, shuffle_buffer=8,
                        augment=AugmentConfig())
-    ds = MultiSetDataset([fam], cfg, rank=0, world_size=1)
-    frames = 0
-    if workers == 0:
-        next(iter(ds))  # warm-up
-        t0 = time.perf_counter()
-        for epoch in range(repeat):
-            ds.set_epoch(epoch)
-            for b in ds:
-                frames += len(b)
-        return frames / (time.perf_counter() - t0)
-    # One worker process over one long epoch (the shards listed `repeat` times over, at least
-    # 200 frames), timed from its first batch: the worker's start-up is not loader throughput.
-    times = max(repeat, -(-200 // fam.frames))
-    long = ShardFamily(set_name=fam.set_name, split=fam.split, urls=fam.urls * times, frames=fam.frames * times,
+    return MultiSetDataset([fam], cfg, rank=0, world_size=1)
+
+
+def loader_pass(ds: MultiSetDataset, epoch: int) -> float:
+    """Frames/s of one epoch of the loader in this process (``num_workers=0``)."""
+    ds.set_epoch(epoch)
+    t0 = time.perf_counter()
+    frames = sum(len(b) for b in ds)
+    return frames / (time.perf_counter() - t0)
+
+
+def long_family(fam: ShardFamily, frames: int = 200) -> ShardFamily:
+    """The family with its shards listed over and over: an epoch of at least ``frames`` frames,
+    so that per-epoch set-up (opening shards, filling the shuffle buffer) is amortised as over
+    a real BDD100K epoch of tens of thousands of frames."""
+    times = -(-frames // fam.frames)
+    return ShardFamily(set_name=fam.set_name, split=fam.split, urls=fam.urls * times, frames=fam.frames * times,
                        task_frames={t: n * times for t, n in fam.task_frames.items()})
-    it = iter(build_train_loader(MultiSetDataset([long], cfg, rank=0, world_size=1)))
+
+
+def one_worker_fps(fam: ShardFamily) -> float:
+    """Frames/s of the loader as training runs it, ``DataLoader(num_workers=1)``: one worker
+    process over one long epoch, timed from its first batch on (the worker's start-up is not
+    loader throughput)."""
+    it = iter(build_train_loader(loader_dataset(long_family(fam), in_loader=False, workers=1)))
     next(it)
     t0 = time.perf_counter()
     frames = sum(len(b) for b in it)
     return frames / (time.perf_counter() - t0)
+
+
+def shm_copy_ms(nbytes: int, repeat: int = 20) -> tuple[float, float]:
+    """ms to copy ``nbytes`` into a fresh shared-memory segment (what a DataLoader worker does
+    with every batch it hands over) and into an already-faulted buffer, for comparison."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    reused = torch.empty(nbytes, dtype=torch.uint8)
+
+    def fresh():
+        buf = torch.empty(0, dtype=torch.uint8)
+        buf.set_(buf.untyped_storage()._new_shared(nbytes)).resize_(nbytes).copy_(src)
+
+    out = []
+    for fn in (fresh, lambda: reused.copy_(src)):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        out.append((time.perf_counter() - t0) / repeat * 1e3)
+    return out[0], out[1]
 
 
 def replicate(src: Path, dst: Path, times: int) -> list[str]:
@@ -156,9 +200,11 @@ def peak_rss_child(urls: list[str], frames: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="/tmp/vtd-loader-bench")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=7, help="measurement rounds per set")
     a = p.parse_args()
     torch.set_num_threads(1)
+    # This process plays the loader worker: the same malloc settings a DataLoader worker gets.
+    print(f"# worker malloc settings applied: {keep_freed_memory()}")
     work = Path(a.workdir)
     root, shards = work / "bdd100k", work / "shards"
     if not (shards / "manifest.json").exists():
@@ -168,16 +214,34 @@ def main() -> None:
     fams = {f.set_name: f for f in families_from_manifest(str(shards), "train")}
     print(f"# torch {torch.__version__}, 1 thread, {os.cpu_count()} cores on this machine; 1280x720 frames")
     print("ratios are loader / floor, measured side by side in this run; frames/s on one core")
+    print(f"# {a.repeat} rounds per set, each: floor pass, floor+labels pass, loader epoch (>= 200 frames: shards"
+          " listed repeatedly), loader+aug epoch (the set once);")
+    print("# frames/s are medians over rounds, ratios the median of the per-round ratios")
     print(f"{'set':<6} {'frames':>6} {'jpeg floor':>10} {'jpeg+labels':>11} {'loader':>7} "
           f"{'/jpeg':>6} {'/jpeg+labels':>12} {'1 worker':>8} {'/jpeg':>6} {'loader+aug':>10} {'/jpeg':>6}")
+    med = statistics.median
     for s, fam in fams.items():
-        fl = floor_fps(fam.urls, a.repeat, with_labels=False)
-        fm = floor_fps(fam.urls, a.repeat, with_labels=True)
-        lo = loader_fps(fam, a.repeat, in_loader=False)
-        l1 = loader_fps(fam, a.repeat, in_loader=False, workers=1)
-        la = loader_fps(fam, 1, in_loader=True)
-        print(f"{s:<6} {fam.frames:>6} {fl:>10.1f} {fm:>11.1f} {lo:>7.1f} {lo / fl:>6.2f} {lo / fm:>12.2f} "
-              f"{l1:>8.1f} {l1 / fl:>6.2f} {la:>10.1f} {la / fl:>6.2f}")
+        bj, nj = floor_blobs(fam.urls, with_labels=False)
+        bl, nl = floor_blobs(fam.urls, with_labels=True)
+        ds, ds_aug = loader_dataset(long_family(fam), in_loader=False), loader_dataset(fam, in_loader=True)
+        next(iter(ds)), next(iter(ds_aug)), floor_pass(bj[:4], 2)  # warm-up
+        fl, fm, lo, la = [], [], [], []
+        for r in range(a.repeat):
+            fl.append(floor_pass(bj, nj))
+            fm.append(floor_pass(bl, nl))
+            lo.append(loader_pass(ds, r))
+            la.append(loader_pass(ds_aug, r))
+        l1 = one_worker_fps(fam)
+        r_lo = med(x / y for x, y in zip(lo, fl))
+        r_lm = med(x / y for x, y in zip(lo, fm))
+        r_la = med(x / y for x, y in zip(la, fl))
+        print(f"{s:<6} {fam.frames:>6} {med(fl):>10.1f} {med(fm):>11.1f} {med(lo):>7.1f} {r_lo:>6.2f} {r_lm:>12.2f} "
+              f"{l1:>8.1f} {l1 / med(fl):>6.2f} {med(la):>10.1f} {r_la:>6.2f}")
+
+    frame = 3 * 720 * 1280
+    fresh, reused = shm_copy_ms(2 * frame)
+    print(f"\n# handing a det batch's two 1280x720 frames ({2 * frame / 2**20:.1f} MiB) from a worker: copy into a fresh "
+          f"shared-memory segment {fresh:.2f} ms, into a reused buffer {reused:.2f} ms")
 
     print("\n# one 1280x720 label map: ms to decode the dataset's PNG vs the shard's run-length member")
     for kind, (t_png, t_rle) in png_label_ms(root, a.repeat).items():

@@ -19,8 +19,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_pipeline import bdd100k
 from data_pipeline.errors import DataError
-from data_pipeline.shard_format import CLIP_MEMBER, INSTANCE_MEMBER, LABEL_MEMBER, MASK_MEMBERS, decode_label_map
-from data_pipeline.structures import FrameTargets, LabelSource
+from data_pipeline.shard_format import CLIP_MEMBER, INSTANCE_MEMBER, LABEL_MEMBER, MASK_MEMBERS, decode_label_runs
+from data_pipeline.structures import FrameTargets, LabelSource, RunLengthMap
 
 _SOURCES = {"real": LabelSource.REAL, "pseudo": LabelSource.PSEUDO}
 _KNOWN_SUFFIXES = frozenset(("jpg",) + MASK_MEMBERS)
@@ -40,7 +40,7 @@ def _bytes_tensor(data: bytes) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def _instances(record: dict, ids: np.ndarray | None, where: str) -> dict[str, Tensor]:
+def _instances(record: dict, ids: RunLengthMap | None, where: str) -> dict[str, Any]:
     inst = record.get("instances") or []
     n = len(inst)
     boxes = torch.tensor([i["box"] for i in inst], dtype=torch.float32).reshape(n, 4)
@@ -55,12 +55,11 @@ def _instances(record: dict, ids: np.ndarray | None, where: str) -> dict[str, Te
     }
     if ids is not None:
         # The map's pixel value k + 1 is instance k; the masks are expanded where they are used.
-        if int(ids.max()) > n:
-            raise DataError(where, f"instance map holds value {int(ids.max())}, the record lists {n} instances",
+        if ids.max() > n:
+            raise DataError(where, f"instance map holds value {ids.max()}, the record lists {n} instances",
                             frame=record.get("name"), field=INSTANCE_MEMBER)
-        valid = torch.tensor([i.get("bitmask_id") is not None for i in inst], dtype=torch.bool)
-        out["instance_map"] = torch.from_numpy(ids if ids.dtype == np.uint8 else ids.astype(np.int32))
-        out["mask_valid"] = valid
+        out["instance_map"] = ids
+        out["mask_valid"] = torch.tensor([i.get("bitmask_id") is not None for i in inst], dtype=torch.bool)
     return out
 
 
@@ -72,8 +71,11 @@ def _pose(record: dict) -> tuple[Tensor, Tensor]:
     return kps, boxes
 
 
-def decode_frame(members: dict[str, bytes], record: dict, where: str) -> DecodedFrame:
-    """Decode one frame of a clip. ``members`` maps suffixes (``jpg``, ``lane.rle``...) to bytes."""
+def decode_frame(members: dict[str, bytes], record: dict, where: str, *, runs: bool = False) -> DecodedFrame:
+    """Decode one frame of a clip. ``members`` maps suffixes (``jpg``, ``lane.rle``...) to bytes.
+
+    Label maps come as tensors, or with ``runs`` as :class:`RunLengthMap` (the training loader:
+    the device expands them)."""
     name = record.get("name")
     if "jpg" not in members:
         raise DataError(where, "missing JPEG member", frame=name, field="jpg")
@@ -94,16 +96,17 @@ def decode_frame(members: dict[str, bytes], record: dict, where: str) -> Decoded
     if unknown:
         raise DataError(where, f"unknown tasks {sorted(unknown)}", frame=name, field="tasks")
 
-    def label_map(kind: str) -> np.ndarray | None:
+    def label_map(kind: str) -> RunLengthMap | None:
         if kind not in members:
             return None
         try:
-            m = decode_label_map(members[kind])
+            values, lengths, shape = decode_label_runs(members[kind])
         except ValueError as e:
             raise DataError(where, str(e), frame=name, field=kind) from None
-        if m.shape != (h, w):
-            raise DataError(where, f"label map is {m.shape[1]}x{m.shape[0]}, image is {w}x{h}", frame=name, field=kind)
-        return m
+        if shape != (h, w):
+            raise DataError(where, f"label map is {shape[1]}x{shape[0]}, image is {w}x{h}", frame=name, field=kind)
+        return RunLengthMap(torch.from_numpy(values.astype(np.uint8 if values.dtype == np.uint8 else np.int32)),
+                            torch.from_numpy(lengths.astype(np.int64)), shape)
 
     t = FrameTargets()
     t.weather = -1 if record.get("weather") is None else int(record["weather"])
@@ -117,8 +120,8 @@ def decode_frame(members: dict[str, bytes], record: dict, where: str) -> Decoded
     for kind in ("sem", "drivable", "lane"):
         m = label_map(LABEL_MEMBER[kind])
         if m is not None:
-            setattr(t, kind, torch.from_numpy(m))
-    return DecodedFrame(image=image, targets=t, sources=sources, record=record)
+            setattr(t, kind, m)
+    return DecodedFrame(image=image, targets=t if runs else t.expanded(), sources=sources, record=record)
 
 
 def split_members(sample: dict[str, Any]) -> tuple[dict, dict[int, dict[str, bytes]]]:
@@ -141,9 +144,10 @@ def split_members(sample: dict[str, Any]) -> tuple[dict, dict[int, dict[str, byt
     return clip, frames
 
 
-def decode_clip(sample: dict[str, Any]) -> list[DecodedFrame]:
-    """Decode every frame of a grouped shard sample (see :mod:`data_pipeline.shard_format`)."""
+def decode_clip(sample: dict[str, Any], *, runs: bool = False) -> list[DecodedFrame]:
+    """Decode every frame of a grouped shard sample (see :mod:`data_pipeline.shard_format`);
+    ``runs``: label maps as :class:`RunLengthMap`."""
     clip, members = split_members(sample)
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     records = clip.get("frames", [])
-    return [decode_frame(members.get(i, {}), rec, where) for i, rec in enumerate(records)]
+    return [decode_frame(members.get(i, {}), rec, where, runs=runs) for i, rec in enumerate(records)]

@@ -19,6 +19,7 @@ shared/REFERENCE.md §4). Output is deterministic for a given (seed, epoch, worl
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -121,7 +122,7 @@ def _ref_index(rng: np.random.Generator, frames: list[DecodedFrame], k: int, ref
         j for j, f in enumerate(frames)
         if j != k and f.record.get("frame_index") is not None and 0 < abs(f.record["frame_index"] - fi) <= ref_range
     ]
-    return int(rng.choice(cands)) if cands else None
+    return cands[int(rng.integers(len(cands)))] if cands else None
 
 
 class MultiSetDataset(IterableDataset):
@@ -179,7 +180,7 @@ class MultiSetDataset(IterableDataset):
             idx = 0
 
             def emit(sample):
-                frames = decode_clip(sample)
+                frames = decode_clip(sample, runs=True)
                 keys = [k for k, f in enumerate(frames) if all(t in f.sources for t in require)]
                 rng.shuffle(keys)
                 for k in keys:
@@ -214,10 +215,11 @@ class MultiSetDataset(IterableDataset):
 
     def _collate(self, set_name: str, items: list[tuple[DecodedFrame, DecodedFrame | None]], step: int) -> Batch:
         cfg = self.cfg
-        labels = torch.zeros((len(items), len(bdd100k.TASKS)), dtype=torch.int8)
-        for i, (key, _) in enumerate(items):
+        rows = [[int(LabelSource.ABSENT)] * len(bdd100k.TASKS) for _ in items]
+        for row, (key, _) in zip(rows, items):
             for t, src in key.sources.items():
-                labels[i, TASK_INDEX[t]] = int(src)
+                row[TASK_INDEX[t]] = int(src)
+        labels = torch.tensor(rows, dtype=torch.int8)
         has_ref = set_name == "track"
         if has_ref:
             # A key frame without any neighbour is its own reference (zero motion); flow and
@@ -225,7 +227,7 @@ class MultiSetDataset(IterableDataset):
             items = [(k, r if r is not None else k) for k, r in items]
         rng = rng_for(cfg.seed, self.epoch, "augment", self.rank, step)
         aug = cfg.augment
-        height = int(rng.choice(aug.scales)) if aug.scales else None
+        height = int(aug.scales[int(rng.integers(len(aug.scales)))]) if aug.scales else None
         flips = tuple(bool(x) for x in (rng.random(len(items)) < aug.flip_prob))
         batch = Batch(
             set_name=set_name,
@@ -255,6 +257,7 @@ class MultiSetDataset(IterableDataset):
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
             torch.set_num_threads(1)
+            keep_freed_memory()
         schedule = self.schedule()
         gworker, total = self.rank * nw + wid, self.world_size * nw
         streams: dict[str, Iterator] = {}
@@ -264,6 +267,33 @@ class MultiSetDataset(IterableDataset):
                 streams[s] = self._frame_stream(self.families[s], gworker, total)
             items = [next(streams[s]) for _ in range(self.cfg.batch_size)]
             yield self._collate(s, items, step)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+_malloc_tuned: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse in this process (a DataLoader worker).
+
+    By default glibc serves multi-megabyte blocks (a decoded 720p frame is 2.7 MB) with fresh
+    ``mmap`` pages, or trims them off the heap when freed, so every frame the worker decodes
+    faults its pages in anew: 100-250 page faults per frame, a large share of a JPEG decode on
+    a virtualised host (benchmarks/RESULTS.md). With a 32 MiB mmap threshold and a 256 MiB trim
+    threshold the worker reuses its own freed blocks instead; its memory stays bounded by its
+    peak working set plus the trim threshold. Returns whether the settings took (``False``
+    with a C library other than glibc, where nothing changes). Idempotent.
+    """
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        try:
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):
+            _malloc_tuned = False
+        else:
+            mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+            _malloc_tuned = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1
+    return _malloc_tuned
 
 
 def build_train_loader(dataset: MultiSetDataset) -> DataLoader:

@@ -26,21 +26,25 @@ member                   content
 
 Label maps are the dataset's PNG masks decoded once at conversion time and stored run-length
 encoded (:func:`encode_label_map`): label maps are piecewise constant along rows, so a 720p
-map is a few thousand runs, which ``numpy.repeat`` expands in well under a millisecond, about
-30× faster than inflating the same pixels from the PNG or from zlib (benchmarks/RESULTS.md);
-decoding a label PNG costs about as much as decoding the JPEG itself. Values are exactly the
-PNG's; nothing is resampled. Nothing is pickled: the loader reads JSON, JPEG and these
-run-length members only.
+map is a few thousand runs (3 bytes each), which ``numpy.repeat`` expands in a tenth of a
+millisecond, 10-100× faster than decoding the PNG (benchmarks/RESULTS.md); decoding a label
+PNG costs about as much as decoding the JPEG itself. The runs are stored uncompressed: zlib
+would halve a det frame's 10 KB of runs (next to a 170 KB JPEG) but inflating them would cost
+the loader more than expanding them. The training loader does not even expand them: the runs
+travel to the device, which does (:class:`data_pipeline.structures.RunLengthMap`). Values are
+exactly the PNG's; nothing is resampled. Nothing is pickled: the loader reads JSON, JPEG and
+these run-length members only.
 
 Run-length member layout (little-endian)::
 
-    magic  b"VRLE"   4 bytes
-    dtype  b"B" | b"H"   uint8 | uint16 values
-    height, width, runs   3 × uint32
-    zlib( values[runs] (dtype) ‖ lengths[runs] (uint32) )
+    magic  b"VRLE"         4 bytes
+    dtype  b"B" | b"H"     uint8 | uint16 values, then 3 zero bytes
+    height, width, runs    3 × uint32
+    lengths[runs]          uint16, each 1..65535 (longer runs are split)
+    values[runs]           dtype
 
-Runs follow the map in row-major order (a run may continue onto the next row); every length is
-positive and the lengths sum to ``height × width``.
+Runs follow the map in row-major order (a run may continue onto the next row); the lengths sum
+to ``height × width``.
 
 FrameRecord (JSON object)::
 
@@ -72,7 +76,6 @@ Instance::
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import Final
 
 import numpy as np
@@ -88,9 +91,10 @@ MASK_MEMBERS: Final = ("drivable.rle", "lane.rle", "sem.rle", INSTANCE_MEMBER)
 LABEL_MEMBER: Final = {"drivable": "drivable.rle", "lane": "lane.rle", "sem": "sem.rle", "instances": INSTANCE_MEMBER}
 
 _MAGIC: Final = b"VRLE"
-_HEADER: Final = struct.Struct("<4sc3I")
+_HEADER: Final = struct.Struct("<4sc3x3I")
 _DTYPES: Final = {b"B": np.dtype("<u1"), b"H": np.dtype("<u2")}
-_LENGTH: Final = np.dtype("<u4")
+_LENGTH: Final = np.dtype("<u2")
+_MAX_RUN: Final = (1 << 16) - 1
 _MAX_PIXELS: Final = 1 << 28  # 16k x 16k: anything larger is a corrupt header, not an image
 
 
@@ -102,14 +106,21 @@ def encode_label_map(arr: np.ndarray) -> bytes:
     flat = np.ascontiguousarray(arr).reshape(-1)
     starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     bounds = np.concatenate(([0], starts, [flat.size]))
-    values = flat[bounds[:-1]].astype(_DTYPES[code], copy=False)
-    lengths = np.diff(bounds).astype(_LENGTH)
+    values, lengths = flat[bounds[:-1]], np.diff(bounds)
+    if lengths.max() > _MAX_RUN:  # split long runs into pieces of at most _MAX_RUN
+        pieces = -(-lengths // _MAX_RUN)
+        values = np.repeat(values, pieces)
+        first = np.cumsum(pieces) - pieces  # index of each run's first piece
+        split = np.full(int(pieces.sum()), _MAX_RUN, dtype=np.int64)
+        split[first + pieces - 1] = lengths - (pieces - 1) * _MAX_RUN
+        lengths = split
     header = _HEADER.pack(_MAGIC, code, arr.shape[0], arr.shape[1], len(values))
-    return header + zlib.compress(values.tobytes() + lengths.tobytes(), 6)
+    return header + lengths.astype(_LENGTH).tobytes() + values.astype(_DTYPES[code]).tobytes()
 
 
-def decode_label_map(data: bytes) -> np.ndarray:
-    """Inverse of :func:`encode_label_map`: a fresh ``[H, W]`` uint8/uint16 array.
+def decode_label_runs(data: bytes) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """A run-length member → ``(values, lengths, (height, width))``, validated: read-only
+    uint8/uint16 values and positive uint16 lengths that cover the map exactly.
 
     Raises ``ValueError`` naming what is wrong for anything that is not such a member.
     """
@@ -123,19 +134,24 @@ def decode_label_map(data: bytes) -> np.ndarray:
     if not (0 < h * w <= _MAX_PIXELS) or not (0 < runs <= h * w):
         raise ValueError(f"label map header is inconsistent: {h}x{w} pixels in {runs} runs")
     dtype = _DTYPES[code]
-    try:
-        payload = zlib.decompress(data[_HEADER.size :], bufsize=runs * (dtype.itemsize + _LENGTH.itemsize))
-    except zlib.error as e:
-        raise ValueError(f"label map payload is corrupt: {e}") from None
-    if len(payload) != runs * (dtype.itemsize + _LENGTH.itemsize):
-        raise ValueError(f"label map payload holds {len(payload)} bytes, {runs} runs need "
-                         f"{runs * (dtype.itemsize + _LENGTH.itemsize)}")
-    values = np.frombuffer(payload, dtype=dtype, count=runs)
-    lengths = np.frombuffer(payload, dtype=_LENGTH, offset=runs * dtype.itemsize)
+    need = _HEADER.size + runs * (dtype.itemsize + _LENGTH.itemsize)
+    if len(data) != need:
+        raise ValueError(f"label map holds {len(data)} bytes, a header and {runs} runs need {need}")
+    lengths = np.frombuffer(data, dtype=_LENGTH, count=runs, offset=_HEADER.size)
+    values = np.frombuffer(data, dtype=dtype, count=runs, offset=_HEADER.size + runs * _LENGTH.itemsize)
     if int(lengths.sum(dtype=np.uint64)) != h * w or not lengths.all():
         raise ValueError(f"label map runs cover {int(lengths.sum(dtype=np.uint64))} pixels "
                          f"(zero-length runs: {int((lengths == 0).sum())}), the header says {h}x{w}")
-    return np.repeat(values, lengths).reshape(h, w)
+    return values, lengths, (h, w)
+
+
+def decode_label_map(data: bytes) -> np.ndarray:
+    """Inverse of :func:`encode_label_map`: a fresh ``[H, W]`` uint8/uint16 array.
+
+    Raises ``ValueError`` naming what is wrong for anything that is not such a member.
+    """
+    values, lengths, shape = decode_label_runs(data)
+    return np.repeat(values, lengths).reshape(shape)
 
 
 def frame_member(i: int, kind: str) -> str:

@@ -123,13 +123,24 @@ def _frames(images: Tensor | list[Tensor], sizes: list[tuple[int, int]]) -> list
     return list(images)
 
 
+def _expand_maps(batch: Batch) -> Batch:
+    """Expand the loader's run-length label maps (where the batch is: on the device)."""
+    targets = [t.expanded() for t in batch.targets]
+    refs = None if batch.ref_targets is None else [t.expanded() for t in batch.ref_targets]
+    if all(a is b for a, b in zip(targets + (refs or []), batch.targets + (batch.ref_targets or []))):
+        return batch
+    return replace(batch, targets=targets, ref_targets=refs)
+
+
 def prepare_batch(batch: Batch) -> Batch:
-    """Apply ``batch.augment`` (scale + flip) to images, reference frames and every target, and
-    pad the images into one ``[B, 3, H, W]`` tensor (:attr:`Batch.padded`).
+    """Expand the loader's run-length label maps, apply ``batch.augment`` (scale + flip) to
+    images, reference frames and every target, and pad the images into one ``[B, 3, H, W]``
+    tensor (:attr:`Batch.padded`).
 
     Runs on the batch's device. The plan is applied once: a batch whose plan was already
     applied, or that has none, is only padded (and returned as it is if it already was).
     """
+    batch = _expand_maps(batch)
     plan = batch.augment
     if plan is None or plan.applied:
         if batch.padded:
