@@ -21,7 +21,8 @@ def read_manifest(uri: str) -> dict:
         raise DataError(path, f"malformed JSON: {e}") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
-        raise DataError(path, f"format_version {version!r}, this build reads {FORMAT_VERSION}", field="format_version")
+        raise DataError(path, f"format_version {version!r}, this build reads {FORMAT_VERSION}: convert the dataset "
+                              "again with this build (vtd data convert ... --overwrite)", field="format_version")
     return manifest
 
 
