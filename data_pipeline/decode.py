@@ -36,8 +36,9 @@ class DecodedFrame:
     record: dict[str, Any]
 
 
-def _bytes_tensor(data: bytes) -> Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+def _bytes_tensor(data: bytes | bytearray) -> Tensor:
+    """A uint8 tensor over ``data``: the shard reader's own ``bytearray`` is wrapped, not copied."""
+    return torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
 
 
 def _instances(record: dict, ids: RunLengthMap | None, where: str) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def decode_frame(members: dict[str, bytes], record: dict, where: str, *, runs: b
         raise DataError(where, "missing JPEG member", frame=name, field="jpg")
     try:
         image = decode_jpeg(_bytes_tensor(members["jpg"]), mode=ImageReadMode.RGB)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # ValueError: an empty member
         raise DataError(where, f"corrupt JPEG: {e}", frame=name, field="jpg") from None
     h, w = int(image.shape[1]), int(image.shape[2])
     if (h, w) != (record["height"], record["width"]):
@@ -105,8 +106,11 @@ def decode_frame(members: dict[str, bytes], record: dict, where: str, *, runs: b
             raise DataError(where, str(e), frame=name, field=kind) from None
         if shape != (h, w):
             raise DataError(where, f"label map is {shape[1]}x{shape[0]}, image is {w}x{h}", frame=name, field=kind)
-        return RunLengthMap(torch.from_numpy(values.astype(np.uint8 if values.dtype == np.uint8 else np.int32)),
-                            torch.from_numpy(lengths.astype(np.int64)), shape)
+        if values.dtype != np.uint8:
+            values = values.astype(np.int32)  # uint16 instance ids: torch's indexing dtype
+        elif not values.flags.writeable:  # bytes rather than the shard reader's bytearray
+            values = values.copy()
+        return RunLengthMap(torch.from_numpy(values), torch.from_numpy(lengths.astype(np.int64)), shape)
 
     t = FrameTargets()
     t.weather = -1 if record.get("weather") is None else int(record["weather"])

@@ -26,7 +26,7 @@ pose_boxes     [P, 4] float32       box of each pose instance
 sem            [H, W] uint8         semantic train id 0..18, 255 ignore
 drivable       [H, W] uint8         0 direct, 1 alternative, 2 background, 255 ignore
 lane           [H, W] uint8         the BDD100K lane byte per pixel (``bdd100k.encode_lane``,
-                                    255 background); ``bdd100k.lane_class_maps`` turns it into
+                                    255 background); ``bdd100k.decode_lane_mask`` turns it into
                                     the decoder's direction / style / category maps
 =============  ===================  ===========================================================
 
@@ -137,7 +137,9 @@ class FrameTargets:
 
     def instance_masks(self, index: Tensor | None = None) -> Tensor:
         """``[n, H, W]`` bool masks of the instances ``index`` (all ``N`` by default), from
-        :attr:`instance_map`, on its device. An instance without a mask gets an empty one."""
+        :attr:`instance_map`, on its device. An instance without a mask gets an empty one.
+        ``index`` is checked against the instance count on the CPU only (on an accelerator the
+        check would synchronise the host)."""
         if self.instance_map is None:
             raise ValueError("these targets carry no instance map")
         m = dense(self.instance_map)
@@ -146,7 +148,7 @@ class FrameTargets:
             index = torch.arange(n, device=m.device)
         index = index.to(m.device)
         m = m.to(torch.int32) if m.dtype != torch.uint8 else m
-        if len(index) and int(index.max()) >= n:
+        if index.device.type == "cpu" and len(index) and int(index.max()) >= n:
             raise IndexError(f"instance index {int(index.max())} out of range for {n} instances")
         return m[None] == (index + 1).to(m.dtype)[:, None, None]
 

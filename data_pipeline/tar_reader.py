@@ -65,15 +65,21 @@ def _pax_records(data: bytes, where: str, offset: int) -> dict[str, str]:
     return out
 
 
-def _read(stream: IO[bytes], n: int, where: str, offset: int, what: str) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise DataError(where, f"truncated tar: {what} at byte {offset} needs {n} bytes, {len(data)} left")
+def _read(stream: IO[bytes], n: int, where: str, offset: int, what: str) -> bytearray:
+    """``n`` bytes into a fresh (writable) buffer: decoders wrap it without another copy."""
+    data = bytearray(n)
+    view, got = memoryview(data), 0
+    while got < n:
+        k = stream.readinto(view[got:])
+        if not k:
+            raise DataError(where, f"truncated tar: {what} at byte {offset} needs {n} bytes, {got} left")
+        got += k
     return data
 
 
-def iter_members(stream: IO[bytes], where: str) -> Iterator[tuple[str, bytes]]:
-    """``(name, bytes)`` of every regular file of the tar stream, in order."""
+def iter_members(stream: IO[bytes], where: str) -> Iterator[tuple[str, bytearray]]:
+    """``(name, data)`` of every regular file of the tar stream, in order (``data`` a fresh
+    ``bytearray``: equal to the member's bytes, writable, owned by the caller)."""
     offset = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -89,8 +95,8 @@ def iter_members(stream: IO[bytes], where: str) -> Iterator[tuple[str, bytes]]:
         size = int(pax["size"]) if "size" in pax and typeflag in _REGULAR else _number(header[124:136], where, offset)
         data = _read(stream, size, where, offset + BLOCK, "member data")
         pad = -size % BLOCK
-        if pad:
-            _read(stream, pad, where, offset + BLOCK + size, "member padding")
+        if pad and len(stream.read(pad)) != pad:
+            raise DataError(where, f"truncated tar: member padding at byte {offset + BLOCK + size} needs {pad} bytes")
         member_offset, offset = offset, offset + BLOCK + size + pad
         if typeflag == b"x":
             pax = _pax_records(data, where, member_offset)
@@ -117,7 +123,8 @@ def iter_members(stream: IO[bytes], where: str) -> Iterator[tuple[str, bytes]]:
 
 def iter_samples(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
     """Samples of a WebDataset tar: consecutive members sharing a key, as
-    ``{"__key__", "__url__", suffix: bytes}`` (suffixes lower-cased, as webdataset does)."""
+    ``{"__key__", "__url__", suffix: data}`` (suffixes lower-cased, as webdataset does; data
+    as a ``bytearray``)."""
     sample: dict[str, Any] | None = None
     for name, data in iter_members(stream, url):
         m = _KEY_RE.match(name)
