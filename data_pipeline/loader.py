@@ -39,6 +39,7 @@ from data_pipeline.sampler import (
     set_schedule,
     split_shards,
 )
+from data_pipeline.shm_pool import BufferPool
 from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
 from data_pipeline.tar_reader import iter_samples
 from data_pipeline.transforms import AugmentConfig, prepare_batch
@@ -146,6 +147,7 @@ class MultiSetDataset(IterableDataset):
             if not f.urls:
                 raise ValueError(f"image set {s!r} ({f.split}) has no shards")
         self.epoch = 0
+        self.buffer_pool: BufferPool | None = None  # set per iteration by build_train_loader's loader
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -296,11 +298,24 @@ def keep_freed_memory() -> bool:
     return _malloc_tuned
 
 
+class _TrainLoader(DataLoader):
+    """A DataLoader whose worker processes reuse shared-memory segments for the batches they
+    hand over: every iteration (new, non-persistent workers) gets a new
+    :class:`~data_pipeline.shm_pool.BufferPool`, created here before its workers start."""
+
+    def __iter__(self):
+        if self.num_workers > 0:
+            # in flight per worker: the prefetched batches, plus those the training process
+            # still holds (the current one, the previous one, one in the pin-memory thread)
+            self.dataset.buffer_pool = BufferPool(self.num_workers, self.prefetch_factor + 4)
+        return super().__iter__()
+
+
 def build_train_loader(dataset: MultiSetDataset) -> DataLoader:
     """A DataLoader over ``dataset`` (call ``dataset.set_epoch(e)`` before each epoch)."""
     cfg = dataset.cfg
     kw = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
-    return DataLoader(
+    return _TrainLoader(
         dataset,
         batch_size=None,
         num_workers=cfg.num_workers,

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data_pipeline import shm_pool
 from data_pipeline.bdd100k import TASKS
 
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
@@ -240,15 +241,17 @@ class Batch:
         more than decoding the JPEGs (benchmarks/RESULTS.md). Packed, a batch crosses in one
         segment, allocated directly in shared memory inside a worker (as
         ``torch.utils.data.default_collate`` does), so no byte is copied more often than by
-        the default path. A batch with tensors on an accelerator pickles field by field.
+        the default path; and the worker reuses that segment once the training process has
+        let go of the batch (:mod:`data_pipeline.shm_pool`). A batch with tensors on an
+        accelerator pickles field by field.
         """
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         tensors: list[Tensor] = []
         state = _detach_tensors(state, tensors)
         if not tensors or any(t.device.type != "cpu" for t in tensors):
             return (_rebuild_batch, ({f.name: getattr(self, f.name) for f in fields(self)}, None, ()))
-        buf, layout = _pack(tensors)
-        return (_rebuild_batch, (state, buf, layout))
+        buf, layout, slot = _pack(tensors)
+        return (_rebuild_batch, (state, buf, layout, slot))
 
     def pin_memory(self) -> Batch:
         """Called by ``torch.utils.data.DataLoader(pin_memory=True)``: images and label maps."""
@@ -312,21 +315,27 @@ def _attach_tensors(value: Any, tensors: list[Tensor]) -> Any:
     return value
 
 
-def _pack(tensors: list[Tensor]) -> tuple[Tensor, tuple[tuple[int, torch.dtype, tuple[int, ...]], ...]]:
-    """One uint8 buffer holding every tensor's bytes, and ``(offset, dtype, shape)`` of each."""
+def _pack(tensors: list[Tensor]) -> tuple[Tensor, tuple, tuple[str, int, int] | None]:
+    """One uint8 buffer holding every tensor's bytes, ``(offset, dtype, shape)`` of each, and
+    the buffer's pool slot ``(pool id, slot, token)`` when it is a worker's pooled segment."""
     layout, total = [], 0
     for t in tensors:
         layout.append((total, t.dtype, tuple(t.shape)))
         total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    if torch.utils.data.get_worker_info() is not None:
-        # inside a DataLoader worker: allocate in shared memory right away (no second copy)
-        buf = torch.empty(0, dtype=torch.uint8)
-        buf.set_(buf.untyped_storage()._new_shared(max(total, 1))).resize_(total)
-    else:
+    info = torch.utils.data.get_worker_info()
+    slot = None
+    if info is None:
         buf = torch.empty(total, dtype=torch.uint8)
+    else:  # inside a DataLoader worker: write straight into shared memory (no second copy)
+        pool = getattr(info.dataset, "buffer_pool", None)
+        if pool is None:
+            buf = shm_pool._new_segment(total)
+        else:
+            buf, index, token = pool.acquire(info.id, total)
+            slot = (pool.id, index, token) if index >= 0 else None
     for t, (off, dtype, shape) in zip(tensors, layout):
         _view(buf, off, dtype, shape).copy_(t)
-    return buf, tuple(layout)
+    return buf, tuple(layout), slot
 
 
 def _view(buf: Tensor, off: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
@@ -336,7 +345,9 @@ def _view(buf: Tensor, off: int, dtype: torch.dtype, shape: tuple[int, ...]) -> 
     return buf[off : off + n * dtype.itemsize].view(dtype).view(shape)
 
 
-def _rebuild_batch(state: dict[str, Any], buf: Tensor | None, layout: tuple) -> Batch:
+def _rebuild_batch(state: dict[str, Any], buf: Tensor | None, layout: tuple, slot: tuple | None = None) -> Batch:
     if buf is not None:
         state = _attach_tensors(state, [_view(buf, *entry) for entry in layout])
+        if slot is not None:
+            shm_pool.track(slot[0], buf, slot[1], slot[2])
     return Batch(**state)

@@ -206,3 +206,31 @@ def test_worker_processes_deliver_the_batches_the_loader_makes_in_process(tiny_s
     through_worker = [_flatten(b) for b in build_train_loader(ds)]
     assert len(in_process) == len(through_worker) > 0
     assert all(_same(a, b) for a, b in zip(in_process, through_worker))
+
+
+def test_workers_reuse_segments_yet_never_overwrite_a_batch_still_held(tiny_shards, monkeypatch):
+    from data_pipeline import shm_pool
+    from data_pipeline.loader import ShardFamily
+
+    fams = [ShardFamily(set_name=f.set_name, split=f.split, urls=f.urls * 3, frames=f.frames * 3,
+                        task_frames={t: n * 3 for t, n in f.task_frames.items()})
+            for f in families_from_manifest(tiny_shards, "train")]
+    cfg = LoaderConfig(batch_size=2, num_workers=2, prefetch_factor=2, augment=AugmentConfig(scales=(64,)))
+    ds = MultiSetDataset(fams, cfg, rank=0, world_size=1)
+    # reference: the same (deterministic) epoch, every batch copied the moment it arrives
+    want = [[x.clone() if isinstance(x, torch.Tensor) else x for x in _flatten(b)] for b in build_train_loader(ds)]
+
+    slots = []
+    real_track = shm_pool.track
+    monkeypatch.setattr(shm_pool, "track", lambda pid, buf, slot, token: (slots.append(slot), real_track(pid, buf, slot, token)))
+    held = {}
+    for i, b in enumerate(build_train_loader(ds)):
+        if i % 4 == 0:
+            held[i] = b  # kept to the end: its segment must not be reused meanwhile
+        else:
+            assert _same(_flatten(b), want[i]), f"batch {i} arrived intact"
+        del b
+    assert len(want) > 20 and 0 < len(slots) <= len(want)  # batches that found no free slot travel unpooled
+    assert len(set(slots)) < len(slots), "segments were reused"
+    for i, b in held.items():
+        assert _same(_flatten(b), want[i]), f"held batch {i} was overwritten"
