@@ -315,12 +315,32 @@ def _attach_tensors(value: Any, tensors: list[Tensor]) -> Any:
     return value
 
 
+def _dense_strides(t: Tensor) -> tuple[int, ...]:
+    """``t``'s strides if its elements tile a block of ``numel`` without gaps in some dimension
+    order (a decoded JPEG is a ``[3, H, W]`` view of ``[H, W, 3]`` memory), else contiguous ones."""
+    expected, ok = 1, True
+    for d in sorted(range(t.dim()), key=lambda d: t.stride(d)):  # innermost first
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            ok = False
+            break
+        expected *= t.shape[d]
+    if ok:
+        return tuple(t.stride())
+    out, step = [], 1
+    for n in reversed(t.shape):
+        out.append(step)
+        step *= n
+    return tuple(reversed(out))
+
+
 def _pack(tensors: list[Tensor]) -> tuple[Tensor, tuple, tuple[str, int, int] | None]:
-    """One uint8 buffer holding every tensor's bytes, ``(offset, dtype, shape)`` of each, and
-    the buffer's pool slot ``(pool id, slot, token)`` when it is a worker's pooled segment."""
+    """One uint8 buffer holding every tensor's bytes, ``(offset, dtype, shape, strides)`` of
+    each, and the buffer's pool slot ``(pool id, slot, token)`` when it is a worker's pooled
+    segment. A tensor keeps its memory layout (its strides), so the copy is a plain memory copy
+    and the receiver gets the tensor the sender had."""
     layout, total = [], 0
     for t in tensors:
-        layout.append((total, t.dtype, tuple(t.shape)))
+        layout.append((total, t.dtype, tuple(t.shape), _dense_strides(t)))
         total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
     info = torch.utils.data.get_worker_info()
     slot = None
@@ -333,16 +353,16 @@ def _pack(tensors: list[Tensor]) -> tuple[Tensor, tuple, tuple[str, int, int] | 
         else:
             buf, index, token = pool.acquire(info.id, total)
             slot = (pool.id, index, token) if index >= 0 else None
-    for t, (off, dtype, shape) in zip(tensors, layout):
-        _view(buf, off, dtype, shape).copy_(t)
+    for t, entry in zip(tensors, layout):
+        _view(buf, *entry).copy_(t)
     return buf, tuple(layout), slot
 
 
-def _view(buf: Tensor, off: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+def _view(buf: Tensor, off: int, dtype: torch.dtype, shape: tuple[int, ...], strides: tuple[int, ...]) -> Tensor:
     n = 1
     for d in shape:
         n *= d
-    return buf[off : off + n * dtype.itemsize].view(dtype).view(shape)
+    return buf[off : off + n * dtype.itemsize].view(dtype).as_strided(shape, strides)
 
 
 def _rebuild_batch(state: dict[str, Any], buf: Tensor | None, layout: tuple, slot: tuple | None = None) -> Batch:

@@ -192,6 +192,8 @@ def test_batches_pickle_as_one_buffer_and_come_back_equal(tiny_shards):
         assert state[1] is not None and len(state[2]) > 10, "all tensors travel in one packed buffer"
         back = pickle.loads(pickle.dumps(batch))
         assert _same(_flatten(back), _flatten(batch))
+        # memory layouts travel too: a decoded JPEG stays a [3, H, W] view of [H, W, 3] memory
+        assert [x.stride() for x in back.images] == [x.stride() for x in batch.images]
         # views of one buffer, yet independent: writing one tensor leaves the others alone
         before = [x.clone() for x in back.images]
         back.labels.fill_(7)
