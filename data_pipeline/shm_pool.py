@@ -74,12 +74,10 @@ class BufferPool:
         free = [s for s in range(first, first + self.slots_per_worker) if int(self.state[s]) == 0]
         if not free:
             return _new_segment(nbytes), -1, 0
-        def size(s: int) -> int:
-            seg = self._segments.get(s)
-            return 0 if seg is None else seg.numel()
+        sizes = {s: (self._segments[s].numel() if s in self._segments else 0) for s in free}
         # the smallest free segment that fits; else grow the largest free one (sizes settle)
-        fits = [s for s in free if size(s) >= nbytes]
-        slot = min(fits, key=size) if fits else max(free, key=size)
+        fits = [s for s in free if sizes[s] >= nbytes]
+        slot = min(fits, key=sizes.__getitem__) if fits else max(free, key=sizes.__getitem__)
         if not fits:
             self._segments[slot] = _new_segment(-(-nbytes * 5 // 4 // _SEGMENT_ROUND) * _SEGMENT_ROUND)
         token = (os.getpid() << 32) | next(self._tokens)
@@ -89,7 +87,7 @@ class BufferPool:
     # -- training side -------------------------------------------------------------------------
 
     def track(self, buf: Tensor, slot: int, token: int) -> None:
-        """Clear ``slot`` once ``buf``'s storage is gone (see :func:`release_expired`)."""
+        """Clear ``slot`` once ``buf``'s storage is gone (checked on each arriving batch)."""
         with _lock:
             self._pending.append((StorageWeakRef(buf.untyped_storage()), slot, token))
 
