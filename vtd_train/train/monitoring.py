@@ -95,7 +95,8 @@ IMAGES = MetricSpec(name="vtd_train_images", kind="counter", description="Images
 SAMPLES = MetricSpec(name="vtd_train_samples", kind="counter", extra_tags=("set",),
                      description="Images processed per image set (set=det, sem_seg, box_track, ...)")
 BAD_SAMPLES = MetricSpec(name="vtd_train_bad_samples", kind="counter",
-                         description="Corrupt or invalid samples the loader skipped")
+                         description="Samples dropped as bad: corrupt or invalid ones, and the images of a batch "
+                                     "whose loss was non-finite on this rank")
 GPU_MEMORY_ALLOCATED = MetricSpec(name="vtd_train_gpu_memory_allocated_bytes", kind="gauge",
                                   description="torch.cuda.memory_allocated() of this rank's device at the last flush")
 GPU_MEMORY_RESERVED = MetricSpec(name="vtd_train_gpu_memory_reserved_bytes", kind="gauge",
@@ -342,7 +343,8 @@ class TrainMonitor:
             self.flush()
 
     def record_bad_samples(self, n: int) -> None:
-        """Count ``n`` corrupt or invalid samples the loader skipped (written at once: rare)."""
+        """Count ``n`` samples dropped as bad (written at once: rare). The training loop counts
+        the images of a batch whose loss was non-finite on this rank (docs/MONITORING.md)."""
         if self._closed:
             raise RuntimeError(f"TrainMonitor(run={self.run!r}, stage={self.stage!r}, rank={self.rank}) is closed")
         n = _count("n", n)
