@@ -21,6 +21,8 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
 * ``loader+aug``: the loader preparing batches itself (scale + flip + padding on the CPU,
   ``augment_in_loader``) instead of the training device;
 * ms per label map: decoding the dataset's PNG vs the shard's run-length member;
+* ms per frame to read the shards into samples: webdataset's reader vs the project's
+  ``tar_reader`` (why the loader has its own);
 * ms to copy a batch's frames into a fresh shared-memory segment (the DataLoader hand-off) vs
   into an already-faulted buffer: the page-fault cost the ``1 worker`` column pays;
 * peak RSS of a fresh process streaming 1×, 2× and 4× the dataset (shards repeated).
@@ -47,6 +49,7 @@ import torch
 import numpy as np
 from PIL import Image
 from torchvision.io import decode_jpeg, decode_png
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_pipeline.convert import ConvertOptions, convert
 from data_pipeline.loader import (
@@ -145,6 +148,31 @@ def one_worker_fps(fam: ShardFamily) -> float:
     return frames / (time.perf_counter() - t0)
 
 
+def shard_read_ms(fam: ShardFamily, repeat: int) -> tuple[float, float]:
+    """ms per frame to read a set's shards into grouped samples: webdataset's reader
+    (``tar_file_expander`` + ``group_by_keys``) vs the project's (``iter_shard``); best of ``repeat``."""
+    def wds():
+        for u in fam.urls:
+            with open(u, "rb") as f:
+                for _ in group_by_keys(tar_file_expander([{"url": u, "stream": f}])):
+                    pass
+
+    def ours():
+        for u in fam.urls:
+            for _ in iter_shard(u):
+                pass
+
+    out = []
+    for fn in (wds, ours):
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        out.append(best / fam.frames * 1e3)
+    return out[0], out[1]
+
+
 def shm_copy_ms(nbytes: int, repeat: int = 20) -> tuple[float, float]:
     """ms to copy ``nbytes`` into a fresh shared-memory segment (what a DataLoader worker does
     with every batch it hands over) and into an already-faulted buffer, for comparison."""
@@ -237,6 +265,11 @@ def main() -> None:
         r_la = med(x / y for x, y in zip(la, fl))
         print(f"{s:<6} {fam.frames:>6} {med(fl):>10.1f} {med(fm):>11.1f} {med(lo):>7.1f} {r_lo:>6.2f} {r_lm:>12.2f} "
               f"{l1:>8.1f} {l1 / med(fl):>6.2f} {med(la):>10.1f} {r_la:>6.2f}")
+
+    print("\n# reading the shards into samples, ms per frame: webdataset's reader vs data_pipeline/tar_reader.py")
+    for s, fam in fams.items():
+        t_wds, t_ours = shard_read_ms(fam, a.repeat)
+        print(f"{s:<6} webdataset {t_wds:6.3f} ms   tar_reader {t_ours:6.3f} ms   ({t_wds / t_ours:.1f}x)")
 
     frame = 3 * 720 * 1280
     fresh, reused = shm_copy_ms(2 * frame)

@@ -93,9 +93,9 @@ def decode_lane_mask(mask):
     array (returns one) or a torch tensor (returns one on its device: the training step expands
     the compact lane bytes there).
     """
-    if not isinstance(mask, np.ndarray) and hasattr(mask, "new_empty"):  # a torch.Tensor
-        import torch
+    import torch  # here, not at the top: the rest of this module is plain format facts
 
+    if isinstance(mask, torch.Tensor):
         m = mask.to(torch.uint8)
         fg = (m & 0b1000) == 0
         return torch.stack((((m >> 5) & 1) + 1, ((m >> 4) & 1) + 1, (m & 0b111) + 1)) * fg

@@ -68,8 +68,19 @@ def test_tar_dialects_read_as_webdataset_reads_them(fmt):
 
 
 def test_a_pax_size_record_overrides_the_header():
-    data = bytearray(_tar([("a.bin", b"z" * 700)], tarfile.PAX_FORMAT, mtime=1.5))
-    assert _ours(bytes(data), "u")[0]["bin"] == b"z" * 700
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("a.bin")
+        ti.size, ti.pax_headers = 700, {"size": "700"}
+        tf.addfile(ti, io.BytesIO(b"z" * 700))
+    data = bytearray(buf.getvalue())
+    member = 2 * 512  # the PAX header block, its records, then the member's own header
+    assert data[member:member + 5] == b"a.bin"
+    data[member + 124:member + 136] = b"00000000000\0"  # the ustar size field now says 0 ...
+    data[member + 148:member + 156] = b" " * 8
+    data[member + 148:member + 156] = b"%06o\0 " % sum(data[member:member + 512])
+    assert _ours(bytes(data), "u")[0]["bin"] == b"z" * 700  # ... the PAX record wins
+    assert _ours(bytes(data), "u") == _webdataset(bytes(data), "u")
 
 
 def test_a_truncated_shard_names_the_shard_and_offset():
