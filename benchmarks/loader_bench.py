@@ -9,15 +9,18 @@ so the loop runs in this process, which gets a DataLoader worker's malloc settin
 :func:`data_pipeline.loader.keep_freed_memory`), in interleaved rounds (floor pass, loader epoch, ...), so
 that a noisy host slows both sides of a ratio alike; it reports medians:
 
-* ``jpeg floor``: ``torchvision.io.decode_jpeg`` of the very JPEG bytes stored in the shards
-  (the fastest decoder installed here), frames/s;
+* ``jpeg floor``: the bare decode of the very JPEG bytes stored in the shards by the fastest
+  decoder installed, frames/s: each round times both ``torchvision.io.decode_jpeg`` and
+  ``simplejpeg.decode_jpeg`` (the loader's decoder, :mod:`data_pipeline.jpeg`) and takes the
+  faster (``tv``/``sj`` columns: each decoder's median);
 * ``jpeg+labels``: the same plus the decode of the label maps stored with each frame
   (drivable, lane, sem, instance map; run-length members): the bare decode work a labelled
   sample needs;
 * ``loader``: the training loader (shard read → decode of JPEG, label maps and records →
   typed batch), frames/s, per image set, and its ratio to the floor (side by side, same run);
 * ``1 worker``: the same loader as training runs it, ``DataLoader(num_workers=1)``: the worker
-  process decodes, the main process receives the batches through shared memory;
+  process decodes, the main process receives the batches through shared memory (timed from
+  the worker's first batch on, in every round);
 * ``loader+aug``: the loader preparing batches itself (scale + flip + padding on the CPU,
   ``augment_in_loader``) instead of the training device;
 * ms per label map: decoding the dataset's PNG vs the shard's run-length member;
@@ -45,8 +48,9 @@ import tarfile
 import time
 from pathlib import Path
 
-import torch
 import numpy as np
+import simplejpeg
+import torch
 from PIL import Image
 from torchvision.io import decode_jpeg, decode_png
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -78,11 +82,18 @@ def floor_blobs(urls, with_labels: bool) -> tuple[list[tuple[bool, object]], int
     return blobs, sum(is_jpg for is_jpg, _ in blobs)
 
 
-def floor_pass(blobs, n: int) -> float:
-    """Frames/s of one pass of bare decoding: ``decode_jpeg`` (+ the label maps' runs expanded)."""
+DECODERS = {
+    "tv": decode_jpeg,
+    "sj": lambda b: simplejpeg.decode_jpeg(b.numpy(), colorspace="RGB"),
+}
+
+
+def floor_pass(blobs, n: int, decoder: str = "tv") -> float:
+    """Frames/s of one pass of bare decoding with ``decoder`` (+ the label maps' runs expanded)."""
+    dec = DECODERS[decoder]
     t0 = time.perf_counter()
     for is_jpg, b in blobs:
-        decode_jpeg(b) if is_jpg else decode_label_map(b)
+        dec(b) if is_jpg else decode_label_map(b)
     return n / (time.perf_counter() - t0)
 
 
@@ -137,11 +148,12 @@ def long_family(fam: ShardFamily, frames: int = 200) -> ShardFamily:
                        task_frames={t: n * times for t, n in fam.task_frames.items()})
 
 
-def one_worker_fps(fam: ShardFamily) -> float:
+def one_worker_fps(ds: MultiSetDataset, epoch: int) -> float:
     """Frames/s of the loader as training runs it, ``DataLoader(num_workers=1)``: one worker
     process over one long epoch, timed from its first batch on (the worker's start-up is not
     loader throughput)."""
-    it = iter(build_train_loader(loader_dataset(long_family(fam), in_loader=False, workers=1)))
+    ds.set_epoch(epoch)
+    it = iter(build_train_loader(ds))
     next(it)
     t0 = time.perf_counter()
     frames = sum(len(b) for b in it)
@@ -229,6 +241,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="/tmp/vtd-loader-bench")
     p.add_argument("--repeat", type=int, default=7, help="measurement rounds per set")
+    p.add_argument("--sets", default="det,seg,track", help="image sets to measure (comma-separated)")
+    p.add_argument("--throughput-only", action="store_true", help="only the loader-vs-floor table")
     a = p.parse_args()
     torch.set_num_threads(1)
     # This process plays the loader worker: the same malloc settings a DataLoader worker gets.
@@ -242,30 +256,39 @@ def main() -> None:
     fams = {f.set_name: f for f in families_from_manifest(str(shards), "train")}
     print(f"# torch {torch.__version__}, 1 thread, {os.cpu_count()} cores on this machine; 1280x720 frames")
     print("ratios are loader / floor, measured side by side in this run; frames/s on one core")
-    print(f"# {a.repeat} rounds per set, each: floor pass, floor+labels pass, loader epoch (>= 200 frames: shards"
-          " listed repeatedly), loader+aug epoch (the set once);")
+    print(f"# {a.repeat} rounds per set, each: floor passes (tv, sj), floor+labels pass, loader epoch (>= 200 frames:"
+          " shards listed repeatedly), the same through 1 worker, loader+aug epoch (the set once);")
     print("# frames/s are medians over rounds, ratios the median of the per-round ratios")
-    print(f"{'set':<6} {'frames':>6} {'jpeg floor':>10} {'jpeg+labels':>11} {'loader':>7} "
+    print(f"{'set':<6} {'frames':>6} {'tv':>6} {'sj':>6} {'jpeg floor':>10} {'jpeg+labels':>11} {'loader':>7} "
           f"{'/jpeg':>6} {'/jpeg+labels':>12} {'1 worker':>8} {'/jpeg':>6} {'loader+aug':>10} {'/jpeg':>6}")
     med = statistics.median
     for s, fam in fams.items():
+        if s not in a.sets.split(","):
+            continue
         bj, nj = floor_blobs(fam.urls, with_labels=False)
         bl, nl = floor_blobs(fam.urls, with_labels=True)
         ds, ds_aug = loader_dataset(long_family(fam), in_loader=False), loader_dataset(fam, in_loader=True)
-        next(iter(ds)), next(iter(ds_aug)), floor_pass(bj[:4], 2)  # warm-up
-        fl, fm, lo, la = [], [], [], []
+        ds1 = loader_dataset(long_family(fam), in_loader=False, workers=1)
+        next(iter(ds)), next(iter(ds_aug)), floor_pass(bj[:4], 2, "tv"), floor_pass(bj[:4], 2, "sj")  # warm-up
+        tv, sj, fl, fm, lo, l1, la = [], [], [], [], [], [], []
         for r in range(a.repeat):
-            fl.append(floor_pass(bj, nj))
-            fm.append(floor_pass(bl, nl))
+            tv.append(floor_pass(bj, nj, "tv"))
+            sj.append(floor_pass(bj, nj, "sj"))
+            fl.append(max(tv[-1], sj[-1]))
+            best = "tv" if tv[-1] >= sj[-1] else "sj"
+            fm.append(floor_pass(bl, nl, best))
             lo.append(loader_pass(ds, r))
+            l1.append(one_worker_fps(ds1, r))
             la.append(loader_pass(ds_aug, r))
-        l1 = one_worker_fps(fam)
         r_lo = med(x / y for x, y in zip(lo, fl))
         r_lm = med(x / y for x, y in zip(lo, fm))
+        r_l1 = med(x / y for x, y in zip(l1, fl))
         r_la = med(x / y for x, y in zip(la, fl))
-        print(f"{s:<6} {fam.frames:>6} {med(fl):>10.1f} {med(fm):>11.1f} {med(lo):>7.1f} {r_lo:>6.2f} {r_lm:>12.2f} "
-              f"{l1:>8.1f} {l1 / med(fl):>6.2f} {med(la):>10.1f} {r_la:>6.2f}")
+        print(f"{s:<6} {fam.frames:>6} {med(tv):>6.1f} {med(sj):>6.1f} {med(fl):>10.1f} {med(fm):>11.1f} {med(lo):>7.1f} "
+              f"{r_lo:>6.2f} {r_lm:>12.2f} {med(l1):>8.1f} {r_l1:>6.2f} {med(la):>10.1f} {r_la:>6.2f}")
 
+    if a.throughput_only:
+        return
     print("\n# reading the shards into samples, ms per frame: webdataset's reader vs data_pipeline/tar_reader.py")
     for s, fam in fams.items():
         t_wds, t_ours = shard_read_ms(fam, a.repeat)

@@ -1,6 +1,6 @@
 """Safe decoding of shard samples into frames with typed targets.
 
-Only JSON, JPEG (``torchvision.io``) and the shard format's run-length label maps are ever
+Only JSON, JPEG (:mod:`data_pipeline.jpeg`) and the shard format's run-length label maps are ever
 decoded; nothing is unpickled or ``torch.load``-ed, whatever a shard contains
 (shared/REFERENCE.md §4). A member this module does not know is an error, not something
 silently passed through.
@@ -15,12 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_jpeg
 
-from data_pipeline import bdd100k
+from data_pipeline import bdd100k, jpeg
 from data_pipeline.errors import DataError
 from data_pipeline.shard_format import CLIP_MEMBER, INSTANCE_MEMBER, LABEL_MEMBER, MASK_MEMBERS, decode_label_runs
-from data_pipeline.structures import FrameTargets, LabelSource, RunLengthMap
+from data_pipeline.structures import EncodedImage, FrameTargets, LabelSource, RunLengthMap
 
 _SOURCES = {"real": LabelSource.REAL, "pseudo": LabelSource.PSEUDO}
 _KNOWN_SUFFIXES = frozenset(("jpg",) + MASK_MEMBERS)
@@ -28,31 +27,32 @@ _KNOWN_SUFFIXES = frozenset(("jpg",) + MASK_MEMBERS)
 
 @dataclass
 class DecodedFrame:
-    """One decoded frame: uint8 image ``[3, H, W]``, its targets, label sources and record."""
+    """One decoded frame: uint8 image ``[3, H, W]``, its targets, label sources and record.
+    (Decoded with ``compact``: the image still encoded, the label maps as runs.)"""
 
-    image: Tensor
+    image: Tensor | EncodedImage
     targets: FrameTargets
     sources: dict[str, LabelSource]
     record: dict[str, Any]
 
 
-def _bytes_tensor(data: bytes | bytearray) -> Tensor:
-    """A uint8 tensor over ``data``: the shard reader's own ``bytearray`` is wrapped, not copied."""
-    return torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
+def _small(values: list, dtype: type, shape: tuple[int, ...] | None = None) -> Tensor:
+    """A small tensor from a list, through numpy (several times cheaper than ``torch.tensor``)."""
+    a = np.array(values, dtype=dtype)
+    return torch.from_numpy(a if shape is None else a.reshape(shape))
 
 
 def _instances(record: dict, ids: RunLengthMap | None, where: str) -> dict[str, Any]:
     inst = record.get("instances") or []
     n = len(inst)
-    boxes = torch.tensor([i["box"] for i in inst], dtype=torch.float32).reshape(n, 4)
-    classes = torch.tensor([i["class"] for i in inst], dtype=torch.int64)
-    if n and (int(classes.min()) < 0 or int(classes.max()) >= len(bdd100k.THING_CATEGORIES)):
-        raise DataError(where, f"class id out of range: {classes.tolist()}", frame=record.get("name"), field="instances.class")
+    classes = [i["class"] for i in inst]
+    if n and (min(classes) < 0 or max(classes) >= len(bdd100k.THING_CATEGORIES)):
+        raise DataError(where, f"class id out of range: {classes}", frame=record.get("name"), field="instances.class")
     out = {
-        "boxes": boxes,
-        "classes": classes,
-        "ignore": torch.tensor([bool(i["ignore"]) for i in inst], dtype=torch.bool),
-        "track_ids": torch.tensor([int(i.get("track_id", -1)) for i in inst], dtype=torch.int64),
+        "boxes": _small([i["box"] for i in inst], np.float32, (n, 4)),
+        "classes": _small(classes, np.int64),
+        "ignore": _small([bool(i["ignore"]) for i in inst], np.bool_),
+        "track_ids": _small([int(i.get("track_id", -1)) for i in inst], np.int64),
     }
     if ids is not None:
         # The map's pixel value k + 1 is instance k; the masks are expanded where they are used.
@@ -60,31 +60,34 @@ def _instances(record: dict, ids: RunLengthMap | None, where: str) -> dict[str, 
             raise DataError(where, f"instance map holds value {ids.max()}, the record lists {n} instances",
                             frame=record.get("name"), field=INSTANCE_MEMBER)
         out["instance_map"] = ids
-        out["mask_valid"] = torch.tensor([i.get("bitmask_id") is not None for i in inst], dtype=torch.bool)
+        out["mask_valid"] = _small([i.get("bitmask_id") is not None for i in inst], np.bool_)
     return out
 
 
 def _pose(record: dict) -> tuple[Tensor, Tensor]:
     pose = record.get("pose") or []
     p = len(pose)
-    kps = torch.tensor([q["keypoints"] for q in pose], dtype=torch.float32).reshape(p, len(bdd100k.POSE_JOINTS), 3)
-    boxes = torch.tensor([q["box"] for q in pose], dtype=torch.float32).reshape(p, 4)
+    kps = _small([q["keypoints"] for q in pose], np.float32, (p, len(bdd100k.POSE_JOINTS), 3))
+    boxes = _small([q["box"] for q in pose], np.float32, (p, 4))
     return kps, boxes
 
 
-def decode_frame(members: dict[str, bytes], record: dict, where: str, *, runs: bool = False) -> DecodedFrame:
+def decode_frame(members: dict[str, bytes], record: dict, where: str, *, compact: bool = False) -> DecodedFrame:
     """Decode one frame of a clip. ``members`` maps suffixes (``jpg``, ``lane.rle``...) to bytes.
 
-    Label maps come as tensors, or with ``runs`` as :class:`RunLengthMap` (the training loader:
-    the device expands them)."""
+    With ``compact`` (the training loader) the image stays encoded, an :class:`EncodedImage`
+    whose header has been checked (:func:`data_pipeline.transfer.pack_batch` decodes it into
+    the batch's memory), and label maps come as :class:`RunLengthMap` runs (the training device
+    expands them); otherwise as tensors."""
     name = record.get("name")
     if "jpg" not in members:
         raise DataError(where, "missing JPEG member", frame=name, field="jpg")
+    encoded = members["jpg"]
     try:
-        image = decode_jpeg(_bytes_tensor(members["jpg"]), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as e:  # ValueError: an empty member
+        h, w = jpeg.read_size(encoded)
+    except ValueError as e:
         raise DataError(where, f"corrupt JPEG: {e}", frame=name, field="jpg") from None
-    h, w = int(image.shape[1]), int(image.shape[2])
+    image = EncodedImage(encoded, h, w, where, name)
     if (h, w) != (record["height"], record["width"]):
         raise DataError(where, f"image is {w}x{h}, record says {record['width']}x{record['height']}", frame=name, field="jpg")
 
@@ -125,7 +128,9 @@ def decode_frame(members: dict[str, bytes], record: dict, where: str, *, runs: b
         m = label_map(LABEL_MEMBER[kind])
         if m is not None:
             setattr(t, kind, m)
-    return DecodedFrame(image=image, targets=t if runs else t.expanded(), sources=sources, record=record)
+    if compact:
+        return DecodedFrame(image=image, targets=t, sources=sources, record=record)
+    return DecodedFrame(image=image.decode(), targets=t.expanded(), sources=sources, record=record)
 
 
 def split_members(sample: dict[str, Any]) -> tuple[dict, dict[int, dict[str, bytes]]]:
@@ -148,10 +153,10 @@ def split_members(sample: dict[str, Any]) -> tuple[dict, dict[int, dict[str, byt
     return clip, frames
 
 
-def decode_clip(sample: dict[str, Any], *, runs: bool = False) -> list[DecodedFrame]:
+def decode_clip(sample: dict[str, Any], *, compact: bool = False) -> list[DecodedFrame]:
     """Decode every frame of a grouped shard sample (see :mod:`data_pipeline.shard_format`);
-    ``runs``: label maps as :class:`RunLengthMap`."""
+    ``compact``: images left encoded and label maps as runs (see :func:`decode_frame`)."""
     clip, members = split_members(sample)
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     records = clip.get("frames", [])
-    return [decode_frame(members.get(i, {}), rec, where, runs=runs) for i, rec in enumerate(records)]
+    return [decode_frame(members.get(i, {}), rec, where, compact=compact) for i, rec in enumerate(records)]

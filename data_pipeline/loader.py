@@ -3,8 +3,9 @@
 Data flow inside one DataLoader worker (``torch.utils.data`` workers, one process each)::
 
     shards of set s (fsspec URIs) ──split by (rank, worker)──► tar samples (tar_reader)
-        ──seeded shuffle buffer──► decode_clip (JSON, JPEG, run-length label maps only)
-        ──key frame + reference frame──► collate into a Batch ──(augment plan drawn)──► yield
+        ──seeded shuffle buffer──► decode_clip (JSON, JPEG header, run-length label maps only)
+        ──key frame + reference frame──► collate into a Batch ──(augment plan drawn)──►
+        pack_batch: JPEGs decoded straight into a reused shared-memory segment ──► yield
 
 Batches leave the worker unpadded, with compact label maps (:mod:`data_pipeline.structures`);
 :func:`data_pipeline.transforms.prepare_batch` resizes, flips and pads them on the training
@@ -41,6 +42,7 @@ from data_pipeline.sampler import (
 )
 from data_pipeline.shm_pool import BufferPool
 from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
+from data_pipeline.transfer import PackedBatch, decode_images, pack_batch
 from data_pipeline.tar_reader import iter_samples
 from data_pipeline.transforms import AugmentConfig, prepare_batch
 
@@ -127,7 +129,9 @@ def _ref_index(rng: np.random.Generator, frames: list[DecodedFrame], k: int, ref
 
 
 class MultiSetDataset(IterableDataset):
-    """Yields :class:`Batch` objects; use with ``DataLoader(batch_size=None)``.
+    """Yields :class:`Batch` objects; use with ``DataLoader(batch_size=None)``. (Inside a
+    DataLoader worker it yields them packed, :class:`~data_pipeline.transfer.PackedBatch`,
+    which the training process receives as :class:`Batch`.)
 
     ``len(dataset)`` is the number of batches every rank takes per epoch. Call
     :meth:`set_epoch` before iterating each epoch (workers receive a copy of the dataset when
@@ -182,11 +186,17 @@ class MultiSetDataset(IterableDataset):
             idx = 0
 
             def emit(sample):
-                frames = decode_clip(sample, runs=True)
+                frames = decode_clip(sample, compact=True)
                 keys = [k for k, f in enumerate(frames) if all(t in f.sources for t in require)]
                 rng.shuffle(keys)
-                for k in keys:
-                    r = _ref_index(rng, frames, k, cfg.ref_range) if fam.set_name == "track" else None
+                pairs = [(k, _ref_index(rng, frames, k, cfg.ref_range) if fam.set_name == "track" else None) for k in keys]
+                for f in frames:
+                    f.image.uses = 0
+                for k, r in pairs:  # a frame used twice is decoded once (EncodedImage.uses)
+                    frames[k].image.uses += 1
+                    if r is not None:
+                        frames[r].image.uses += 1
+                for k, r in pairs:
                     yield frames[k], (None if r is None else frames[r])
 
             for url in order:
@@ -252,9 +262,10 @@ class MultiSetDataset(IterableDataset):
             augment=AugmentPlan(height=height, flips=flips),
             size_divisor=cfg.size_divisor,
         )
-        return prepare_batch(batch) if cfg.augment_in_loader else batch
+        # frames are still JPEG here; they are decoded into the memory the batch leaves in
+        return prepare_batch(decode_images(batch)) if cfg.augment_in_loader else batch
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | PackedBatch]:
         info = get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
@@ -268,7 +279,13 @@ class MultiSetDataset(IterableDataset):
             if s not in streams:
                 streams[s] = self._frame_stream(self.families[s], gworker, total)
             items = [next(streams[s]) for _ in range(self.cfg.batch_size)]
-            yield self._collate(s, items, step)
+            batch = self._collate(s, items, step)
+            if info is not None:
+                # Pack (decoding the frames straight into shared memory) here rather than when
+                # the queue's feeder thread pickles the batch, where it would contend for the GIL.
+                yield pack_batch(batch)
+            else:
+                yield decode_images(batch)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
@@ -304,11 +321,14 @@ class _TrainLoader(DataLoader):
     :class:`~data_pipeline.shm_pool.BufferPool`, created here before its workers start."""
 
     def __iter__(self):
-        if self.num_workers > 0:
-            # in flight per worker: the prefetched batches, plus those the training process
-            # still holds (the current one, the previous one, one in the pin-memory thread)
-            self.dataset.buffer_pool = BufferPool(self.num_workers, self.prefetch_factor + 4)
-        return super().__iter__()
+        if self.num_workers == 0:
+            return super().__iter__()
+        # in flight per worker: the prefetched batches, plus those the training process
+        # still holds (the current one, the previous one, one in the pin-memory thread)
+        pool = self.dataset.buffer_pool = BufferPool(self.num_workers, self.prefetch_factor + 4)
+        it = super().__iter__()
+        it._vtd_buffer_pool = pool  # the training process keeps the pool as long as the iterator
+        return it
 
 
 def build_train_loader(dataset: MultiSetDataset) -> DataLoader:

@@ -47,8 +47,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data_pipeline import shm_pool
+from data_pipeline import jpeg
 from data_pipeline.bdd100k import TASKS
+from data_pipeline.errors import DataError
 
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
 
@@ -76,6 +77,66 @@ class LabelSource(IntEnum):
     PSEUDO = 2
 
 
+class EncodedImage:
+    """A frame's JPEG, its header read but not decoded yet.
+
+    The loader decodes it only where the batch's memory is (:func:`data_pipeline.transfer.pack_batch`:
+    inside a DataLoader worker, the shared-memory segment the batch travels in), so a frame used once is
+    never copied after decoding. ``shape`` is the decoded tensor's, ``[3, H, W]``; ``where``
+    and ``frame`` name it in errors. ``uses`` is how many times the loader will pack it (a
+    tracking frame is often one sample's key frame and another's reference frame): while uses
+    remain after a decode, the pixels are kept (in this process's private memory) and copied
+    for the next use instead of decoding again. The count only steers that: a wrong one costs
+    a second decode or memory kept until the image is dropped, never wrong pixels.
+    """
+
+    __slots__ = ("data", "height", "width", "where", "frame", "uses", "_pixels")
+
+    def __init__(self, data: bytes | bytearray, height: int, width: int, where: str, frame: str | None = None):
+        self.data, self.height, self.width, self.where, self.frame = data, height, width, where, frame
+        self.uses = 1
+        self._pixels: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.height, self.width)
+
+    def decode_into(self, out: np.ndarray, uses: int = 1) -> None:
+        """Decode into ``out``, a C-contiguous uint8 ``[H, W, 3]`` array, for ``uses`` uses."""
+        if self._pixels is not None:
+            np.copyto(out, self._pixels)
+        else:
+            self._decode(out)
+            if self.uses > uses:
+                self._pixels = out.copy()  # from memory this process just wrote and owns
+        self._used(uses)
+
+    def decode(self) -> Tensor:
+        """The uint8 ``[3, H, W]`` frame (a view of ``[H, W, 3]`` memory), for one use."""
+        pixels = self._pixels
+        if pixels is None:
+            pixels = np.empty((self.height, self.width, 3), np.uint8)
+            self._decode(pixels)
+            if self.uses > 1:
+                self._pixels = pixels
+        self._used(1)
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+
+    def _decode(self, out: np.ndarray) -> None:
+        try:
+            jpeg.decode_into(self.data, out)
+        except ValueError as e:
+            raise DataError(self.where, f"corrupt JPEG: {e}", frame=self.frame, field="jpg") from None
+
+    def _used(self, uses: int) -> None:
+        self.uses -= uses
+        if self.uses <= 0:
+            self._pixels = None
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({self.where}, frame={self.frame!r}, {self.width}x{self.height}, {len(self.data)} bytes)"
+
+
 @dataclass(frozen=True)
 class RunLengthMap:
     """A per-pixel label map ``[H, W]`` as runs in row-major order, the shard's own encoding
@@ -99,7 +160,8 @@ class RunLengthMap:
         return torch.repeat_interleave(self.values, self.lengths, output_size=h * w).view(h, w)
 
     def max(self) -> int:
-        return int(self.values.max())
+        v = self.values
+        return int(v.numpy().max() if v.device.type == "cpu" else v.max())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> RunLengthMap:
         return replace(self, values=self.values.to(device, non_blocking=non_blocking),
@@ -233,25 +295,10 @@ class Batch:
         )
 
     def __reduce__(self):
-        """Pickle every CPU tensor of the batch as a view of one packed buffer.
+        """Pickle as :func:`data_pipeline.transfer.pack_batch` packs: one buffer for every tensor."""
+        from data_pipeline.transfer import pack_batch
 
-        ``DataLoader`` workers hand batches to the training process through shared memory, one
-        segment and one file-descriptor round trip per tensor storage; a batch holds dozens of
-        tensors (images, label maps, boxes, classes...), and those round trips cost a worker
-        more than decoding the JPEGs (benchmarks/RESULTS.md). Packed, a batch crosses in one
-        segment, allocated directly in shared memory inside a worker (as
-        ``torch.utils.data.default_collate`` does), so no byte is copied more often than by
-        the default path; and the worker reuses that segment once the training process has
-        let go of the batch (:mod:`data_pipeline.shm_pool`). A batch with tensors on an
-        accelerator pickles field by field.
-        """
-        state = {f.name: getattr(self, f.name) for f in fields(self)}
-        tensors: list[Tensor] = []
-        state = _detach_tensors(state, tensors)
-        if not tensors or any(t.device.type != "cpu" for t in tensors):
-            return (_rebuild_batch, ({f.name: getattr(self, f.name) for f in fields(self)}, None, ()))
-        buf, layout, slot = _pack(tensors)
-        return (_rebuild_batch, (state, buf, layout, slot))
+        return pack_batch(self).__reduce__()
 
     def pin_memory(self) -> Batch:
         """Called by ``torch.utils.data.DataLoader(pin_memory=True)``: images and label maps."""
@@ -268,106 +315,3 @@ def _map_images(images, fn):
     if images is None:
         return None
     return fn(images) if isinstance(images, Tensor) else [fn(x) for x in images]
-
-
-# ---------------------------------------------------------------------------------------------
-# Packing a batch's tensors into one buffer (see Batch.__reduce__)
-# ---------------------------------------------------------------------------------------------
-
-_ALIGN = 64  # byte alignment of every packed tensor (any dtype's, and a cache line)
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """Placeholder for the ``index``-th packed tensor while a batch is pickled."""
-
-    index: int
-
-
-def _detach_tensors(value: Any, out: list[Tensor], seen: dict[int, int] | None = None) -> Any:
-    """``value`` with every tensor (in lists, dicts, FrameTargets, RunLengthMaps) replaced by a
-    :class:`_Slot` whose index points into ``out``. A tensor object met twice (a tracking key
-    frame that is also another sample's reference frame) is packed once."""
-    seen = {} if seen is None else seen
-    if isinstance(value, Tensor):
-        if id(value) not in seen:
-            out.append(value)
-            seen[id(value)] = len(out) - 1
-        return _Slot(seen[id(value)])
-    if isinstance(value, (FrameTargets, RunLengthMap)):
-        return replace(value, **{f.name: _detach_tensors(getattr(value, f.name), out, seen) for f in fields(value)})
-    if isinstance(value, list):
-        return [_detach_tensors(v, out, seen) for v in value]
-    if isinstance(value, dict):
-        return {k: _detach_tensors(v, out, seen) for k, v in value.items()}
-    return value
-
-
-def _attach_tensors(value: Any, tensors: list[Tensor]) -> Any:
-    if isinstance(value, _Slot):
-        return tensors[value.index]
-    if isinstance(value, (FrameTargets, RunLengthMap)):
-        return replace(value, **{f.name: _attach_tensors(getattr(value, f.name), tensors) for f in fields(value)})
-    if isinstance(value, list):
-        return [_attach_tensors(v, tensors) for v in value]
-    if isinstance(value, dict):
-        return {k: _attach_tensors(v, tensors) for k, v in value.items()}
-    return value
-
-
-def _dense_strides(t: Tensor) -> tuple[int, ...]:
-    """``t``'s strides if its elements tile a block of ``numel`` without gaps in some dimension
-    order (a decoded JPEG is a ``[3, H, W]`` view of ``[H, W, 3]`` memory), else contiguous ones."""
-    expected, ok = 1, True
-    for d in sorted(range(t.dim()), key=lambda d: t.stride(d)):  # innermost first
-        if t.shape[d] != 1 and t.stride(d) != expected:
-            ok = False
-            break
-        expected *= t.shape[d]
-    if ok:
-        return tuple(t.stride())
-    out, step = [], 1
-    for n in reversed(t.shape):
-        out.append(step)
-        step *= n
-    return tuple(reversed(out))
-
-
-def _pack(tensors: list[Tensor]) -> tuple[Tensor, tuple, tuple[str, int, int] | None]:
-    """One uint8 buffer holding every tensor's bytes, ``(offset, dtype, shape, strides)`` of
-    each, and the buffer's pool slot ``(pool id, slot, token)`` when it is a worker's pooled
-    segment. A tensor keeps its memory layout (its strides), so the copy is a plain memory copy
-    and the receiver gets the tensor the sender had."""
-    layout, total = [], 0
-    for t in tensors:
-        layout.append((total, t.dtype, tuple(t.shape), _dense_strides(t)))
-        total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    info = torch.utils.data.get_worker_info()
-    slot = None
-    if info is None:
-        buf = torch.empty(total, dtype=torch.uint8)
-    else:  # inside a DataLoader worker: write straight into shared memory (no second copy)
-        pool = getattr(info.dataset, "buffer_pool", None)
-        if pool is None:
-            buf = shm_pool._new_segment(total)
-        else:
-            buf, index, token = pool.acquire(info.id, total)
-            slot = (pool.id, index, token) if index >= 0 else None
-    for t, entry in zip(tensors, layout):
-        _view(buf, *entry).copy_(t)
-    return buf, tuple(layout), slot
-
-
-def _view(buf: Tensor, off: int, dtype: torch.dtype, shape: tuple[int, ...], strides: tuple[int, ...]) -> Tensor:
-    n = 1
-    for d in shape:
-        n *= d
-    return buf[off : off + n * dtype.itemsize].view(dtype).as_strided(shape, strides)
-
-
-def _rebuild_batch(state: dict[str, Any], buf: Tensor | None, layout: tuple, slot: tuple | None = None) -> Batch:
-    if buf is not None:
-        state = _attach_tensors(state, [_view(buf, *entry) for entry in layout])
-        if slot is not None:
-            shm_pool.track(slot[0], buf, slot[1], slot[2])
-    return Batch(**state)

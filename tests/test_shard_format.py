@@ -223,10 +223,11 @@ def test_workers_reuse_segments_yet_never_overwrite_a_batch_still_held(tiny_shar
     want = [[x.clone() if isinstance(x, torch.Tensor) else x for x in _flatten(b)] for b in build_train_loader(ds)]
 
     slots = []
-    real_track = shm_pool.track
-    monkeypatch.setattr(shm_pool, "track", lambda pid, buf, slot, token: (slots.append(slot), real_track(pid, buf, slot, token)))
+    real_receive = shm_pool.receive
+    monkeypatch.setattr(shm_pool, "receive", lambda ref, seg: (slots.append(ref.slot), real_receive(ref, seg))[1])
     held = {}
-    for i, b in enumerate(build_train_loader(ds)):
+    it = iter(build_train_loader(ds))
+    for i, b in enumerate(it):
         if i % 4 == 0:
             held[i] = b  # kept to the end: its segment must not be reused meanwhile
         else:
@@ -234,5 +235,8 @@ def test_workers_reuse_segments_yet_never_overwrite_a_batch_still_held(tiny_shar
         del b
     assert len(want) > 20 and 0 < len(slots) <= len(want)  # batches that found no free slot travel unpooled
     assert len(set(slots)) < len(slots), "segments were reused"
+    # each segment crossed once (with the first batch in it; later ones refer to it) or when it grew
+    received = it._vtd_buffer_pool.segments_received
+    assert 0 < received <= 2 * len(set(slots)) < len(slots), (received, len(set(slots)), len(slots))
     for i, b in held.items():
         assert _same(_flatten(b), want[i]), f"held batch {i} was overwritten"

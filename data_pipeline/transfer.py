@@ -1,0 +1,234 @@
+"""How a :class:`~data_pipeline.structures.Batch` crosses a process boundary: one buffer.
+
+``DataLoader`` workers hand batches to the training process through shared memory, by default
+one segment and one file-descriptor round trip per tensor storage. A batch holds dozens of
+tensors (images, label-map runs, boxes, classes...), and those round trips cost a worker more
+than decoding its JPEGs (benchmarks/RESULTS.md). :func:`pack_batch` instead writes every tensor
+of a batch into one buffer, at 64-byte aligned offsets, keeping each tensor's memory layout
+(its strides; a decoded JPEG is a ``[3, H, W]`` view of ``[H, W, 3]`` memory), and frames
+still encoded (:class:`~data_pipeline.structures.EncodedImage`, as the loader makes them) are
+decoded straight into it, so no frame is copied after decoding. The rest of the batch (names,
+sizes, the augmentation plan, which tensor goes where) travels as a small tuple of plain values.
+
+Inside a DataLoader worker the buffer is shared memory: a segment the worker reuses, which the
+training process maps once (:mod:`data_pipeline.shm_pool`), so a batch then travels as a
+reference of a few dozen bytes. Elsewhere (``pickle.dumps(batch)``) it is a private buffer,
+pickled by value. The receiving side rebuilds the batch as views of that buffer: one storage per
+batch, which keeps the whole buffer alive while any tensor of the batch is.
+
+The small tensors go through numpy here: a numpy copy or view costs about a microsecond, a
+torch one several on the project's VM, and a batch has dozens of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from data_pipeline import shm_pool
+from data_pipeline.structures import _MAP_FIELDS, AugmentPlan, Batch, EncodedImage, FrameTargets, RunLengthMap
+
+_ALIGN = 64  # byte alignment of every packed tensor (any dtype's, and a cache line)
+_SCALAR_FIELDS = ("weather", "scene")
+_TENSOR_FIELDS = ("boxes", "classes", "ignore", "track_ids", "mask_valid", "keypoints", "pose_boxes")
+if {f.name for f in fields(FrameTargets)} != set(_SCALAR_FIELDS + _TENSOR_FIELDS + _MAP_FIELDS):
+    raise AssertionError("data_pipeline.transfer does not know every FrameTargets field: update it")
+_NUMPY = {
+    torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32,
+    torch.int64: np.int64, torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
+    torch.bool: np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """A batch packed by :func:`pack_batch`. It pickles without further copying and unpickles
+    (or :meth:`unpack`\\ s) as a :class:`Batch`.
+
+    ``buf`` is the buffer (a numpy array, or a shared-memory tensor the first time a pooled
+    segment travels), or ``None`` for a pooled segment the receiver already holds; ``layout[i]``
+    is ``(byte offset, torch dtype, shape, strides)`` of tensor ``i``; ``ref`` the pool slot.
+    """
+
+    state: tuple
+    buf: np.ndarray | Tensor | None
+    layout: tuple
+    ref: shm_pool.SegmentRef | None
+
+    def __reduce__(self):
+        return (_rebuild_batch, (self.state, self.buf, self.layout, self.ref))
+
+    def unpack(self) -> Batch:
+        """The batch in this process (not for pooled segments, which only the process they are
+        sent to unpacks)."""
+        if self.ref is not None:
+            raise RuntimeError("a batch packed into a worker's pooled segment is unpacked by the process it is sent to")
+        return _rebuild_batch(self.state, self.buf, self.layout)
+
+
+class _Packer:
+    """Collects a batch's tensors and encoded images (each object once) and encodes the rest."""
+
+    def __init__(self) -> None:
+        self.items: list[Tensor | EncodedImage] = []
+        self.uses: list[int] = []  # how often each item occurs in the batch
+        self._index: dict[int, int] = {}
+
+    def put(self, x: Tensor | EncodedImage) -> int:
+        i = self._index.get(id(x))
+        if i is None:
+            i = self._index[id(x)] = len(self.items)
+            self.items.append(x)
+            self.uses.append(0)
+        self.uses[i] += 1
+        return i
+
+    def images(self, images: Tensor | list | None) -> int | list[int] | None:
+        if images is None:
+            return None
+        return self.put(images) if isinstance(images, Tensor) else [self.put(x) for x in images]
+
+    def label_map(self, m: Tensor | RunLengthMap | None) -> int | tuple | None:
+        if m is None or isinstance(m, Tensor):
+            return None if m is None else self.put(m)
+        return (self.put(m.values), self.put(m.lengths), m.shape)
+
+    def targets(self, ts: list[FrameTargets] | None) -> list[tuple] | None:
+        if ts is None:
+            return None
+        return [
+            (t.weather, t.scene)
+            + tuple(None if (v := getattr(t, f)) is None else self.put(v) for f in _TENSOR_FIELDS)
+            + tuple(self.label_map(getattr(t, f)) for f in _MAP_FIELDS)
+            for t in ts
+        ]
+
+
+def pack_batch(batch: Batch, *, shared: bool | None = None) -> PackedBatch:
+    """``batch`` as one buffer plus a small tuple (see the module docstring).
+
+    ``shared``: pack into shared memory (default: when called inside a DataLoader worker). A
+    batch with tensors on an accelerator, or of a dtype numpy lacks, is left as it is (pickled
+    field by field).
+    """
+    p = _Packer()
+    aug = batch.augment
+    state = (
+        batch.set_name, p.images(batch.images), batch.image_sizes, p.targets(batch.targets), p.put(batch.labels),
+        batch.meta, p.images(batch.ref_images), p.targets(batch.ref_targets),
+        None if aug is None else (aug.height, aug.flips, aug.applied), batch.size_divisor,
+    )
+    if any(isinstance(t, Tensor) and (t.device.type != "cpu" or t.dtype not in _NUMPY) for t in p.items):
+        return PackedBatch(({f.name: getattr(batch, f.name) for f in fields(batch)},), None, (), None)
+    layout, total = [], 0
+    for t in p.items:
+        if isinstance(t, EncodedImage):
+            layout.append((total, torch.uint8, t.shape, (1, 3 * t.width, 3)))
+            nbytes = 3 * t.height * t.width
+        else:
+            layout.append((total, t.dtype, tuple(t.shape), _dense_strides(t)))
+            nbytes = t.numel() * t.element_size()
+        total += -(-nbytes // _ALIGN) * _ALIGN
+    info = torch.utils.data.get_worker_info()
+    ref = None
+    if not (info is not None if shared is None else shared):
+        buf = send = np.empty(total, dtype=np.uint8)
+    else:  # e.g. inside a DataLoader worker: write straight into shared memory (no second copy)
+        pool = None if info is None else getattr(info.dataset, "buffer_pool", None)
+        if pool is None:
+            send = shm_pool._new_segment(total)
+            buf = send.numpy()
+        else:
+            buf, ref, send = pool.acquire(info.id, total)
+    for t, uses, (off, dtype, shape, strides) in zip(p.items, p.uses, layout):
+        if isinstance(t, EncodedImage):
+            t.decode_into(np.ndarray((t.height, t.width, 3), np.uint8, buffer=buf, offset=off), uses=uses)
+        else:
+            item = dtype.itemsize
+            dst = np.ndarray(shape, _NUMPY[dtype], buffer=buf, offset=off, strides=tuple(s * item for s in strides))
+            np.copyto(dst, (t.detach() if t.requires_grad else t).numpy())
+    return PackedBatch(state, send, tuple(layout), ref)
+
+
+def _dense_strides(t: Tensor) -> tuple[int, ...]:
+    """``t``'s strides if its elements tile a block of ``numel`` without gaps in some dimension
+    order (a decoded JPEG is a ``[3, H, W]`` view of ``[H, W, 3]`` memory), else contiguous ones."""
+    if t.is_contiguous():
+        return t.stride()
+    expected, ok = 1, True
+    for d in sorted(range(t.dim()), key=lambda d: t.stride(d)):  # innermost first
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            ok = False
+            break
+        expected *= t.shape[d]
+    if ok:
+        return tuple(t.stride())
+    out, step = [], 1
+    for n in reversed(t.shape):
+        out.append(step)
+        step *= n
+    return tuple(reversed(out))
+
+
+def _rebuild_batch(state: tuple, buf: np.ndarray | Tensor | None, layout: tuple,
+                   ref: shm_pool.SegmentRef | None = None) -> Batch:
+    if not layout:  # not packed: the fields themselves
+        return Batch(**state[0])
+    if ref is not None:
+        base = shm_pool.receive(ref, buf)
+    else:
+        base = buf if isinstance(buf, Tensor) else torch.from_numpy(buf)
+    # one storage for the whole batch (it keeps the buffer, and a pooled slot, in use); a typed
+    # view of it per dtype, and every tensor a strided view of that
+    typed: dict[torch.dtype, Tensor] = {}
+    tensors = []
+    for off, dtype, shape, strides in layout:
+        tv = typed.get(dtype)
+        if tv is None:
+            size = dtype.itemsize
+            tv = typed[dtype] = base[: len(base) - len(base) % size].view(dtype)
+        tensors.append(torch.as_strided(tv, shape, strides, off // dtype.itemsize))
+
+    def images(enc):
+        return None if enc is None else tensors[enc] if isinstance(enc, int) else [tensors[i] for i in enc]
+
+    def label_map(enc):
+        if enc is None or isinstance(enc, int):
+            return None if enc is None else tensors[enc]
+        return RunLengthMap(tensors[enc[0]], tensors[enc[1]], enc[2])
+
+    def targets(enc):
+        if enc is None:
+            return None
+        n = len(_TENSOR_FIELDS)
+        return [
+            FrameTargets(
+                e[0], e[1],
+                **{f: None if i is None else tensors[i] for f, i in zip(_TENSOR_FIELDS, e[2 : 2 + n])},
+                **{f: label_map(m) for f, m in zip(_MAP_FIELDS, e[2 + n :])},
+            )
+            for e in enc
+        ]
+
+    set_name, imgs, sizes, tgts, labels, meta, ref_imgs, ref_tgts, aug, divisor = state
+    return Batch(
+        set_name=set_name, images=images(imgs), image_sizes=sizes, targets=targets(tgts), labels=tensors[labels],
+        meta=meta, ref_images=images(ref_imgs), ref_targets=targets(ref_tgts),
+        augment=None if aug is None else AugmentPlan(*aug), size_divisor=divisor,
+    )
+
+
+def decode_images(batch: Batch) -> Batch:
+    """``batch`` with its encoded frames decoded, each into a tensor of its own (the loader in
+    the training process itself, ``num_workers=0``: nothing to pack)."""
+    def dec(images):
+        if images is None or isinstance(images, Tensor):
+            return images
+        return [x.decode() if isinstance(x, EncodedImage) else x for x in images]
+
+    return Batch(**{**{f.name: getattr(batch, f.name) for f in fields(batch)},
+                    "images": dec(batch.images), "ref_images": dec(batch.ref_images)})

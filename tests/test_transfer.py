@@ -1,0 +1,197 @@
+"""JPEG decoding (data_pipeline/jpeg.py), frames decoded straight into a batch's buffer and
+batches crossing processes as one buffer (data_pipeline/transfer.py)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from data_pipeline import jpeg
+from data_pipeline.decode import decode_clip
+from data_pipeline.errors import DataError
+from data_pipeline.loader import LoaderConfig, MultiSetDataset, iter_shard
+from data_pipeline.manifest import families_from_manifest
+from data_pipeline.structures import AugmentPlan, Batch, EncodedImage, FrameTargets, RunLengthMap
+from data_pipeline.transfer import pack_batch
+from data_pipeline.transforms import AugmentConfig
+
+
+def _jpeg(mode: str, h: int = 48, w: int = 64, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).convert(mode)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def _torchvision(data: bytes) -> np.ndarray:
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_decode_matches_torchvision_pixel_for_pixel(mode):
+    data = _jpeg(mode)
+    img = jpeg.decode(data)
+    assert img.shape == (3, 48, 64) and img.dtype == torch.uint8
+    assert img.stride() == (1, 64 * 3, 3), "a [3, H, W] view of [H, W, 3] memory, as torchvision returns it"
+    assert np.array_equal(img.permute(1, 2, 0).numpy(), _torchvision(data))
+
+
+def test_cmyk_jpegs_come_out_rgb():
+    data = _jpeg("CMYK")
+    img = jpeg.decode(data).permute(1, 2, 0).numpy()
+    # libjpeg-turbo's CMYK->RGB and torchvision's differ in rounding only
+    assert img.shape == (48, 64, 3) and np.abs(img.astype(int) - _torchvision(data)).max() <= 1
+
+
+def test_decode_into_refuses_wrong_targets_and_corrupt_streams():
+    data = _jpeg("RGB")
+    with pytest.raises(ValueError, match="64x48, the decode target 64x56"):
+        jpeg.decode_into(data, np.empty((56, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="too small"):
+        jpeg.decode_into(data, np.empty((48, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="C-contiguous uint8"):
+        jpeg.decode_into(data, np.empty((48, 64, 3), np.float32))
+    with pytest.raises(ValueError, match="Premature end"):
+        jpeg.decode_into(data[: len(data) // 2], np.empty((48, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        jpeg.read_size(b"")
+
+
+def test_a_truncated_frame_is_an_error_naming_shard_and_frame(tiny_shards):
+    """The loader reads only the JPEG header when it decodes a sample; the pixels come when the
+    batch is packed, and a stream that breaks off there is reported just the same."""
+    fam = families_from_manifest(tiny_shards, "train")[0]
+    sample = next(iter_shard(fam.urls[0]))
+    good = bytes(sample["0.jpg"])
+    frame = decode_clip(dict(sample, **{"0.jpg": good[: len(good) * 2 // 3]}), compact=True)[0]
+    assert isinstance(frame.image, EncodedImage)  # the header is intact
+    with pytest.raises(DataError, match="corrupt JPEG") as e:
+        frame.image.decode()
+    assert fam.urls[0] in str(e.value) and frame.record["name"] in str(e.value) and "jpg" in str(e.value)
+
+
+def test_a_frame_used_twice_is_decoded_once_and_copied_for_the_second_use(monkeypatch):
+    calls = []
+    real = jpeg.decode_into
+    monkeypatch.setattr(jpeg, "decode_into", lambda data, out: (calls.append(len(data)), real(data, out)))
+    data = _jpeg("RGB")
+    want = _torchvision(data)
+    img = EncodedImage(data, 48, 64, "shard.tar:key", "frame-a")
+    img.uses = 2
+    a = np.empty((48, 64, 3), np.uint8)
+    b = np.zeros((48, 64, 3), np.uint8)
+    img.decode_into(a)
+    assert img._pixels is not None  # kept for the second use
+    img.decode_into(b)
+    assert len(calls) == 1 and np.array_equal(a, want) and np.array_equal(b, want)
+    assert img._pixels is None and img.uses == 0  # released after the last use
+    # a wrong count never gives wrong pixels: a further use decodes again
+    c = img.decode()
+    assert len(calls) == 2 and np.array_equal(c.permute(1, 2, 0).numpy(), want)
+
+
+def _targets(seed: int, h: int, w: int) -> FrameTargets:
+    g = torch.Generator().manual_seed(seed)
+    n = 3
+    sem = torch.randint(0, 19, (h, w), generator=g, dtype=torch.uint8)
+    return FrameTargets(
+        weather=seed, scene=-1,
+        boxes=torch.rand(n, 4, generator=g) * 40, classes=torch.randint(0, 8, (n,), generator=g),
+        ignore=torch.tensor([True, False, False]), track_ids=torch.tensor([4, -1, 9]),
+        instance_map=torch.randint(0, n + 1, (h, w), generator=g, dtype=torch.uint8).t().contiguous().t(),
+        mask_valid=torch.ones(n, dtype=torch.bool),
+        keypoints=torch.rand(2, 18, 3, generator=g), pose_boxes=torch.rand(2, 4, generator=g),
+        sem=RunLengthMap(sem.flatten()[:5].clone(), torch.tensor([h * w - 4, 1, 1, 1, 1]), (h, w)),
+        drivable=None, lane=torch.zeros(h, w, dtype=torch.uint8),
+    )
+
+
+def _same_batch(a: Batch, b: Batch) -> bool:
+    def eq(x, y):
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.stride() == y.stride() and torch.equal(x, y)
+        if isinstance(x, RunLengthMap):
+            return isinstance(y, RunLengthMap) and x.shape == y.shape and eq(x.values, y.values) and eq(x.lengths, y.lengths)
+        if isinstance(x, FrameTargets):
+            return all(eq(getattr(x, f), getattr(y, f)) for f in x.__dataclass_fields__)
+        if isinstance(x, list):
+            return isinstance(y, list) and len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y))
+        return x == y
+
+    return all(eq(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+
+
+def test_pack_round_trips_every_field_and_memory_layout():
+    data = [_jpeg("RGB", 40, 56, seed=s) for s in range(2)]
+    encoded = [EncodedImage(d, 40, 56, "s.tar:k", f"f{i}") for i, d in enumerate(data)]
+    # the first key frame is also the second sample's reference frame: packed (and decoded) once
+    encoded[0].uses = 2
+    batch = Batch(
+        set_name="track", images=encoded, image_sizes=[(40, 56)] * 2,
+        targets=[_targets(0, 40, 56), _targets(1, 40, 56)], labels=torch.tensor([[1, 0], [2, 1]], dtype=torch.int8),
+        meta=[{"name": "a", "frame_index": 3}, {"name": "b", "frame_index": None}],
+        ref_images=[encoded[1], encoded[0]], ref_targets=[_targets(2, 40, 56), _targets(3, 40, 56)],
+        augment=AugmentPlan(height=600, flips=(True, False)), size_divisor=16,
+    )
+    packed = pack_batch(batch, shared=False)
+    # four frame slots, two frames: the shared frame is in the buffer once
+    assert [shape for _, _, shape, _ in packed.layout].count((3, 40, 56)) == 2 and len(packed.layout) > 20
+    back = pickle.loads(pickle.dumps(packed))
+    assert back.images[0].data_ptr() == back.ref_images[1].data_ptr()
+    want = replace(batch, images=[jpeg.decode(d) for d in data], ref_images=[jpeg.decode(data[1]), jpeg.decode(data[0])])
+    assert _same_batch(back, want)
+    # one storage for the whole batch, yet tensors are independent views
+    assert len({t.untyped_storage().data_ptr() for t in (back.labels, back.images[0], back.targets[1].boxes)}) == 1
+    back.targets[0].boxes.fill_(-1)
+    assert torch.equal(back.targets[1].boxes, want.targets[1].boxes)
+
+
+def test_padded_batches_and_dtypes_numpy_lacks_round_trip():
+    batch = Batch(set_name="det", images=torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).reshape(2, 3, 8, 8),
+                  image_sizes=[(8, 8)] * 2, targets=[FrameTargets(), FrameTargets()], labels=torch.zeros(2, 10, dtype=torch.int8))
+    assert _same_batch(pickle.loads(pickle.dumps(batch)), batch)
+    bf = replace(batch, images=batch.images.to(torch.bfloat16))  # no numpy dtype: pickled field by field
+    assert pack_batch(bf).layout == () and _same_batch(pickle.loads(pickle.dumps(bf)), bf)
+
+
+def test_in_process_batches_hold_the_shards_frames_decoded(tiny_shards):
+    fams = families_from_manifest(tiny_shards, "train")
+    cfg = LoaderConfig(batch_size=2, num_workers=0, augment=AugmentConfig(scales=(64,)))
+    track = [f for f in fams if f.set_name == "track"]
+    frames = {}  # (video, frame index) -> the frame as torchvision decodes the shard's JPEG
+    for url in track[0].urls:
+        for sample in iter_shard(url):
+            for i, f in enumerate(decode_clip(sample)):
+                tv = torch.from_numpy(_torchvision(bytes(sample[f"{i}.jpg"]))).permute(2, 0, 1)
+                assert torch.equal(f.image, tv)
+                frames[f.record["video"], f.record["frame_index"]] = tv
+    n = 0
+    for b in MultiSetDataset(track, cfg, rank=0, world_size=1):
+        for img, ref, m in zip(b.images, b.ref_images, b.meta):
+            assert isinstance(img, torch.Tensor) and torch.equal(img, frames[m["video"], m["frame_index"]])
+            assert torch.equal(ref, frames[m["video"], m["ref_frame_index"]])
+            n += 1
+    assert n > 4
+
+
+def test_track_frames_are_decoded_once_however_often_they_are_used(tiny_shards, monkeypatch):
+    """A tracking frame is one sample's key frame and often another's reference frame: the
+    loader decodes each frame it uses once (not once per use)."""
+    calls = []
+    real = jpeg.decode_into
+    monkeypatch.setattr(jpeg, "decode_into", lambda data, out: (calls.append(bytes(data)), real(data, out)))
+    track = [f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "track"]
+    cfg = LoaderConfig(batch_size=2, num_workers=0, augment=AugmentConfig(scales=(64,)))
+    uses = 0
+    for b in MultiSetDataset(track, cfg, rank=0, world_size=1):
+        uses += len(b.images) + len(b.ref_images)
+    assert len(calls) == len(set(calls)), "no frame decoded twice"
+    assert uses > len(calls), "some frames served twice from one decode"
