@@ -88,6 +88,7 @@ class BufferPool:
         # worker side: slot -> (generation, segment, its numpy view), generations sent
         self._segments: dict[int, tuple[int, Tensor, np.ndarray]] = {}
         self._sent: set[tuple[int, int]] = set()
+        self._claims: dict[int, int] = {}  # slot -> token of its last claim by this worker
         self._tokens = itertools.count(1)
         self._generations = itertools.count(1)
         # training side: slot -> (generation, numpy view of the segment) received; batches not
@@ -116,21 +117,27 @@ class BufferPool:
             seg = _new_segment(nbytes)
             return seg.numpy(), None, seg
         sizes = {s: (len(self._segments[s][2]) if s in self._segments else 0) for s in free}
-        # the smallest free segment that fits; else grow the largest free one (sizes settle)
+        # the free segment claimed longest ago that fits (a batch's memory stays intact as long
+        # as possible, see holds()); else grow the largest free one (sizes settle)
         fits = [s for s in free if sizes[s] >= nbytes]
-        slot = min(fits, key=sizes.__getitem__) if fits else max(free, key=sizes.__getitem__)
+        slot = min(fits, key=lambda s: self._claims.get(s, 0)) if fits else max(free, key=sizes.__getitem__)
         if not fits:
             size = -(-nbytes * 5 // 4 // _SEGMENT_ROUND) * _SEGMENT_ROUND
             seg = _new_segment(size)
             self._segments[slot] = (next(self._generations), seg, seg.numpy())
         generation, segment, array = self._segments[slot]
         token = (os.getpid() << 32) | next(self._tokens)
-        self.state[slot] = token
+        self.state[slot] = self._claims[slot] = token
         send = None
         if (slot, generation) not in self._sent:
             self._sent.add((slot, generation))
             send = segment
         return array[:nbytes], SegmentRef(self.id, slot, generation, token, nbytes), send
+
+    def holds(self, slot: int, token: int) -> bool:
+        """Worker side: whether ``slot``'s segment still holds what the batch claimed with
+        ``token`` wrote there (this worker, its only writer, has not claimed it again)."""
+        return self._claims.get(slot) == token
 
     # -- training side -------------------------------------------------------------------------
 

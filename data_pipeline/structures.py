@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -83,32 +84,39 @@ class EncodedImage:
     The loader decodes it only where the batch's memory is (:func:`data_pipeline.transfer.pack_batch`:
     inside a DataLoader worker, the shared-memory segment the batch travels in), so a frame used once is
     never copied after decoding. ``shape`` is the decoded tensor's, ``[3, H, W]``; ``where``
-    and ``frame`` name it in errors. ``uses`` is how many times the loader will pack it (a
-    tracking frame is often one sample's key frame and another's reference frame): while uses
-    remain after a decode, the pixels are kept (in this process's private memory) and copied
-    for the next use instead of decoding again. The count only steers that: a wrong one costs
-    a second decode or memory kept until the image is dropped, never wrong pixels.
+    and ``frame`` name it in errors.
+
+    ``uses`` is how many times the loader will pack it (a tracking frame is often one sample's
+    key frame and another's reference frame). While uses remain after a decode, the image
+    remembers where its pixels are and copies them from there for the next use instead of
+    decoding again; a worker's pooled segment counts only while the worker has not claimed that
+    segment again (``intact``). So a frame used by two batches has the same pixels in both,
+    shared (in the training process) or copied from the first (through workers): batches are
+    read-only data. The count only steers the reuse: a wrong one costs a second decode, or
+    memory kept until the image is dropped, never wrong pixels.
     """
 
-    __slots__ = ("data", "height", "width", "where", "frame", "uses", "_pixels")
+    __slots__ = ("data", "height", "width", "where", "frame", "uses", "_pixels", "_intact")
 
     def __init__(self, data: bytes | bytearray, height: int, width: int, where: str, frame: str | None = None):
         self.data, self.height, self.width, self.where, self.frame = data, height, width, where, frame
         self.uses = 1
         self._pixels: np.ndarray | None = None
+        self._intact: Callable[[], bool] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (3, self.height, self.width)
 
-    def decode_into(self, out: np.ndarray, uses: int = 1) -> None:
-        """Decode into ``out``, a C-contiguous uint8 ``[H, W, 3]`` array, for ``uses`` uses."""
-        if self._pixels is not None:
+    def decode_into(self, out: np.ndarray, uses: int = 1, intact: Callable[[], bool] | None = None) -> None:
+        """Decode into ``out``, a C-contiguous uint8 ``[H, W, 3]`` array, for ``uses`` uses.
+        ``intact`` says, later, whether ``out`` still holds these pixels (default: always)."""
+        if self._pixels is not None and (self._intact is None or self._intact()):
             np.copyto(out, self._pixels)
         else:
             self._decode(out)
-            if self.uses > uses:
-                self._pixels = out.copy()  # from memory this process just wrote and owns
+        if self.uses > uses:
+            self._pixels, self._intact = out, intact
         self._used(uses)
 
     def decode(self) -> Tensor:
@@ -131,7 +139,7 @@ class EncodedImage:
     def _used(self, uses: int) -> None:
         self.uses -= uses
         if self.uses <= 0:
-            self._pixels = None
+            self._pixels = self._intact = None
 
     def __repr__(self) -> str:
         return f"EncodedImage({self.where}, frame={self.frame!r}, {self.width}x{self.height}, {len(self.data)} bytes)"

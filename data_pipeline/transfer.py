@@ -22,6 +22,7 @@ torch one several on the project's VM, and a batch has dozens of them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -134,7 +135,7 @@ def pack_batch(batch: Batch, *, shared: bool | None = None) -> PackedBatch:
             nbytes = t.numel() * t.element_size()
         total += -(-nbytes // _ALIGN) * _ALIGN
     info = torch.utils.data.get_worker_info()
-    ref = None
+    ref = intact = None
     if not (info is not None if shared is None else shared):
         buf = send = np.empty(total, dtype=np.uint8)
     else:  # e.g. inside a DataLoader worker: write straight into shared memory (no second copy)
@@ -144,9 +145,11 @@ def pack_batch(batch: Batch, *, shared: bool | None = None) -> PackedBatch:
             buf = send.numpy()
         else:
             buf, ref, send = pool.acquire(info.id, total)
+            if ref is not None:  # pixels kept here for a frame's next use: until the slot is reclaimed
+                intact = functools.partial(pool.holds, ref.slot, ref.token)
     for t, uses, (off, dtype, shape, strides) in zip(p.items, p.uses, layout):
         if isinstance(t, EncodedImage):
-            t.decode_into(np.ndarray((t.height, t.width, 3), np.uint8, buffer=buf, offset=off), uses=uses)
+            t.decode_into(np.ndarray((t.height, t.width, 3), np.uint8, buffer=buf, offset=off), uses, intact)
         else:
             item = dtype.itemsize
             dst = np.ndarray(shape, _NUMPY[dtype], buffer=buf, offset=off, strides=tuple(s * item for s in strides))

@@ -195,3 +195,30 @@ def test_track_frames_are_decoded_once_however_often_they_are_used(tiny_shards, 
         uses += len(b.images) + len(b.ref_images)
     assert len(calls) == len(set(calls)), "no frame decoded twice"
     assert uses > len(calls), "some frames served twice from one decode"
+
+
+def test_through_a_worker_track_frames_are_decoded_once_and_arrive_intact(tiny_shards, monkeypatch, tmp_path):
+    """Through a DataLoader worker a frame's second use is copied from the shared-memory
+    segment its first batch went out in, while the worker has not reclaimed that segment; the
+    batches equal those the loader makes in process, and no frame is decoded twice."""
+    from data_pipeline.loader import build_train_loader
+
+    log = tmp_path / "decodes.txt"
+    real = jpeg.decode_into
+
+    def logged(data, out):  # the worker is forked: it runs this and appends to the file
+        with open(log, "a") as f:
+            f.write(f"{hash(bytes(data))}\n")
+        real(data, out)
+
+    track = [f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "track"]
+    cfg = LoaderConfig(batch_size=2, num_workers=0, augment=AugmentConfig(scales=(64,)))
+    want = [(b.meta, [x.clone() for x in b.images + b.ref_images]) for b in MultiSetDataset(track, cfg, rank=0, world_size=1)]
+    monkeypatch.setattr(jpeg, "decode_into", logged)
+    ds = MultiSetDataset(track, replace(cfg, num_workers=1, prefetch_factor=2), rank=0, world_size=1)
+    got = [(b.meta, list(b.images + b.ref_images)) for b in build_train_loader(ds)]
+    assert len(got) == len(want) > 3
+    for (m1, x1), (m2, x2) in zip(want, got):
+        assert m1 == m2 and all(torch.equal(a, b) for a, b in zip(x1, x2))
+    decodes = log.read_text().split()
+    assert len(decodes) == len(set(decodes)) and len(decodes) < sum(len(x) for _, x in got)
