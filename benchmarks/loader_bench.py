@@ -26,8 +26,9 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
 * ms per label map: decoding the dataset's PNG vs the shard's run-length member;
 * ms per frame to read the shards into samples: webdataset's reader vs the project's
   ``tar_reader`` (why the loader has its own);
-* ms to copy a batch's frames into a fresh shared-memory segment (the DataLoader hand-off) vs
-  into an already-faulted buffer: the page-fault cost the ``1 worker`` column pays;
+* ms to write a batch's frames into a fresh shared-memory segment vs into an already-faulted
+  one: the page faults a worker would pay per batch without reusing its segments
+  (:mod:`data_pipeline.shm_pool`; it decodes the frames straight into the segment);
 * peak RSS of a fresh process streaming 1×, 2× and 4× the dataset (shards repeated).
 
 Images are 1280×720 (the synth generator's ``full`` size).
@@ -186,8 +187,8 @@ def shard_read_ms(fam: ShardFamily, repeat: int) -> tuple[float, float]:
 
 
 def shm_copy_ms(nbytes: int, repeat: int = 20) -> tuple[float, float]:
-    """ms to copy ``nbytes`` into a fresh shared-memory segment (what a DataLoader worker does
-    with every batch it hands over) and into an already-faulted buffer, for comparison."""
+    """ms to copy ``nbytes`` into a fresh shared-memory segment (what a DataLoader worker would
+    pay per batch without reusing segments) and into an already-faulted buffer, for comparison."""
     src = torch.ones(nbytes, dtype=torch.uint8)
     reused = torch.empty(nbytes, dtype=torch.uint8)
 
@@ -296,7 +297,7 @@ def main() -> None:
 
     frame = 3 * 720 * 1280
     fresh, reused = shm_copy_ms(2 * frame)
-    print(f"\n# handing a det batch's two 1280x720 frames ({2 * frame / 2**20:.1f} MiB) from a worker: copy into a fresh "
+    print(f"\n# writing a det batch's two 1280x720 frames ({2 * frame / 2**20:.1f} MiB) for the hand-off: into a fresh "
           f"shared-memory segment {fresh:.2f} ms, into a reused buffer {reused:.2f} ms")
 
     print("\n# one 1280x720 label map: ms to decode the dataset's PNG vs the shard's run-length member")

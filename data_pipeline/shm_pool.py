@@ -1,7 +1,7 @@
 """Shared-memory segments that DataLoader workers reuse for the batches they hand over.
 
 A worker sends each batch to the training process as one shared-memory buffer
-(:func:`data_pipeline.structures.pack_batch`). Two costs would otherwise dominate the hand-off
+(:func:`data_pipeline.transfer.pack_batch`). Two costs would otherwise dominate the hand-off
 on a busy host (benchmarks/RESULTS.md):
 
 * a fresh segment per batch faults in a page per 4 KiB on first write, in the worker, and again
@@ -85,6 +85,7 @@ class BufferPool:
             _pools[self.id] = self
 
     def _init_local(self) -> None:
+        self._slots = self.state.numpy()  # the same shared memory; indexing it costs far less
         # worker side: slot -> (generation, segment, its numpy view), generations sent
         self._segments: dict[int, tuple[int, Tensor, np.ndarray]] = {}
         self._sent: set[tuple[int, int]] = set()
@@ -111,7 +112,7 @@ class BufferPool:
         the reference to send with it, and the segment to send along (``None`` once the training
         process has it). Without a free slot: a fresh segment, no reference, that segment to send."""
         first = worker * self.slots_per_worker
-        state = self.state.tolist()
+        state = self._slots.tolist()
         free = [s for s in range(first, first + self.slots_per_worker) if state[s] == 0]
         if not free:
             seg = _new_segment(nbytes)
@@ -127,7 +128,7 @@ class BufferPool:
             self._segments[slot] = (next(self._generations), seg, seg.numpy())
         generation, segment, array = self._segments[slot]
         token = (os.getpid() << 32) | next(self._tokens)
-        self.state[slot] = self._claims[slot] = token
+        self._slots[slot] = self._claims[slot] = token
         send = None
         if (slot, generation) not in self._sent:
             self._sent.add((slot, generation))
@@ -165,8 +166,8 @@ class BufferPool:
         for ref, slot, token in self._pending:
             if not ref.expired():
                 keep.append((ref, slot, token))
-            elif int(self.state[slot]) == token:
-                self.state[slot] = 0
+            elif int(self._slots[slot]) == token:
+                self._slots[slot] = 0
         self._pending = keep
 
 

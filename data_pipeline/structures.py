@@ -39,9 +39,9 @@ In training batches straight from the loader the four per-pixel fields are even 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -122,11 +122,11 @@ class EncodedImage:
     def decode(self) -> Tensor:
         """The uint8 ``[3, H, W]`` frame (a view of ``[H, W, 3]`` memory), for one use."""
         pixels = self._pixels
-        if pixels is None:
+        if pixels is None or (self._intact is not None and not self._intact()):
             pixels = np.empty((self.height, self.width, 3), np.uint8)
             self._decode(pixels)
             if self.uses > 1:
-                self._pixels = pixels
+                self._pixels, self._intact = pixels, None
         self._used(1)
         return torch.from_numpy(pixels).permute(2, 0, 1)
 
