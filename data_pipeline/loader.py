@@ -189,7 +189,13 @@ class MultiSetDataset(IterableDataset):
                 frames = decode_clip(sample, compact=True)
                 keys = [k for k, f in enumerate(frames) if all(t in f.sources for t in require)]
                 rng.shuffle(keys)
-                pairs = [(k, _ref_index(rng, frames, k, cfg.ref_range) if fam.set_name == "track" else None) for k in keys]
+                if fam.set_name == "track":
+                    # A key frame without any neighbour is its own reference (zero motion); flow
+                    # and MOT pairs are then trivially consistent rather than missing.
+                    refs = [_ref_index(rng, frames, k, cfg.ref_range) for k in keys]
+                    pairs = [(k, k if r is None else r) for k, r in zip(keys, refs)]
+                else:
+                    pairs = [(k, None) for k in keys]
                 for f in frames:
                     f.image.uses = 0
                 for k, r in pairs:  # a frame used twice is decoded once (EncodedImage.uses)
@@ -232,11 +238,7 @@ class MultiSetDataset(IterableDataset):
             for t, src in key.sources.items():
                 row[TASK_INDEX[t]] = int(src)
         labels = torch.tensor(rows, dtype=torch.int8)
-        has_ref = set_name == "track"
-        if has_ref:
-            # A key frame without any neighbour is its own reference (zero motion); flow and
-            # MOT pairs are then trivially consistent rather than missing.
-            items = [(k, r if r is not None else k) for k, r in items]
+        has_ref = set_name == "track"  # every tracking key frame comes with a reference (_frame_stream)
         rng = rng_for(cfg.seed, self.epoch, "augment", self.rank, step)
         aug = cfg.augment
         height = int(aug.scales[int(rng.integers(len(aug.scales)))]) if aug.scales else None

@@ -115,7 +115,7 @@ class BufferPool:
         state = self._slots.tolist()
         free = [s for s in range(first, first + self.slots_per_worker) if state[s] == 0]
         if not free:
-            seg = _new_segment(nbytes)
+            seg = new_segment(nbytes)
             return seg.numpy(), None, seg
         sizes = {s: (len(self._segments[s][2]) if s in self._segments else 0) for s in free}
         # the free segment claimed longest ago that fits (a batch's memory stays intact as long
@@ -124,7 +124,7 @@ class BufferPool:
         slot = min(fits, key=lambda s: self._claims.get(s, 0)) if fits else max(free, key=sizes.__getitem__)
         if not fits:
             size = -(-nbytes * 5 // 4 // _SEGMENT_ROUND) * _SEGMENT_ROUND
-            seg = _new_segment(size)
+            seg = new_segment(size)
             self._segments[slot] = (next(self._generations), seg, seg.numpy())
         generation, segment, array = self._segments[slot]
         token = (os.getpid() << 32) | next(self._tokens)
@@ -171,7 +171,8 @@ class BufferPool:
         self._pending = keep
 
 
-def _new_segment(nbytes: int) -> Tensor:
+def new_segment(nbytes: int) -> Tensor:
+    """A fresh shared-memory uint8 buffer of ``nbytes`` (pages faulted in on first write)."""
     buf = torch.empty(0, dtype=torch.uint8)
     return buf.set_(buf.untyped_storage()._new_shared(max(nbytes, 1))).resize_(nbytes)
 

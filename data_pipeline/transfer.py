@@ -23,7 +23,7 @@ torch one several on the project's VM, and a batch has dozens of them.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -141,7 +141,7 @@ def pack_batch(batch: Batch, *, shared: bool | None = None) -> PackedBatch:
     else:  # e.g. inside a DataLoader worker: write straight into shared memory (no second copy)
         pool = None if info is None else getattr(info.dataset, "buffer_pool", None)
         if pool is None:
-            send = shm_pool._new_segment(total)
+            send = shm_pool.new_segment(total)
             buf = send.numpy()
         else:
             buf, ref, send = pool.acquire(info.id, total)
@@ -233,5 +233,4 @@ def decode_images(batch: Batch) -> Batch:
             return images
         return [x.decode() if isinstance(x, EncodedImage) else x for x in images]
 
-    return Batch(**{**{f.name: getattr(batch, f.name) for f in fields(batch)},
-                    "images": dec(batch.images), "ref_images": dec(batch.ref_images)})
+    return replace(batch, images=dec(batch.images), ref_images=dec(batch.ref_images))

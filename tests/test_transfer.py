@@ -222,3 +222,28 @@ def test_through_a_worker_track_frames_are_decoded_once_and_arrive_intact(tiny_s
         assert m1 == m2 and all(torch.equal(a, b) for a, b in zip(x1, x2))
     decodes = log.read_text().split()
     assert len(decodes) == len(set(decodes)) and len(decodes) < sum(len(x) for _, x in got)
+
+
+def test_a_key_frame_without_neighbours_is_its_own_reference_decoded_once(tiny_shards, tmp_path, monkeypatch):
+    import json
+
+    from webdataset.writer import TarWriter
+
+    from data_pipeline.loader import ShardFamily
+
+    track = next(f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "track")
+    sample = next(iter_shard(track.urls[0]))
+    clip = json.loads(sample["clip.json"])
+    single = {"__key__": sample["__key__"], "clip.json": json.dumps(dict(clip, frames=clip["frames"][:1])).encode()}
+    single.update({k: bytes(v) for k, v in sample.items() if k.startswith("0.")})
+    url = str(tmp_path / "single.tar")
+    with open(url, "wb") as f, TarWriter(f, encoder=False, mtime=0) as w:
+        w.write(single)
+    calls = []
+    real = jpeg.decode_into
+    monkeypatch.setattr(jpeg, "decode_into", lambda data, out: (calls.append(1), real(data, out)))
+    fam = ShardFamily(set_name="track", split="train", urls=(url,), frames=1)
+    cfg = LoaderConfig(batch_size=1, num_workers=0, augment=AugmentConfig(scales=(64,)))
+    (b,) = list(MultiSetDataset([fam], cfg, rank=0, world_size=1))
+    assert b.meta[0]["ref_frame_index"] == b.meta[0]["frame_index"]
+    assert torch.equal(b.images[0], b.ref_images[0]) and len(calls) == 1

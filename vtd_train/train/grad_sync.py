@@ -22,10 +22,10 @@ then one all-reduce of the gradients that exist somewhere.** After the local bac
    weight decay, no moment update, no step count.
 3. parameters with ``n_p > 0`` are packed in model order into one flat buffer and all-reduced in a
    single collective (a rank without a local gradient contributes zeros), then divided by
-   ``n_p``: **the mean over the ranks that had data for the parameter.** This is the convention the model already uses inside a batch (a
-   task's loss is averaged over the samples labelled for it), so a decoder's update does not
-   shrink because other ranks were busy with other image sets; the backbone, used by every rank,
-   gets the plain mean. When all ranks hold the same set (the default schedule) this is exactly
+   ``n_p``: **the mean over the ranks that had data for the parameter.** This is the
+   convention the model already uses inside a batch (a task's loss is averaged over the
+   samples labelled for it), so a decoder's update does not shrink because other ranks were
+   busy with other image sets; the backbone, used by every rank, gets the plain mean. When all ranks hold the same set (the default schedule) this is exactly
    DDP's average.
 
 The summed buffers are bit-identical on every rank (the collective's result is broadcast), so the
@@ -38,8 +38,8 @@ decoder that only some ranks fed; (b) a rank cannot skip its backward after a no
 without hanging the others, so non-finite agreement would need a second collective *before*
 backward; (c) it walks the autograd graph every step. What we give up is DDP's overlap of
 communication with the backward pass: the all-reduce runs after it (measured by
-``benchmarks/train_overhead.py`` as ``all-reduce``; on 2 CPU cores it is compute-bound either way). Frozen parameters (``requires_grad=False``) are simply
-not in the list. Mutable buffers (``BatchNorm`` running statistics when ``frozen_bn`` is off) are
+``benchmarks/train_overhead.py`` as ``all-reduce``; on 2 CPU cores it is compute-bound either
+way). Frozen parameters (``requires_grad=False``) are simply not in the list. Mutable buffers (``BatchNorm`` running statistics when ``frozen_bn`` is off) are
 broadcast from rank 0 before each forward, like DDP's ``broadcast_buffers``.
 """
 
