@@ -15,7 +15,8 @@ Each rank takes exactly ``len(dataset)`` batches per epoch (:mod:`data_pipeline.
 per-set quota is ``frames // (world_size * batch_size)``, identical on every rank, and a
 worker whose shards run out before its quota continues with a reshuffled pass over its shards,
 so unequal shard counts never make ranks disagree on the number of steps (the DDP hang of
-shared/REFERENCE.md §4). Output is deterministic for a given (seed, epoch, world size, workers).
+shared/REFERENCE.md §4). Output is deterministic for a given (seed, epoch, world size, workers);
+the augmentation drawn for a step does not depend on the workers.
 """
 
 from __future__ import annotations
@@ -231,24 +232,30 @@ class MultiSetDataset(IterableDataset):
                 )
         raise AssertionError("unreachable")
 
-    def _collate(self, set_name: str, items: list[tuple[DecodedFrame, DecodedFrame | None]], step: int) -> Batch:
+    def augment_plans(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's augmentation draws, one row per step: image heights ``[steps]`` (-1: keep
+        the size) and horizontal flips ``[steps, batch_size]``. One generator per (seed, epoch,
+        rank), so the draws do not depend on how the steps are split over workers."""
+        aug = self.cfg.augment
+        rng = rng_for(self.cfg.seed, self.epoch, "augment", self.rank)
+        scales = np.asarray(aug.scales, dtype=np.int64)
+        heights = scales[rng.integers(len(scales), size=steps)] if len(scales) else np.full(steps, -1)
+        return heights, rng.random((steps, self.cfg.batch_size)) < aug.flip_prob
+
+    def _collate(self, set_name: str, items: list[tuple[DecodedFrame, DecodedFrame | None]], step: int,
+                 height: int, flips: np.ndarray) -> Batch:
         cfg = self.cfg
-        rows = [[int(LabelSource.ABSENT)] * len(bdd100k.TASKS) for _ in items]
-        for row, (key, _) in zip(rows, items):
+        labels = np.full((len(items), len(bdd100k.TASKS)), int(LabelSource.ABSENT), dtype=np.int8)
+        for row, (key, _) in zip(labels, items):
             for t, src in key.sources.items():
-                row[TASK_INDEX[t]] = int(src)
-        labels = torch.tensor(rows, dtype=torch.int8)
+                row[TASK_INDEX[t]] = src
         has_ref = set_name == "track"  # every tracking key frame comes with a reference (_frame_stream)
-        rng = rng_for(cfg.seed, self.epoch, "augment", self.rank, step)
-        aug = cfg.augment
-        height = int(aug.scales[int(rng.integers(len(aug.scales)))]) if aug.scales else None
-        flips = tuple(bool(x) for x in (rng.random(len(items)) < aug.flip_prob))
         batch = Batch(
             set_name=set_name,
             images=[k.image for k, _ in items],
             image_sizes=[(int(k.image.shape[1]), int(k.image.shape[2])) for k, _ in items],
             targets=[k.targets for k, _ in items],
-            labels=labels,
+            labels=torch.from_numpy(labels),
             meta=[
                 {
                     "name": k.record.get("name"),
@@ -261,7 +268,7 @@ class MultiSetDataset(IterableDataset):
             ],
             ref_images=[r.image for _, r in items] if has_ref else None,
             ref_targets=[r.targets for _, r in items] if has_ref else None,
-            augment=AugmentPlan(height=height, flips=flips),
+            augment=AugmentPlan(height=None if height < 0 else int(height), flips=tuple(flips.tolist())),
             size_divisor=cfg.size_divisor,
         )
         # frames are still JPEG here; they are decoded into the memory the batch leaves in
@@ -275,13 +282,14 @@ class MultiSetDataset(IterableDataset):
             keep_freed_memory()
         schedule = self.schedule()
         gworker, total = self.rank * nw + wid, self.world_size * nw
+        heights, flips = self.augment_plans(len(schedule))
         streams: dict[str, Iterator] = {}
         for step in range(wid, len(schedule), nw):
             s = schedule[step]
             if s not in streams:
                 streams[s] = self._frame_stream(self.families[s], gworker, total)
             items = [next(streams[s]) for _ in range(self.cfg.batch_size)]
-            batch = self._collate(s, items, step)
+            batch = self._collate(s, items, step, int(heights[step]), flips[step])
             if info is not None:
                 # Pack (decoding the frames straight into shared memory) here rather than when
                 # the queue's feeder thread pickles the batch, where it would contend for the GIL.

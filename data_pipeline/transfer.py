@@ -16,8 +16,10 @@ reference of a few dozen bytes. Elsewhere (``pickle.dumps(batch)``) it is a priv
 pickled by value. The receiving side rebuilds the batch as views of that buffer: one storage per
 batch, which keeps the whole buffer alive while any tensor of the batch is.
 
-The small tensors go through numpy here: a numpy copy or view costs about a microsecond, a
-torch one several on the project's VM, and a batch has dozens of them.
+A batch has dozens of small tensors (targets, label-map runs), so per-tensor calls cost more
+than their bytes: they are packed after the frames as one block, joined and written with a
+single copy, and rebuilt as numpy-backed views (a numpy call costs about a microsecond, a torch
+one several on the project's VM).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from data_pipeline import shm_pool
 from data_pipeline.structures import _MAP_FIELDS, AugmentPlan, Batch, EncodedImage, FrameTargets, RunLengthMap
 
 _ALIGN = 64  # byte alignment of every packed tensor (any dtype's, and a cache line)
+_PAD = bytes(_ALIGN)
 _SCALAR_FIELDS = ("weather", "scene")
 _TENSOR_FIELDS = ("boxes", "classes", "ignore", "track_ids", "mask_valid", "keypoints", "pose_boxes")
 if {f.name for f in fields(FrameTargets)} != set(_SCALAR_FIELDS + _TENSOR_FIELDS + _MAP_FIELDS):
@@ -125,15 +128,30 @@ def pack_batch(batch: Batch, *, shared: bool | None = None) -> PackedBatch:
     )
     if any(isinstance(t, Tensor) and (t.device.type != "cpu" or t.dtype not in _NUMPY) for t in p.items):
         return PackedBatch(({f.name: getattr(batch, f.name) for f in fields(batch)},), None, (), None)
-    layout, total = [], 0
-    for t in p.items:
+    # Frames first (decoded in place below), then the small tensors: the dense ones joined into
+    # one block and written with one copy (per-tensor numpy calls cost more than their bytes),
+    # any other one copied element-wise.
+    layout: list = [None] * len(p.items)
+    total, dense, strided, pad = 0, [], [], _PAD
+    for i, t in enumerate(p.items):
         if isinstance(t, EncodedImage):
-            layout.append((total, torch.uint8, t.shape, (1, 3 * t.width, 3)))
-            nbytes = 3 * t.height * t.width
+            layout[i] = (total, torch.uint8, t.shape, (1, 3 * t.width, 3))
+            total += -(-3 * t.height * t.width // _ALIGN) * _ALIGN
+    small_start = total
+    for i, t in enumerate(p.items):
+        if isinstance(t, EncodedImage):
+            continue
+        a = (t.detach() if t.requires_grad else t).numpy()
+        strides = _dense_strides(t)
+        layout[i] = (total, t.dtype, a.shape, strides)
+        if a.flags.c_contiguous:
+            if a.size:  # (memoryview cannot cast a 0-d or empty array)
+                dense.append(a.data.cast("B") if a.ndim else a.tobytes())
+            dense.append(pad[: -a.nbytes % _ALIGN])
         else:
-            layout.append((total, t.dtype, tuple(t.shape), _dense_strides(t)))
-            nbytes = t.numel() * t.element_size()
-        total += -(-nbytes // _ALIGN) * _ALIGN
+            strided.append((i, a))
+            dense.append(bytes(-(-a.nbytes // _ALIGN) * _ALIGN))  # its place, filled below
+        total += -(-a.nbytes // _ALIGN) * _ALIGN
     info = torch.utils.data.get_worker_info()
     ref = intact = None
     if not (info is not None if shared is None else shared):
@@ -147,13 +165,15 @@ def pack_batch(batch: Batch, *, shared: bool | None = None) -> PackedBatch:
             buf, ref, send = pool.acquire(info.id, total)
             if ref is not None:  # pixels kept here for a frame's next use: until the slot is reclaimed
                 intact = functools.partial(pool.holds, ref.slot, ref.token)
-    for t, uses, (off, dtype, shape, strides) in zip(p.items, p.uses, layout):
+    for t, uses, (off, *_) in zip(p.items, p.uses, layout):
         if isinstance(t, EncodedImage):
             t.decode_into(np.ndarray((t.height, t.width, 3), np.uint8, buffer=buf, offset=off), uses, intact)
-        else:
-            item = dtype.itemsize
-            dst = np.ndarray(shape, _NUMPY[dtype], buffer=buf, offset=off, strides=tuple(s * item for s in strides))
-            np.copyto(dst, (t.detach() if t.requires_grad else t).numpy())
+    if total > small_start:
+        buf[small_start:total] = np.frombuffer(b"".join(dense), np.uint8)
+    for i, a in strided:
+        off, dtype, shape, strides = layout[i]
+        item = dtype.itemsize
+        np.copyto(np.ndarray(shape, a.dtype, buffer=buf, offset=off, strides=tuple(s * item for s in strides)), a)
     return PackedBatch(state, send, tuple(layout), ref)
 
 

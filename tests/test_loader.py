@@ -283,6 +283,21 @@ def test_batches_are_deterministic_by_seed_and_epoch(tiny_shards):
     assert names(0) != names(0, seed=1)
 
 
+def test_augmentation_draws_depend_on_the_step_not_on_the_worker_split(tiny_shards):
+    fams = families_from_manifest(tiny_shards, "train")
+    aug = AugmentConfig(scales=(64, 96, 128), flip_prob=0.5)
+
+    def plans(workers, rank=0):
+        ds = MultiSetDataset(fams, LoaderConfig(batch_size=2, num_workers=workers, augment=aug), rank=rank, world_size=2)
+        return [b.augment for b in build_train_loader(ds)]
+
+    one = plans(0)
+    assert one == plans(2) == plans(3)
+    assert {p.height for p in one} <= set(aug.scales) and len({p.height for p in one}) > 1
+    assert {f for p in one for f in p.flips} == {True, False}
+    assert plans(0, rank=1) != one, "ranks draw their own augmentation"
+
+
 def test_require_tasks_restricts_track_set_to_the_mots_subset(tiny_shards):
     cfg = LoaderConfig(batch_size=2, num_workers=0, augment=NO_AUG, require_tasks={"track": ("mots",)})
     fams = [f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "track"]

@@ -154,6 +154,21 @@ def test_pack_round_trips_every_field_and_memory_layout():
     assert torch.equal(back.targets[1].boxes, want.targets[1].boxes)
 
 
+def test_empty_and_gappy_tensors_round_trip():
+    """A frame without people (empty pose tensors) and a tensor whose elements do not tile a
+    block (a strided view): the first packs to nothing, the second arrives contiguous."""
+    t = _targets(0, 8, 8)
+    gappy = torch.arange(24, dtype=torch.float32).reshape(3, 8)[:, ::2]
+    t.boxes, t.keypoints, t.pose_boxes = gappy, torch.zeros(0, 18, 3), torch.zeros(0, 4)
+    batch = Batch(set_name="det", images=[torch.zeros(3, 8, 8, dtype=torch.uint8)], image_sizes=[(8, 8)],
+                  targets=[t], labels=torch.zeros(1, 10, dtype=torch.int8))
+    back = pickle.loads(pickle.dumps(pack_batch(batch, shared=False)))
+    got = back.targets[0]
+    assert got.boxes.is_contiguous() and torch.equal(got.boxes, gappy)
+    assert got.keypoints.shape == (0, 18, 3) and got.pose_boxes.shape == (0, 4)
+    assert _same_batch(back, replace(batch, targets=[replace(t, boxes=gappy.contiguous())]))
+
+
 def test_padded_batches_and_dtypes_numpy_lacks_round_trip():
     batch = Batch(set_name="det", images=torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).reshape(2, 3, 8, 8),
                   image_sizes=[(8, 8)] * 2, targets=[FrameTargets(), FrameTargets()], labels=torch.zeros(2, 10, dtype=torch.int8))
