@@ -2,7 +2,8 @@
 
 Usage::
 
-    uv run python benchmarks/loader_bench.py [--repeat 7] [--workdir /tmp/vtd-loader-bench]
+    uv run python benchmarks/loader_bench.py [--repeat 5] [--frames 600] [--sets det,seg,track]
+        [--throughput-only] [--workdir /tmp/vtd-loader-bench]
 
 What it measures, all on one core (``torch.set_num_threads(1)``, loader with ``num_workers=0``
 so the loop runs in this process, which gets a DataLoader worker's malloc settings,
@@ -20,7 +21,8 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
   typed batch), frames/s, per image set, and its ratio to the floor (side by side, same run);
 * ``1 worker``: the same loader as training runs it, ``DataLoader(num_workers=1)``: the worker
   process decodes, the main process receives the batches through shared memory (timed from
-  the worker's first batch on, in every round);
+  the worker's first batch on, in every round; ``start ms``: until that first batch, the
+  worker's start-up, paid once per epoch);
 * ``loader+aug``: the loader preparing batches itself (scale + flip + padding on the CPU,
   ``augment_in_loader``) instead of the training device;
 * ms per label map: decoding the dataset's PNG vs the shard's run-length member;
@@ -30,6 +32,12 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
   one: the page faults a worker would pay per batch without reusing its segments
   (:mod:`data_pipeline.shm_pool`; it decodes the frames straight into the segment);
 * peak RSS of a fresh process streaming 1×, 2× and 4× the dataset (shards repeated).
+
+Each epoch and each floor pass covers at least ``--frames`` frames (the set's shards listed
+repeatedly): a real BDD100K epoch has tens of thousands, so per-epoch costs (opening shards,
+filling the shuffle buffer, a new worker's first writes to its segments) are amortised as in
+training, and a short timing does not let one slow moment of the host decide a round. Each
+round's floor is the mean of the floor passes before and after its loader epochs.
 
 Images are 1280×720 (the synth generator's ``full`` size).
 """
@@ -89,13 +97,17 @@ DECODERS = {
 }
 
 
-def floor_pass(blobs, n: int, decoder: str = "tv") -> float:
-    """Frames/s of one pass of bare decoding with ``decoder`` (+ the label maps' runs expanded)."""
+def floor_pass(blobs, n: int, decoder: str = "tv", frames: int = 0) -> float:
+    """Frames/s of bare decoding with ``decoder`` (+ the label maps' runs expanded): passes over
+    the blobs until at least ``frames`` frames are decoded (at least one pass), so that the floor
+    is timed over as many frames as the loader epoch it is compared with."""
     dec = DECODERS[decoder]
+    passes = max(1, -(-frames // n))
     t0 = time.perf_counter()
-    for is_jpg, b in blobs:
-        dec(b) if is_jpg else decode_label_map(b)
-    return n / (time.perf_counter() - t0)
+    for _ in range(passes):
+        for is_jpg, b in blobs:
+            dec(b) if is_jpg else decode_label_map(b)
+    return passes * n / (time.perf_counter() - t0)
 
 
 def png_label_ms(root: Path, repeat: int) -> dict[str, tuple[float, float]]:
@@ -140,25 +152,27 @@ def loader_pass(ds: MultiSetDataset, epoch: int) -> float:
     return frames / (time.perf_counter() - t0)
 
 
-def long_family(fam: ShardFamily, frames: int = 200) -> ShardFamily:
+def long_family(fam: ShardFamily, frames: int = 600) -> ShardFamily:
     """The family with its shards listed over and over: an epoch of at least ``frames`` frames,
-    so that per-epoch set-up (opening shards, filling the shuffle buffer) is amortised as over
-    a real BDD100K epoch of tens of thousands of frames."""
+    so that per-epoch set-up (opening shards, filling the shuffle buffer, a new worker's first
+    writes to its shared-memory segments) is amortised as over a real BDD100K epoch of tens of
+    thousands of frames."""
     times = -(-frames // fam.frames)
     return ShardFamily(set_name=fam.set_name, split=fam.split, urls=fam.urls * times, frames=fam.frames * times,
                        task_frames={t: n * times for t, n in fam.task_frames.items()})
 
 
-def one_worker_fps(ds: MultiSetDataset, epoch: int) -> float:
+def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float]:
     """Frames/s of the loader as training runs it, ``DataLoader(num_workers=1)``: one worker
-    process over one long epoch, timed from its first batch on (the worker's start-up is not
-    loader throughput)."""
+    process over one long epoch, timed from its first batch on, and the ms until that first
+    batch (the worker's start-up, paid once per epoch, is not loader throughput)."""
     ds.set_epoch(epoch)
+    t0 = time.perf_counter()
     it = iter(build_train_loader(ds))
     next(it)
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     frames = sum(len(b) for b in it)
-    return frames / (time.perf_counter() - t0)
+    return frames / (time.perf_counter() - t1), (t1 - t0) * 1e3
 
 
 def shard_read_ms(fam: ShardFamily, repeat: int) -> tuple[float, float]:
@@ -241,7 +255,9 @@ def peak_rss_child(urls: list[str], frames: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="/tmp/vtd-loader-bench")
-    p.add_argument("--repeat", type=int, default=7, help="measurement rounds per set")
+    p.add_argument("--repeat", type=int, default=5, help="measurement rounds per set")
+    p.add_argument("--frames", type=int, default=600,
+                   help="frames per loader epoch and per floor pass (the set's shards listed repeatedly)")
     p.add_argument("--sets", default="det,seg,track", help="image sets to measure (comma-separated)")
     p.add_argument("--throughput-only", action="store_true", help="only the loader-vs-floor table")
     a = p.parse_args()
@@ -257,36 +273,45 @@ def main() -> None:
     fams = {f.set_name: f for f in families_from_manifest(str(shards), "train")}
     print(f"# torch {torch.__version__}, 1 thread, {os.cpu_count()} cores on this machine; 1280x720 frames")
     print("ratios are loader / floor, measured side by side in this run; frames/s on one core")
-    print(f"# {a.repeat} rounds per set, each: floor passes (tv, sj), floor+labels pass, loader epoch (>= 200 frames:"
-          " shards listed repeatedly), the same through 1 worker, loader+aug epoch (the set once);")
-    print("# frames/s are medians over rounds, ratios the median of the per-round ratios")
+    print(f"# {a.repeat} rounds per set, each: floor passes (tv, sj), floor+labels pass, loader epoch, the same"
+          f" through 1 worker, floor passes again, loader+aug epoch (the set once); epochs and floor passes of >="
+          f" {a.frames} frames (shards listed repeatedly)")
+    print("# frames/s are medians over rounds; ratios the median of the per-round ratios, each round's floor the"
+          " mean of the passes before and after its loader epochs")
     print(f"{'set':<6} {'frames':>6} {'tv':>6} {'sj':>6} {'jpeg floor':>10} {'jpeg+labels':>11} {'loader':>7} "
-          f"{'/jpeg':>6} {'/jpeg+labels':>12} {'1 worker':>8} {'/jpeg':>6} {'loader+aug':>10} {'/jpeg':>6}")
+          f"{'/jpeg':>6} {'/jpeg+labels':>12} {'1 worker':>8} {'/jpeg':>6} {'start ms':>8} {'loader+aug':>10} {'/jpeg':>6}")
     med = statistics.median
     for s, fam in fams.items():
         if s not in a.sets.split(","):
             continue
         bj, nj = floor_blobs(fam.urls, with_labels=False)
         bl, nl = floor_blobs(fam.urls, with_labels=True)
-        ds, ds_aug = loader_dataset(long_family(fam), in_loader=False), loader_dataset(fam, in_loader=True)
-        ds1 = loader_dataset(long_family(fam), in_loader=False, workers=1)
+        ds, ds_aug = loader_dataset(long_family(fam, a.frames), in_loader=False), loader_dataset(fam, in_loader=True)
+        ds1 = loader_dataset(long_family(fam, a.frames), in_loader=False, workers=1)
         next(iter(ds)), next(iter(ds_aug)), floor_pass(bj[:4], 2, "tv"), floor_pass(bj[:4], 2, "sj")  # warm-up
-        tv, sj, fl, fm, lo, l1, la = [], [], [], [], [], [], []
+        tv, sj, fl, fm, lo, l1, st, la = [], [], [], [], [], [], [], []
+
+        def floors():
+            t, j = floor_pass(bj, nj, "tv", a.frames), floor_pass(bj, nj, "sj", a.frames)
+            tv.append(t), sj.append(j)
+            return max(t, j), "tv" if t >= j else "sj"
+
         for r in range(a.repeat):
-            tv.append(floor_pass(bj, nj, "tv"))
-            sj.append(floor_pass(bj, nj, "sj"))
-            fl.append(max(tv[-1], sj[-1]))
-            best = "tv" if tv[-1] >= sj[-1] else "sj"
-            fm.append(floor_pass(bl, nl, best))
+            before, best = floors()
+            fm.append(floor_pass(bl, nl, best, a.frames))
             lo.append(loader_pass(ds, r))
-            l1.append(one_worker_fps(ds1, r))
+            fps, start_ms = one_worker_fps(ds1, r)
+            l1.append(fps), st.append(start_ms)
+            after, _ = floors()
+            fl.append((before + after) / 2)
             la.append(loader_pass(ds_aug, r))
         r_lo = med(x / y for x, y in zip(lo, fl))
         r_lm = med(x / y for x, y in zip(lo, fm))
         r_l1 = med(x / y for x, y in zip(l1, fl))
         r_la = med(x / y for x, y in zip(la, fl))
-        print(f"{s:<6} {fam.frames:>6} {med(tv):>6.1f} {med(sj):>6.1f} {med(fl):>10.1f} {med(fm):>11.1f} {med(lo):>7.1f} "
-              f"{r_lo:>6.2f} {r_lm:>12.2f} {med(l1):>8.1f} {r_l1:>6.2f} {med(la):>10.1f} {r_la:>6.2f}")
+        print(f"{s:<6} {len(ds) * ds.cfg.batch_size:>6} {med(tv):>6.1f} {med(sj):>6.1f} {med(fl):>10.1f} {med(fm):>11.1f} "
+              f"{med(lo):>7.1f} {r_lo:>6.2f} {r_lm:>12.2f} {med(l1):>8.1f} {r_l1:>6.2f} {med(st):>8.0f} {med(la):>10.1f} "
+              f"{r_la:>6.2f}", flush=True)
 
     if a.throughput_only:
         return
