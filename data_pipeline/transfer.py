@@ -37,6 +37,7 @@ from data_pipeline.structures import _MAP_FIELDS, AugmentPlan, Batch, EncodedIma
 
 _ALIGN = 64  # byte alignment of every packed tensor (any dtype's, and a cache line)
 _PAD = bytes(_ALIGN)
+_SMALL = 1 << 16  # dense tensors up to this size are packed as one joined block
 _SCALAR_FIELDS = ("weather", "scene")
 _TENSOR_FIELDS = ("boxes", "classes", "ignore", "track_ids", "mask_valid", "keypoints", "pose_boxes")
 if {f.name for f in fields(FrameTargets)} != set(_SCALAR_FIELDS + _TENSOR_FIELDS + _MAP_FIELDS):
@@ -128,30 +129,28 @@ def pack_batch(batch: Batch, *, shared: bool | None = None) -> PackedBatch:
     )
     if any(isinstance(t, Tensor) and (t.device.type != "cpu" or t.dtype not in _NUMPY) for t in p.items):
         return PackedBatch(({f.name: getattr(batch, f.name) for f in fields(batch)},), None, (), None)
-    # Frames first (decoded in place below), then the small tensors: the dense ones joined into
-    # one block and written with one copy (per-tensor numpy calls cost more than their bytes),
-    # any other one copied element-wise.
+    # Layout: frames (decoded in place below), then tensors copied one by one (large or strided:
+    # an already decoded frame, a padded image batch), then the small dense ones as one block,
+    # joined and written with one copy (per-tensor numpy calls cost more than their bytes).
     layout: list = [None] * len(p.items)
-    total, dense, strided, pad = 0, [], [], _PAD
+    total, direct, small = 0, [], []
     for i, t in enumerate(p.items):
         if isinstance(t, EncodedImage):
             layout[i] = (total, torch.uint8, t.shape, (1, 3 * t.width, 3))
-            total += -(-3 * t.height * t.width // _ALIGN) * _ALIGN
-    small_start = total
-    for i, t in enumerate(p.items):
-        if isinstance(t, EncodedImage):
-            continue
-        a = (t.detach() if t.requires_grad else t).numpy()
-        strides = _dense_strides(t)
-        layout[i] = (total, t.dtype, a.shape, strides)
-        if a.flags.c_contiguous:
-            if a.size:  # (memoryview cannot cast a 0-d or empty array)
-                dense.append(a.data.cast("B") if a.ndim else a.tobytes())
-            dense.append(pad[: -a.nbytes % _ALIGN])
+            total += _aligned(3 * t.height * t.width)
         else:
-            strided.append((i, a))
-            dense.append(bytes(-(-a.nbytes // _ALIGN) * _ALIGN))  # its place, filled below
-        total += -(-a.nbytes // _ALIGN) * _ALIGN
+            a = (t.detach() if t.requires_grad else t).numpy()
+            (small if a.flags.c_contiguous and a.nbytes <= _SMALL else direct).append((i, t, a))
+    for i, t, a in direct:
+        layout[i] = (total, t.dtype, a.shape, _dense_strides(t))
+        total += _aligned(a.nbytes)
+    small_start, block = total, []
+    for i, t, a in small:
+        layout[i] = (total, t.dtype, a.shape, t.stride())
+        if a.size:  # (memoryview cannot cast a 0-d or empty array)
+            block.append(a.data.cast("B") if a.ndim else a.tobytes())
+        block.append(_PAD[: -a.nbytes % _ALIGN])
+        total += _aligned(a.nbytes)
     info = torch.utils.data.get_worker_info()
     ref = intact = None
     if not (info is not None if shared is None else shared):
@@ -168,13 +167,17 @@ def pack_batch(batch: Batch, *, shared: bool | None = None) -> PackedBatch:
     for t, uses, (off, *_) in zip(p.items, p.uses, layout):
         if isinstance(t, EncodedImage):
             t.decode_into(np.ndarray((t.height, t.width, 3), np.uint8, buffer=buf, offset=off), uses, intact)
-    if total > small_start:
-        buf[small_start:total] = np.frombuffer(b"".join(dense), np.uint8)
-    for i, a in strided:
+    for i, _, a in direct:
         off, dtype, shape, strides = layout[i]
         item = dtype.itemsize
         np.copyto(np.ndarray(shape, a.dtype, buffer=buf, offset=off, strides=tuple(s * item for s in strides)), a)
+    if total > small_start:
+        buf[small_start:total] = np.frombuffer(b"".join(block), np.uint8)
     return PackedBatch(state, send, tuple(layout), ref)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
 
 
 def _dense_strides(t: Tensor) -> tuple[int, ...]:

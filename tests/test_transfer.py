@@ -160,9 +160,12 @@ def test_empty_and_gappy_tensors_round_trip():
     t = _targets(0, 8, 8)
     gappy = torch.arange(24, dtype=torch.float32).reshape(3, 8)[:, ::2]
     t.boxes, t.keypoints, t.pose_boxes = gappy, torch.zeros(0, 18, 3), torch.zeros(0, 4)
-    batch = Batch(set_name="det", images=[torch.zeros(3, 8, 8, dtype=torch.uint8)], image_sizes=[(8, 8)],
+    # a decoded frame: a [3, H, W] view of [H, W, 3] memory, large enough to be copied on its own
+    frame = torch.randint(0, 256, (128, 256, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).permute(2, 0, 1)
+    batch = Batch(set_name="det", images=[frame], image_sizes=[(128, 256)],
                   targets=[t], labels=torch.zeros(1, 10, dtype=torch.int8))
     back = pickle.loads(pickle.dumps(pack_batch(batch, shared=False)))
+    assert back.images[0].stride() == frame.stride() and torch.equal(back.images[0], frame)
     got = back.targets[0]
     assert got.boxes.is_contiguous() and torch.equal(got.boxes, gappy)
     assert got.keypoints.shape == (0, 18, 3) and got.pose_boxes.shape == (0, 4)
@@ -170,8 +173,10 @@ def test_empty_and_gappy_tensors_round_trip():
 
 
 def test_padded_batches_and_dtypes_numpy_lacks_round_trip():
-    batch = Batch(set_name="det", images=torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).reshape(2, 3, 8, 8),
-                  image_sizes=[(8, 8)] * 2, targets=[FrameTargets(), FrameTargets()], labels=torch.zeros(2, 10, dtype=torch.int8))
+    # a padded image batch, larger than the block the small tensors are joined into
+    batch = Batch(set_name="det", images=torch.arange(2 * 3 * 96 * 128, dtype=torch.uint8).reshape(2, 3, 96, 128),
+                  image_sizes=[(96, 128)] * 2, targets=[_targets(0, 96, 128), FrameTargets()],
+                  labels=torch.zeros(2, 10, dtype=torch.int8))
     assert _same_batch(pickle.loads(pickle.dumps(batch)), batch)
     bf = replace(batch, images=batch.images.to(torch.bfloat16))  # no numpy dtype: pickled field by field
     assert pack_batch(bf).layout == () and _same_batch(pickle.loads(pickle.dumps(bf)), bf)
