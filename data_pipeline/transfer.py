@@ -42,11 +42,10 @@ _SCALAR_FIELDS = ("weather", "scene")
 _TENSOR_FIELDS = ("boxes", "classes", "ignore", "track_ids", "mask_valid", "keypoints", "pose_boxes")
 if {f.name for f in fields(FrameTargets)} != set(_SCALAR_FIELDS + _TENSOR_FIELDS + _MAP_FIELDS):
     raise AssertionError("data_pipeline.transfer does not know every FrameTargets field: update it")
-_NUMPY = {
-    torch.uint8: np.uint8, torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32,
-    torch.int64: np.int64, torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64,
-    torch.bool: np.bool_,
-}
+_NUMPY_DTYPES = frozenset((  # torch dtypes numpy has (Tensor.numpy() works)
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32, torch.float64,
+    torch.bool,
+))
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def pack_batch(batch: Batch, *, shared: bool | None = None) -> PackedBatch:
         batch.meta, p.images(batch.ref_images), p.targets(batch.ref_targets),
         None if aug is None else (aug.height, aug.flips, aug.applied), batch.size_divisor,
     )
-    if any(isinstance(t, Tensor) and (t.device.type != "cpu" or t.dtype not in _NUMPY) for t in p.items):
+    if any(isinstance(t, Tensor) and (t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES) for t in p.items):
         return PackedBatch(({f.name: getattr(batch, f.name) for f in fields(batch)},), None, (), None)
     # Layout: frames (decoded in place below), then tensors copied one by one (large or strided:
     # an already decoded frame, a padded image batch), then the small dense ones as one block,
