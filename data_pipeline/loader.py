@@ -5,7 +5,8 @@ Data flow inside one DataLoader worker (``torch.utils.data`` workers, one proces
     shards of set s (fsspec URIs) ──split by (rank, worker)──► tar samples (tar_reader)
         ──seeded shuffle buffer──► decode_clip (JSON, JPEG header, run-length label maps only)
         ──key frame + reference frame──► collate into a Batch ──(augment plan drawn)──►
-        pack_batch: JPEGs decoded straight into a reused shared-memory segment ──► yield
+        pack_batch: JPEGs decoded straight into a reused shared-memory segment
+        ──► yield ``handoff_batches`` consecutive steps at once (one DataLoader item)
 
 Batches leave the worker unpadded, with compact label maps (:mod:`data_pipeline.structures`);
 :func:`data_pipeline.transforms.prepare_batch` resizes, flips and pads them on the training
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -78,6 +80,14 @@ class LoaderConfig:
     tracking set (paper H.1, joint training). ``ref_range`` bounds the key→reference frame
     distance (QDTrack: ±3). ``augment_in_loader`` applies the augmentation in the workers
     instead of leaving it to the training step (see :mod:`data_pipeline.transforms`).
+
+    ``handoff_batches``: consecutive batches a DataLoader worker makes and hands over together,
+    as one DataLoader item; the training process still receives them one by one, in step order.
+    The DataLoader's per-item costs (its index and result queues, the result queue's feeder
+    thread waking up and taking the worker's GIL, the training process's wake-up) are then paid
+    once per hand-off instead of once per batch (benchmarks/RESULTS.md). ``prefetch_factor``
+    counts hand-offs per worker, and the first batch of an epoch arrives once the first hand-off
+    is complete.
     """
 
     batch_size: int = 2
@@ -92,6 +102,7 @@ class LoaderConfig:
     require_tasks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     pin_memory: bool = False
     prefetch_factor: int = 2
+    handoff_batches: int = 4
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -100,6 +111,10 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.num_workers must be >= 0, got {self.num_workers}")
         if self.sampling not in SAMPLING_MODES:
             raise ValueError(f"LoaderConfig.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+        if self.handoff_batches < 1:
+            raise ValueError(f"LoaderConfig.handoff_batches must be >= 1, got {self.handoff_batches}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"LoaderConfig.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if self.ref_range < 1:
             raise ValueError(f"LoaderConfig.ref_range must be >= 1, got {self.ref_range}")
 
@@ -130,9 +145,9 @@ def _ref_index(rng: np.random.Generator, frames: list[DecodedFrame], k: int, ref
 
 
 class MultiSetDataset(IterableDataset):
-    """Yields :class:`Batch` objects; use with ``DataLoader(batch_size=None)``. (Inside a
-    DataLoader worker it yields them packed, :class:`~data_pipeline.transfer.PackedBatch`,
-    which the training process receives as :class:`Batch`.)
+    """Yields :class:`Batch` objects; use it through :func:`build_train_loader`. (Inside a
+    DataLoader worker it yields them packed, :class:`~data_pipeline.transfer.PackedBatch`, in
+    lists of ``handoff_batches``, which the training process receives as :class:`Batch` objects.)
 
     ``len(dataset)`` is the number of batches every rank takes per epoch. Call
     :meth:`set_epoch` before iterating each epoch (workers receive a copy of the dataset when
@@ -274,28 +289,41 @@ class MultiSetDataset(IterableDataset):
         # frames are still JPEG here; they are decoded into the memory the batch leaves in
         return prepare_batch(decode_images(batch)) if cfg.augment_in_loader else batch
 
-    def __iter__(self) -> Iterator[Batch | PackedBatch]:
+    def __iter__(self) -> Iterator[Batch | list[PackedBatch]]:
         info = get_worker_info()
-        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
             torch.set_num_threads(1)
             keep_freed_memory()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         schedule = self.schedule()
-        gworker, total = self.rank * nw + wid, self.world_size * nw
         heights, flips = self.augment_plans(len(schedule))
         streams: dict[str, Iterator] = {}
-        for step in range(wid, len(schedule), nw):
+        gworker, total = self.rank * nw + wid, self.world_size * nw
+
+        def batch(step: int) -> Batch:
             s = schedule[step]
             if s not in streams:
                 streams[s] = self._frame_stream(self.families[s], gworker, total)
             items = [next(streams[s]) for _ in range(self.cfg.batch_size)]
-            batch = self._collate(s, items, step, int(heights[step]), flips[step])
-            if info is not None:
-                # Pack (decoding the frames straight into shared memory) here rather than when
-                # the queue's feeder thread pickles the batch, where it would contend for the GIL.
-                yield pack_batch(batch)
-            else:
-                yield decode_images(batch)
+            return self._collate(s, items, step, int(heights[step]), flips[step])
+
+        if info is None:
+            for step in range(len(schedule)):
+                yield decode_images(batch(step))
+            return
+        for steps in handoff_steps(len(schedule), wid, nw, self.cfg.handoff_batches):
+            # Pack each batch (decoding its frames straight into shared memory) here rather than
+            # when the queue's feeder thread pickles the hand-off, where it would contend for the GIL.
+            yield [pack_batch(batch(step)) for step in steps]
+
+
+def handoff_steps(steps: int, worker: int, workers: int, size: int) -> Iterator[range]:
+    """The steps worker ``worker`` of ``workers`` makes, as hand-offs of up to ``size``
+    consecutive steps: hand-off ``j`` of the epoch (steps ``[j * size, (j + 1) * size)``) goes to
+    worker ``j % workers``. The DataLoader takes items from its workers in turn, so the
+    training process receives the steps in order."""
+    for first in range(worker * size, steps, workers * size):
+        yield range(first, min(first + size, steps))
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
@@ -326,19 +354,42 @@ def keep_freed_memory() -> bool:
 
 
 class _TrainLoader(DataLoader):
-    """A DataLoader whose worker processes reuse shared-memory segments for the batches they
-    hand over: every iteration (new, non-persistent workers) gets a new
+    """A DataLoader over a :class:`MultiSetDataset` that yields batches one by one, in step
+    order, while its workers hand them over ``handoff_batches`` at a time. The workers reuse
+    shared-memory segments for them: every iteration (new, non-persistent workers) gets a new
     :class:`~data_pipeline.shm_pool.BufferPool`, created here before its workers start."""
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch]:
         if self.num_workers == 0:
             return super().__iter__()
-        # in flight per worker: the prefetched batches, plus those the training process
-        # still holds (the current one, the previous one, one in the pin-memory thread)
-        pool = self.dataset.buffer_pool = BufferPool(self.num_workers, self.prefetch_factor + 4)
-        it = super().__iter__()
-        it._vtd_buffer_pool = pool  # the training process keeps the pool as long as the iterator
-        return it
+        # in flight per worker: the hand-offs it was asked for (the prefetched ones, one of them
+        # in the making), the one the training process is taking batches from, and the batches
+        # the training process still holds (the previous one, one in the pin-memory thread)
+        k = self.dataset.cfg.handoff_batches
+        pool = self.dataset.buffer_pool = BufferPool(self.num_workers, (self.prefetch_factor + 1) * k + 3)
+        return _Handoffs(super().__iter__(), pool, len(self))
+
+
+class _Handoffs:
+    """The batches of a multi-process DataLoader iterator whose items are lists of batches,
+    one by one. Keeps the iteration's :class:`BufferPool` (the training process's side of the
+    shared-memory segments) as long as the iterator, and no batch longer than it is queued."""
+
+    def __init__(self, items: Iterator[list[Batch]], pool: BufferPool, batches: int) -> None:
+        self._items, self._len = items, batches
+        self.buffer_pool = pool
+        self._ready: deque[Batch] = deque()
+
+    def __iter__(self) -> _Handoffs:
+        return self
+
+    def __next__(self) -> Batch:
+        while not self._ready:
+            self._ready.extend(next(self._items))  # StopIteration ends the epoch
+        return self._ready.popleft()
+
+    def __len__(self) -> int:
+        return self._len
 
 
 def build_train_loader(dataset: MultiSetDataset) -> DataLoader:
@@ -361,6 +412,7 @@ __all__ = [
     "MultiSetDataset",
     "ShardFamily",
     "build_train_loader",
+    "handoff_steps",
     "iter_frames",
     "iter_shard",
 ]

@@ -22,7 +22,14 @@ from data_pipeline import bdd100k
 from data_pipeline.bdd100k import Layout
 from data_pipeline.decode import decode_clip
 from data_pipeline.errors import DataError
-from data_pipeline.loader import LoaderConfig, MultiSetDataset, build_train_loader, iter_frames, iter_shard
+from data_pipeline.loader import (
+    LoaderConfig,
+    MultiSetDataset,
+    build_train_loader,
+    handoff_steps,
+    iter_frames,
+    iter_shard,
+)
 from data_pipeline.manifest import families_from_manifest
 from data_pipeline.structures import AugmentPlan, LabelSource
 from data_pipeline.transforms import AugmentConfig, prepare_batch
@@ -268,6 +275,35 @@ def test_every_rank_gets_the_same_number_of_batches(tiny_shards, world_size):
         per_rank_names.append([m["name"] for b in batches for m in b.meta])
     assert all(s == per_rank_sets[0] for s in per_rank_sets), "ranks step through the same sets in the same order"
     assert per_rank_names[0] != per_rank_names[1], "ranks see different data"
+
+
+@pytest.mark.parametrize("steps", [0, 1, 7, 24])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("size", [1, 3, 4])
+def test_handoffs_taken_from_the_workers_in_turn_are_the_steps_in_order(steps, workers, size):
+    # the DataLoader's order: one item from each worker still running, in turn
+    queues = [list(handoff_steps(steps, w, workers, size)) for w in range(workers)]
+    taken = []
+    while any(queues):
+        for q in queues:
+            if q:
+                taken.extend(q.pop(0))
+    assert taken == list(range(steps))
+    counts = [sum(len(r) for r in handoff_steps(steps, w, workers, size)) for w in range(workers)]
+    assert max(counts) - min(counts) <= size, "the work is spread evenly over the workers"
+
+
+@pytest.mark.parametrize(("workers", "handoff"), [(2, 3), (3, 1)])
+def test_workers_hand_over_the_batches_in_step_order(tiny_shards, workers, handoff):
+    fams = families_from_manifest(tiny_shards, "train")
+    cfg = LoaderConfig(batch_size=2, num_workers=workers, handoff_batches=handoff, augment=NO_AUG)
+    ds = MultiSetDataset(fams, cfg, rank=0, world_size=1)
+    assert len(ds) > workers * handoff, "every worker hands over at least once"
+    it = iter(build_train_loader(ds))
+    assert len(it) == len(ds)
+    batches = list(it)
+    assert [b.meta[0]["step"] for b in batches] == list(range(len(ds)))
+    assert [b.set_name for b in batches] == ds.schedule()
 
 
 def test_batches_are_deterministic_by_seed_and_epoch(tiny_shards):

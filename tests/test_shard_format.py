@@ -236,7 +236,7 @@ def test_workers_reuse_segments_yet_never_overwrite_a_batch_still_held(tiny_shar
     assert len(want) > 20 and 0 < len(slots) <= len(want)  # batches that found no free slot travel unpooled
     assert len(set(slots)) < len(slots), "segments were reused"
     # each segment crossed once (with the first batch in it; later ones refer to it) or when it grew
-    received = it._vtd_buffer_pool.segments_received
+    received = it.buffer_pool.segments_received
     assert 0 < received <= 2 * len(set(slots)) < len(slots), (received, len(set(slots)), len(slots))
     for i, b in held.items():
         assert _same(_flatten(b), want[i]), f"held batch {i} was overwritten"

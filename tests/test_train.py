@@ -90,6 +90,7 @@ BASE = "data: {uri: /nowhere}\n"
         ("data: {uri: /x, sampling: random}\n", ["data", "sampling", "'random'"]),
         ("data: {uri: /x, require_tasks: {det: tag}}\n", ["data", "require_tasks.det", "'tag'"]),
         ("data: {uri: /x, scales: [0]}\n", ["data", "scales", "(0,)"]),
+        ("data: {uri: /x, handoff_batches: 0}\n", ["data", "handoff_batches must be >= 1", "0"]),
         ("epochs: 3\n", ["missing key 'data'"]),
         (BASE + "checkpoint: {every_steps: -2}\n", ["checkpoint", "every_steps", "-2"]),
         (BASE + "failures: {max_consecutive_nonfinite: 0}\n", ["failures", "max_consecutive_nonfinite", "0"]),

@@ -83,7 +83,8 @@ class DataConfig:
 
     ``sets``: image sets to train on, in round-robin order (default: every set of the split).
     ``require_tasks``: ``{set: [task, ...]}`` keeps only key frames labelled for those tasks.
-    ``loader_workers``: DataLoader worker processes per rank.
+    ``loader_workers``: DataLoader worker processes per rank; ``handoff_batches``: consecutive
+    batches a worker hands over at once; ``prefetch_factor``: hand-offs each worker keeps ready.
     """
 
     uri: str
@@ -99,6 +100,7 @@ class DataConfig:
     size_divisor: int = 32
     augment_in_loader: bool = False
     prefetch_factor: int = 2
+    handoff_batches: int = 4
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "uri must name the shard root written by `vtd data convert`")
@@ -107,6 +109,8 @@ class DataConfig:
             bad = [s for s in self.sets if s not in IMAGE_SETS]
             _check(not bad and len(self.sets) > 0, f"sets must be a non-empty list of {IMAGE_SETS}, got {list(self.sets)}")
         _check(self.loader_workers >= 0, f"loader_workers must be >= 0, got {self.loader_workers}")
+        _check(self.prefetch_factor >= 1, f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        _check(self.handoff_batches >= 1, f"handoff_batches must be >= 1, got {self.handoff_batches}")
         _check(self.size_divisor >= 1, f"size_divisor must be >= 1, got {self.size_divisor}")
         if not isinstance(self.require_tasks, dict):
             raise VTDInputError(f"require_tasks must be a mapping set -> [task, ...], got {self.require_tasks!r}")
@@ -139,6 +143,7 @@ class DataConfig:
             require_tasks=dict(self.require_tasks),
             pin_memory=pin_memory,
             prefetch_factor=self.prefetch_factor,
+            handoff_batches=self.handoff_batches,
         )
 
 
