@@ -3,7 +3,7 @@
 Usage::
 
     uv run python benchmarks/loader_bench.py [--repeat 5] [--frames 600] [--sets det,seg,track]
-        [--throughput-only] [--workdir /tmp/vtd-loader-bench]
+        [--throughput-only] [--handoff-ab N] [--workdir /tmp/vtd-loader-bench]
 
 What it measures, all on one core (``torch.set_num_threads(1)``, loader with ``num_workers=0``
 so the loop runs in this process, which gets a DataLoader worker's malloc settings,
@@ -23,6 +23,9 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
   process decodes, the main process receives the batches through shared memory (timed from
   the worker's first batch on, in every round; ``start ms``: until that first batch, the
   worker's start-up, paid once per epoch);
+* ``--handoff-ab N``: one more ``1 worker`` epoch per round whose worker hands over ``N``
+  batches per DataLoader item instead of the default ``handoff_batches``, and the per-round
+  ratio of the two;
 * ``loader+aug``: the loader preparing batches itself (scale + flip + padding on the CPU,
   ``augment_in_loader``) instead of the training device;
 * ms per label map: decoding the dataset's PNG vs the shard's run-length member;
@@ -55,6 +58,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -138,9 +142,11 @@ def png_label_ms(root: Path, repeat: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-def loader_dataset(fam: ShardFamily, in_loader: bool, workers: int = 0) -> MultiSetDataset:
+def loader_dataset(fam: ShardFamily, in_loader: bool, workers: int = 0, handoff: int | None = None) -> MultiSetDataset:
     cfg = LoaderConfig(batch_size=2, num_workers=workers, augment_in_loader=in_loader, shuffle_buffer=8,
                        augment=AugmentConfig())
+    if handoff is not None:
+        cfg = replace(cfg, handoff_batches=handoff)
     return MultiSetDataset([fam], cfg, rank=0, world_size=1)
 
 
@@ -260,6 +266,9 @@ def main() -> None:
                    help="frames per loader epoch and per floor pass (the set's shards listed repeatedly)")
     p.add_argument("--sets", default="det,seg,track", help="image sets to measure (comma-separated)")
     p.add_argument("--throughput-only", action="store_true", help="only the loader-vs-floor table")
+    p.add_argument("--handoff-ab", type=int, default=None, metavar="N",
+                   help="also time, in every round, a 1-worker epoch whose worker hands over N batches at a time "
+                        "(handoff_batches), side by side with the default")
     a = p.parse_args()
     torch.set_num_threads(1)
     # This process plays the loader worker: the same malloc settings a DataLoader worker gets.
@@ -289,7 +298,8 @@ def main() -> None:
         ds, ds_aug = loader_dataset(long_family(fam, a.frames), in_loader=False), loader_dataset(fam, in_loader=True)
         ds1 = loader_dataset(long_family(fam, a.frames), in_loader=False, workers=1)
         next(iter(ds)), next(iter(ds_aug)), floor_pass(bj[:4], 2, "tv"), floor_pass(bj[:4], 2, "sj")  # warm-up
-        tv, sj, fl, fm, lo, l1, st, la = [], [], [], [], [], [], [], []
+        dsb = None if a.handoff_ab is None else loader_dataset(long_family(fam, a.frames), False, 1, a.handoff_ab)
+        tv, sj, fl, fm, lo, l1, st, la, lb = [], [], [], [], [], [], [], [], []
 
         def floors():
             t, j = floor_pass(bj, nj, "tv", a.frames), floor_pass(bj, nj, "sj", a.frames)
@@ -300,8 +310,12 @@ def main() -> None:
             before, best = floors()
             fm.append(floor_pass(bl, nl, best, a.frames))
             lo.append(loader_pass(ds, r))
+            if dsb is not None and r % 2:  # the A/B's order alternates between rounds
+                lb.append(one_worker_fps(dsb, r)[0])
             fps, start_ms = one_worker_fps(ds1, r)
             l1.append(fps), st.append(start_ms)
+            if dsb is not None and not r % 2:
+                lb.append(one_worker_fps(dsb, r)[0])
             after, _ = floors()
             fl.append((before + after) / 2)
             la.append(loader_pass(ds_aug, r))
@@ -312,6 +326,12 @@ def main() -> None:
         print(f"{s:<6} {len(ds) * ds.cfg.batch_size:>6} {med(tv):>6.1f} {med(sj):>6.1f} {med(fl):>10.1f} {med(fm):>11.1f} "
               f"{med(lo):>7.1f} {r_lo:>6.2f} {r_lm:>12.2f} {med(l1):>8.1f} {r_l1:>6.2f} {med(st):>8.0f} {med(la):>10.1f} "
               f"{r_la:>6.2f}", flush=True)
+        if dsb is not None:
+            r_lb = med(x / y for x, y in zip(lb, fl))
+            gain = med(x / y for x, y in zip(l1, lb))
+            print(f"{'':<6} 1 worker, handoff_batches {a.handoff_ab}: {med(lb):.1f} f/s, /jpeg {r_lb:.2f}; default "
+                  f"({ds1.cfg.handoff_batches}) / this, per round: median {gain:.3f}, rounds "
+                  + " ".join(f"{x / y:.3f}" for x, y in zip(l1, lb)), flush=True)
 
     if a.throughput_only:
         return
