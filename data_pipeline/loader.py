@@ -311,10 +311,15 @@ class MultiSetDataset(IterableDataset):
             for step in range(len(schedule)):
                 yield decode_images(batch(step))
             return
-        for steps in handoff_steps(len(schedule), wid, nw, self.cfg.handoff_batches):
-            # Pack each batch (decoding its frames straight into shared memory) here rather than
-            # when the queue's feeder thread pickles the hand-off, where it would contend for the GIL.
-            yield [pack_batch(batch(step)) for step in steps]
+        try:
+            for steps in handoff_steps(len(schedule), wid, nw, self.cfg.handoff_batches):
+                # Pack each batch (decoding its frames straight into shared memory) here rather than
+                # when the queue's feeder thread pickles the hand-off, where it would contend for the GIL.
+                yield [pack_batch(batch(step)) for step in steps]
+        except DataError as e:
+            # The DataLoader would re-raise it in the training process as a RuntimeError holding
+            # the worker's traceback as text; sent as an item, it is raised there as itself.
+            yield e
 
 
 def handoff_steps(steps: int, worker: int, workers: int, size: int) -> Iterator[range]:
@@ -385,7 +390,10 @@ class _Handoffs:
 
     def __next__(self) -> Batch:
         while not self._ready:
-            self._ready.extend(next(self._items))  # StopIteration ends the epoch
+            item = next(self._items)  # StopIteration ends the epoch
+            if isinstance(item, DataError):  # a worker met bad data (MultiSetDataset.__iter__)
+                raise item
+            self._ready.extend(item)
         return self._ready.popleft()
 
     def __len__(self) -> int:

@@ -78,6 +78,29 @@ def test_a_truncated_frame_is_an_error_naming_shard_and_frame(tiny_shards):
     assert fam.urls[0] in str(e.value) and frame.record["name"] in str(e.value) and "jpg" in str(e.value)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_truncated_frame_met_in_a_worker_is_the_same_error_in_the_training_process(tiny_shards, tmp_path, workers):
+    from webdataset.writer import TarWriter
+
+    from data_pipeline.loader import ShardFamily, build_train_loader
+
+    det = next(f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "det")
+    samples = [s for u in det.urls for s in iter_shard(u)]
+    url = str(tmp_path / "det-truncated.tar")
+    with open(url, "wb") as f, TarWriter(f, encoder=False, mtime=0) as w:
+        for i, s in enumerate(samples):
+            s = {k: (v if k == "__key__" else bytes(v)) for k, v in s.items() if k != "__url__"}
+            if i == 1:  # the header intact (the sample assembles), the pixels cut off
+                s["0.jpg"] = s["0.jpg"][: len(s["0.jpg"]) // 2]
+            w.write(s)
+    fam = ShardFamily(set_name="det", split="train", urls=(url,), frames=len(samples))
+    cfg = LoaderConfig(batch_size=2, num_workers=workers, shuffle_buffer=1, augment=AugmentConfig(scales=(64,)))
+    with pytest.raises(DataError, match="corrupt JPEG") as e:
+        list(build_train_loader(MultiSetDataset([fam], cfg, rank=0, world_size=1)))
+    assert e.value.file == f"{url}:{samples[1]['__key__']}" and e.value.field == "jpg"
+    assert e.value.frame == decode_clip(samples[1])[0].record["name"]
+
+
 def test_a_frame_used_twice_is_decoded_once_and_copied_for_the_second_use(monkeypatch):
     calls = []
     real = jpeg.decode_into
