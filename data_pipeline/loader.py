@@ -86,8 +86,8 @@ class LoaderConfig:
     The DataLoader's per-item costs (its index and result queues, the result queue's feeder
     thread waking up and taking the worker's GIL, the training process's wake-up) are then paid
     once per hand-off instead of once per batch (benchmarks/RESULTS.md). ``prefetch_factor``
-    counts hand-offs per worker, and the first batch of an epoch arrives once the first hand-off
-    is complete.
+    counts hand-offs per worker. Each worker's first hand-off of an epoch is a single batch, so
+    the epoch starts as soon as its first batch is made.
     """
 
     batch_size: int = 2
@@ -323,11 +323,14 @@ class MultiSetDataset(IterableDataset):
 
 
 def handoff_steps(steps: int, worker: int, workers: int, size: int) -> Iterator[range]:
-    """The steps worker ``worker`` of ``workers`` makes, as hand-offs of up to ``size``
-    consecutive steps: hand-off ``j`` of the epoch (steps ``[j * size, (j + 1) * size)``) goes to
-    worker ``j % workers``. The DataLoader takes items from its workers in turn, so the
-    training process receives the steps in order."""
-    for first in range(worker * size, steps, workers * size):
+    """The steps worker ``worker`` of ``workers`` makes, as hand-offs of consecutive steps.
+    Hand-off ``j`` of the epoch goes to worker ``j % workers``: the first one of each worker is
+    a single step (step ``j``, so that the epoch's first batches come as soon as one is made),
+    the later ones ``size`` steps each. The DataLoader takes items from its workers in turn, so
+    the training process receives the steps in order."""
+    if worker < steps:
+        yield range(worker, worker + 1)
+    for first in range(workers + worker * size, steps, workers * size):
         yield range(first, min(first + size, steps))
 
 

@@ -291,6 +291,9 @@ def test_handoffs_taken_from_the_workers_in_turn_are_the_steps_in_order(steps, w
     assert taken == list(range(steps))
     counts = [sum(len(r) for r in handoff_steps(steps, w, workers, size)) for w in range(workers)]
     assert max(counts) - min(counts) <= size, "the work is spread evenly over the workers"
+    for w in range(min(workers, steps)):  # a worker's first hand-off is one step: the epoch starts at once
+        assert next(handoff_steps(steps, w, workers, size)) == range(w, w + 1)
+    assert all(len(r) == size for w in range(workers) for r in list(handoff_steps(steps, w, workers, size))[1:-1])
 
 
 @pytest.mark.parametrize(("workers", "handoff"), [(2, 3), (3, 1)])
