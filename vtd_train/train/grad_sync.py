@@ -25,8 +25,8 @@ then one all-reduce of the gradients that exist somewhere.** After the local bac
    ``n_p``: **the mean over the ranks that had data for the parameter.** This is the
    convention the model already uses inside a batch (a task's loss is averaged over the
    samples labelled for it), so a decoder's update does not shrink because other ranks were
-   busy with other image sets; the backbone, used by every rank, gets the plain mean. When all ranks hold the same set (the default schedule) this is exactly
-   DDP's average.
+   busy with other image sets; the backbone, used by every rank, gets the plain mean. When all
+   ranks hold the same set (the default schedule) this is exactly DDP's average.
 
 The summed buffers are bit-identical on every rank (the collective's result is broadcast), so the
 ranks' gradients, the GradScaler's inf check, the clipping norm and the updates agree without
@@ -39,8 +39,9 @@ without hanging the others, so non-finite agreement would need a second collecti
 backward; (c) it walks the autograd graph every step. What we give up is DDP's overlap of
 communication with the backward pass: the all-reduce runs after it (measured by
 ``benchmarks/train_overhead.py`` as ``all-reduce``; on 2 CPU cores it is compute-bound either
-way). Frozen parameters (``requires_grad=False``) are simply not in the list. Mutable buffers (``BatchNorm`` running statistics when ``frozen_bn`` is off) are
-broadcast from rank 0 before each forward, like DDP's ``broadcast_buffers``.
+way). Frozen parameters (``requires_grad=False``) are simply not in the list. Mutable buffers
+(``BatchNorm`` running statistics when ``frozen_bn`` is off) are broadcast from rank 0 before
+each forward, like DDP's ``broadcast_buffers``.
 """
 
 from __future__ import annotations
