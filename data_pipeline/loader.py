@@ -5,8 +5,9 @@ Data flow inside one DataLoader worker (``torch.utils.data`` workers, one proces
     shards of set s (fsspec URIs) ──split by (rank, worker)──► tar samples (tar_reader)
         ──seeded shuffle buffer──► decode_clip (JSON, JPEG header, run-length label maps only)
         ──key frame + reference frame──► collate into a Batch ──(augment plan drawn)──►
-        pack_batch: JPEGs decoded straight into a reused shared-memory segment
-        ──► yield ``handoff_batches`` consecutive steps at once (one DataLoader item)
+        ──``handoff_batches`` consecutive steps──► pack_batches: each batch's tensors written
+        to a reused shared-memory segment, then the JPEGs of all decoded straight into them
+        ──► yield the hand-off (one DataLoader item)
 
 Batches leave the worker unpadded, with compact label maps (:mod:`data_pipeline.structures`);
 :func:`data_pipeline.transforms.prepare_batch` resizes, flips and pads them on the training
@@ -45,7 +46,7 @@ from data_pipeline.sampler import (
 )
 from data_pipeline.shm_pool import BufferPool
 from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
-from data_pipeline.transfer import PackedBatch, decode_images, pack_batch
+from data_pipeline.transfer import PackedBatch, decode_images, pack_batches
 from data_pipeline.tar_reader import iter_samples
 from data_pipeline.transforms import AugmentConfig, prepare_batch
 
@@ -313,9 +314,10 @@ class MultiSetDataset(IterableDataset):
             return
         try:
             for steps in handoff_steps(len(schedule), wid, nw, self.cfg.handoff_batches):
-                # Pack each batch (decoding its frames straight into shared memory) here rather than
-                # when the queue's feeder thread pickles the hand-off, where it would contend for the GIL.
-                yield [pack_batch(batch(step)) for step in steps]
+                # Pack the batches (decoding their frames straight into shared memory, after the
+                # hand-off's other work) here rather than when the queue's feeder thread pickles
+                # the hand-off, where it would contend for the GIL.
+                yield pack_batches([batch(step) for step in steps])
         except DataError as e:
             # The DataLoader would re-raise it in the training process as a RuntimeError holding
             # the worker's traceback as text; sent as an item, it is raised there as itself.

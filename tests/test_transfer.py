@@ -19,7 +19,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import LoaderConfig, MultiSetDataset, iter_shard
 from data_pipeline.manifest import families_from_manifest
 from data_pipeline.structures import AugmentPlan, Batch, EncodedImage, FrameTargets, RunLengthMap
-from data_pipeline.transfer import pack_batch
+from data_pipeline.transfer import pack_batch, pack_batches
 from data_pipeline.transforms import AugmentConfig
 
 
@@ -175,6 +175,31 @@ def test_pack_round_trips_every_field_and_memory_layout():
     assert len({t.untyped_storage().data_ptr() for t in (back.labels, back.images[0], back.targets[1].boxes)}) == 1
     back.targets[0].boxes.fill_(-1)
     assert torch.equal(back.targets[1].boxes, want.targets[1].boxes)
+
+
+def test_batches_packed_together_share_a_frame_across_them_decoded_once(monkeypatch):
+    """A hand-off's batches are packed together, their frames decoded after all of them are laid
+    out: a frame the first batch uses and the second uses again is decoded once, and each batch
+    arrives as it would packed on its own."""
+    calls = []
+    real = jpeg.decode_into
+    monkeypatch.setattr(jpeg, "decode_into", lambda data, out: (calls.append(bytes(data)), real(data, out)))
+    data = [_jpeg("RGB", 40, 56, seed=s) for s in range(3)]
+    enc = [EncodedImage(d, 40, 56, "s.tar:k", f"f{i}") for i, d in enumerate(data)]
+    enc[1].uses = 2  # the first batch's reference frame is the second batch's key frame
+
+    def batch(key: int, ref: int, seed: int) -> Batch:
+        return Batch(set_name="track", images=[enc[key]], image_sizes=[(40, 56)], targets=[_targets(seed, 40, 56)],
+                     labels=torch.tensor([[1, 0]], dtype=torch.int8), meta=[{"name": f"f{key}"}],
+                     ref_images=[enc[ref]], ref_targets=[_targets(seed + 1, 40, 56)])
+
+    batches = [batch(0, 1, 0), batch(1, 2, 5)]
+    packed = pack_batches(batches, shared=False)
+    assert sorted(calls) == sorted(data), "each frame decoded once"
+    for b, p in zip(batches, packed):
+        back = pickle.loads(pickle.dumps(p))
+        dec = [jpeg.decode(data[int(x.frame[1:])]) for x in b.images + b.ref_images]
+        assert _same_batch(back, replace(b, images=dec[:1], ref_images=dec[1:]))
 
 
 def test_empty_and_gappy_tensors_round_trip():
