@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 #: Marker between a final path and the random suffix of its temporary file.
@@ -62,8 +63,12 @@ def read_bytes(uri: str) -> bytes:
 
 
 def open_read(uri: str) -> IO[bytes]:
-    """A binary stream for reading (the caller closes it)."""
+    """A binary stream for reading (the caller closes it). A local file is opened directly:
+    fsspec's wrapper forwards every ``read``/``readinto`` through Python code, which the shard
+    reader, several calls per tar member, would pay about 30 µs per sample for."""
     fs, path = resolve(uri)
+    if isinstance(fs, LocalFileSystem):
+        return open(path, "rb")
     return fs.open(path, "rb")
 
 
