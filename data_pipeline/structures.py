@@ -90,9 +90,9 @@ class EncodedImage:
     key frame and another's reference frame). While uses remain after a decode, the image
     remembers where its pixels are and copies them from there for the next use instead of
     decoding again; a worker's pooled segment counts only while the worker has not claimed that
-    segment again (``intact``). So a frame used by two batches has the same pixels in both,
-    shared (in the training process) or copied from the first (through workers): batches are
-    read-only data. The count only steers the reuse: a wrong one costs a second decode, or
+    segment again (``intact``). So a frame used by two batches has the same pixels in both:
+    shared (in the training process, and through workers between batches of one hand-off) or
+    copied from the first (through workers, between hand-offs): batches are read-only data. The count only steers the reuse: a wrong one costs a second decode, or
     memory kept until the image is dropped, never wrong pixels.
     """
 
@@ -129,6 +129,11 @@ class EncodedImage:
                 self._pixels, self._intact = pixels, None
         self._used(1)
         return torch.from_numpy(pixels).permute(2, 0, 1)
+
+    def reuse(self, uses: int = 1) -> None:
+        """Count ``uses`` uses served without decoding or copying: views of the pixels another
+        use decodes (:func:`data_pipeline.transfer.pack_batches`)."""
+        self._used(uses)
 
     def _decode(self, out: np.ndarray) -> None:
         try:

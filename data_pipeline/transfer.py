@@ -36,7 +36,7 @@ from data_pipeline import shm_pool
 from data_pipeline.structures import _MAP_FIELDS, AugmentPlan, Batch, EncodedImage, FrameTargets, RunLengthMap
 
 _ALIGN = 64  # byte alignment of every packed tensor (any dtype's, and a cache line)
-_PAD = bytes(_ALIGN)
+_PADS = tuple(bytes(-n % _ALIGN) for n in range(_ALIGN))  # zeros after n bytes, by n % _ALIGN
 _SMALL = 1 << 16  # dense tensors up to this size are packed as one joined block
 _SCALAR_FIELDS = ("weather", "scene")
 _TENSOR_FIELDS = ("boxes", "classes", "ignore", "track_ids", "mask_valid", "keypoints", "pose_boxes")
@@ -72,6 +72,29 @@ class PackedBatch:
         if self.ref is not None:
             raise RuntimeError("a batch packed into a worker's pooled segment is unpacked by the process it is sent to")
         return _rebuild_batch(self.state, self.buf, self.layout)
+
+
+@dataclass(frozen=True)
+class PackedBatches:
+    """Batches packed together by :func:`pack_batches` (a DataLoader worker's hand-off). It
+    pickles as its batches and unpickles (or :meth:`unpack`\\ s) as a ``list[Batch]``. A frame
+    that several of them use lies once, in the buffer of the first: the layout of a later one
+    gives ``(batch, tensor)`` instead of a place of its own, and its tensor is a view of that
+    batch's (keeping that batch's buffer, and pooled slot, in use as long as it lives)."""
+
+    batches: tuple[PackedBatch, ...]
+
+    def __reduce__(self):  # the fields, not the PackedBatch objects (which unpickle as batches on their own)
+        return (_rebuild_batches, (tuple((b.state, b.buf, b.layout, b.ref) for b in self.batches),))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def unpack(self) -> list[Batch]:
+        """The batches in this process (not for pooled segments, see :meth:`PackedBatch.unpack`)."""
+        if any(b.ref is not None for b in self.batches):
+            raise RuntimeError("a batch packed into a worker's pooled segment is unpacked by the process it is sent to")
+        return _rebuild_batches(tuple((b.state, b.buf, b.layout, b.ref) for b in self.batches))
 
 
 class _Packer:
@@ -119,27 +142,40 @@ def pack_batch(batch: Batch, *, shared: bool | None = None) -> PackedBatch:
     batch with tensors on an accelerator, or of a dtype numpy lacks, is left as it is (pickled
     field by field).
     """
-    return pack_batches([batch], shared=shared)[0]
+    frames: list[tuple[EncodedImage, np.ndarray, int, Any]] = []
+    packed = _pack(batch, shared, frames)
+    _decode(frames)
+    return packed
 
 
-def pack_batches(batches: list[Batch], *, shared: bool | None = None) -> list[PackedBatch]:
-    """:func:`pack_batch` of each batch, the frames of all of them decoded last, in order.
+def pack_batches(batches: list[Batch], *, shared: bool | None = None) -> PackedBatches:
+    """:func:`pack_batch` of each batch, packed together: the frames of all of them are decoded
+    last, and a frame that a later batch uses again is not stored (or decoded, or copied) twice.
 
     A DataLoader worker packs a hand-off of several batches at once: their Python work (layouts,
     small tensors) runs back to back and then their JPEGs are decoded. Each decode streams
     megabytes through the core's caches; interleaved with it, the Python work of the next batch
-    ran cold, about a fifth slower (benchmarks/RESULTS.md).
+    ran cold, about a fifth slower. A tracking frame is often one batch's key frame and a nearby
+    batch's reference frame; the later batch gets a view of the earlier one's pixels instead of
+    a copy of them (benchmarks/RESULTS.md).
     """
     frames: list[tuple[EncodedImage, np.ndarray, int, Any]] = []
-    packed = [_pack(b, shared, frames) for b in batches]
+    placed: dict[int, tuple[int, int]] = {}
+    packed = tuple(_pack(b, shared, frames, placed, j) for j, b in enumerate(batches))
+    _decode(frames)
+    return PackedBatches(packed)
+
+
+def _decode(frames: list[tuple[EncodedImage, np.ndarray, int, Any]]) -> None:
     for image, out, uses, intact in frames:  # in order: a frame's later use may copy its first
         image.decode_into(out, uses, intact)
-    return packed
 
 
-def _pack(batch: Batch, shared: bool | None, frames: list) -> PackedBatch:
+def _pack(batch: Batch, shared: bool | None, frames: list, placed: dict | None = None, index: int = 0) -> PackedBatch:
     """``batch`` packed, all but its frames: ``(image, target, uses, intact)`` of each frame to
-    decode is appended to ``frames``."""
+    decode is appended to ``frames``. With ``placed`` (``id`` of a frame → ``(batch, tensor)``
+    where an earlier batch of the group, ``index`` being this one's, put it), a frame placed
+    before is laid out as a reference to it, and the frames placed here are added."""
     p = _Packer()
     aug = batch.augment
     state = (
@@ -147,16 +183,24 @@ def _pack(batch: Batch, shared: bool | None, frames: list) -> PackedBatch:
         batch.meta, p.images(batch.ref_images), p.targets(batch.ref_targets),
         None if aug is None else (aug.height, aug.flips, aug.applied), batch.size_divisor,
     )
-    if any(isinstance(t, Tensor) and (t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES) for t in p.items):
+    if any(isinstance(t, Tensor) and (not t.is_cpu or t.dtype not in _NUMPY_DTYPES) for t in p.items):
         return PackedBatch(({f.name: getattr(batch, f.name) for f in fields(batch)},), None, (), None)
-    # Layout: frames (decoded in place below), then tensors copied one by one (large or strided:
+    # Layout: frames (decoded in place later), then tensors copied one by one (large or strided:
     # an already decoded frame, a padded image batch), then the small dense ones as one block,
     # joined and written with one copy (per-tensor numpy calls cost more than their bytes).
     layout: list = [None] * len(p.items)
-    total, direct, small = 0, [], []
+    total, direct, small, mine = 0, [], [], []
     for i, t in enumerate(p.items):
         if isinstance(t, EncodedImage):
+            where = None if placed is None else placed.get(id(t))
+            if where is not None:  # in an earlier batch's buffer: this batch gets a view of it
+                layout[i] = where
+                t.reuse(p.uses[i])
+                continue
+            if placed is not None:
+                placed[id(t)] = (index, i)
             layout[i] = (total, torch.uint8, t.shape, (1, 3 * t.width, 3))
+            mine.append(i)
             total += _aligned(3 * t.height * t.width)
         else:
             a = (t.detach() if t.requires_grad else t).numpy()
@@ -167,10 +211,11 @@ def _pack(batch: Batch, shared: bool | None, frames: list) -> PackedBatch:
     small_start, block = total, []
     for i, t, a in small:
         layout[i] = (total, t.dtype, a.shape, t.stride())
-        if a.size:  # (memoryview cannot cast a 0-d or empty array)
+        n = a.nbytes
+        if n:  # (memoryview cannot cast a 0-d or empty array)
             block.append(a.data.cast("B") if a.ndim else a.tobytes())
-        block.append(_PAD[: -a.nbytes % _ALIGN])
-        total += _aligned(a.nbytes)
+        block.append(_PADS[n % _ALIGN])
+        total += n + len(_PADS[n % _ALIGN])
     info = torch.utils.data.get_worker_info()
     ref = intact = None
     if not (info is not None if shared is None else shared):
@@ -184,9 +229,9 @@ def _pack(batch: Batch, shared: bool | None, frames: list) -> PackedBatch:
             buf, ref, send = pool.acquire(info.id, total)
             if ref is not None:  # pixels kept here for a frame's next use: until the slot is reclaimed
                 intact = functools.partial(pool.holds, ref.slot, ref.token)
-    for t, uses, (off, *_) in zip(p.items, p.uses, layout):
-        if isinstance(t, EncodedImage):
-            frames.append((t, np.ndarray((t.height, t.width, 3), np.uint8, buffer=buf, offset=off), uses, intact))
+    for i in mine:
+        t = p.items[i]
+        frames.append((t, np.ndarray((t.height, t.width, 3), np.uint8, buffer=buf, offset=layout[i][0]), p.uses[i], intact))
     for i, _, a in direct:
         off, dtype, shape, strides = layout[i]
         item = dtype.itemsize
@@ -224,6 +269,26 @@ def _rebuild_batch(state: tuple, buf: np.ndarray | Tensor | None, layout: tuple,
                    ref: shm_pool.SegmentRef | None = None) -> Batch:
     if not layout:  # not packed: the fields themselves
         return Batch(**state[0])
+    return _assemble(state, _tensors(buf, layout, ref, ()))
+
+
+def _rebuild_batches(batches: tuple[tuple, ...]) -> list[Batch]:
+    """The batches of a :class:`PackedBatches`, from each one's ``(state, buf, layout, ref)``."""
+    out, tensors = [], []
+    for state, buf, layout, ref in batches:
+        if not layout:
+            tensors.append([])
+            out.append(Batch(**state[0]))
+            continue
+        tensors.append(_tensors(buf, layout, ref, tensors))
+        out.append(_assemble(state, tensors[-1]))
+    return out
+
+
+def _tensors(buf: np.ndarray | Tensor | None, layout: tuple, ref: shm_pool.SegmentRef | None,
+             earlier: list[list[Tensor]] | tuple) -> list[Tensor]:
+    """The tensors of a packed batch, views of its buffer (or, for a ``(batch, tensor)`` entry,
+    the tensor of an earlier batch of its group, ``earlier``)."""
     if ref is not None:
         base = shm_pool.receive(ref, buf)
     else:
@@ -232,13 +297,20 @@ def _rebuild_batch(state: tuple, buf: np.ndarray | Tensor | None, layout: tuple,
     # view of it per dtype, and every tensor a strided view of that
     typed: dict[torch.dtype, Tensor] = {}
     tensors = []
-    for off, dtype, shape, strides in layout:
+    for entry in layout:
+        if len(entry) == 2:
+            tensors.append(earlier[entry[0]][entry[1]])
+            continue
+        off, dtype, shape, strides = entry
         tv = typed.get(dtype)
         if tv is None:
             size = dtype.itemsize
             tv = typed[dtype] = base[: len(base) - len(base) % size].view(dtype)
         tensors.append(torch.as_strided(tv, shape, strides, off // dtype.itemsize))
+    return tensors
 
+
+def _assemble(state: tuple, tensors: list[Tensor]) -> Batch:
     def images(enc):
         return None if enc is None else tensors[enc] if isinstance(enc, int) else [tensors[i] for i in enc]
 

@@ -179,8 +179,8 @@ def test_pack_round_trips_every_field_and_memory_layout():
 
 def test_batches_packed_together_share_a_frame_across_them_decoded_once(monkeypatch):
     """A hand-off's batches are packed together, their frames decoded after all of them are laid
-    out: a frame the first batch uses and the second uses again is decoded once, and each batch
-    arrives as it would packed on its own."""
+    out: a frame the first batch uses and the second uses again is decoded once and stored once,
+    and each batch arrives as it would packed on its own."""
     calls = []
     real = jpeg.decode_into
     monkeypatch.setattr(jpeg, "decode_into", lambda data, out: (calls.append(bytes(data)), real(data, out)))
@@ -196,10 +196,17 @@ def test_batches_packed_together_share_a_frame_across_them_decoded_once(monkeypa
     batches = [batch(0, 1, 0), batch(1, 2, 5)]
     packed = pack_batches(batches, shared=False)
     assert sorted(calls) == sorted(data), "each frame decoded once"
-    for b, p in zip(batches, packed):
-        back = pickle.loads(pickle.dumps(p))
+    # the frame lies once, in the first batch's buffer: the second batch's layout refers to it
+    assert sum(len(e) == 4 and e[2] == (3, 40, 56) for p in packed.batches for e in p.layout) == 3
+    back = pickle.loads(pickle.dumps(packed))
+    assert isinstance(back, list) and len(back) == 2
+    for b, got in zip(batches, back):
         dec = [jpeg.decode(data[int(x.frame[1:])]) for x in b.images + b.ref_images]
-        assert _same_batch(back, replace(b, images=dec[:1], ref_images=dec[1:]))
+        assert _same_batch(got, replace(b, images=dec[:1], ref_images=dec[1:]))
+    # ... and the second batch's key frame is a view of the first batch's memory (no copy)
+    assert back[1].images[0].data_ptr() == back[0].ref_images[0].data_ptr()
+    assert enc[1].uses == 0 and enc[1]._pixels is None  # both uses counted, nothing kept
+    assert all(_same_batch(u, v) for u, v in zip(packed.unpack(), back))
 
 
 def test_empty_and_gappy_tensors_round_trip():
