@@ -20,12 +20,15 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
 * ``loader``: the training loader (shard read → decode of JPEG, label maps and records →
   typed batch), frames/s, per image set, and its ratio to the floor (side by side, same run);
 * ``1 worker``: the same loader as training runs it, ``DataLoader(num_workers=1)``: the worker
-  process decodes, the main process receives the batches through shared memory (timed from
-  the worker's first batch on, in every round; ``start ms``: until that first batch, the
-  worker's start-up, paid once per epoch);
+  process decodes, the main process receives the batches through shared memory, timed from
+  the worker's first batch on, in every round; ``steady``: the same epoch from its batch ``W``
+  on, once the worker has claimed each of its shared-memory slots twice (see
+  :func:`one_worker_fps`), the rate of a real epoch of thousands of batches; ``start ms``:
+  until the first batch, the worker's start-up; ``warm ms``: what batches ``1..W`` took beyond
+  the steady rate (first writes to the worker's segments). Both are paid once per epoch;
 * ``--handoff-ab N``: one more ``1 worker`` epoch per round whose worker hands over ``N``
   batches per DataLoader item instead of the default ``handoff_batches``, and the per-round
-  ratio of the two;
+  ratio of the two (steady state);
 * ``loader+aug``: the loader preparing batches itself (scale + flip + padding on the CPU,
   ``augment_in_loader``) instead of the training device;
 * ms per label map: decoding the dataset's PNG vs the shard's run-length member;
@@ -168,17 +171,31 @@ def long_family(fam: ShardFamily, frames: int = 600) -> ShardFamily:
                        task_frames={t: n * times for t, n in fam.task_frames.items()})
 
 
-def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float]:
-    """Frames/s of the loader as training runs it, ``DataLoader(num_workers=1)``: one worker
-    process over one long epoch, timed from its first batch on, and the ms until that first
-    batch (the worker's start-up, paid once per epoch, is not loader throughput)."""
+def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float, float]:
+    """The loader as training runs it, ``DataLoader(num_workers=1)``, over one long epoch:
+    frames/s from the worker's first batch on, frames/s in steady state (from batch ``W`` on),
+    the ms until that first batch (the worker's start-up) and the warm-up, the ms batches
+    ``1..W`` took beyond the steady rate. ``W`` is twice the worker's shared-memory slots
+    (:class:`~data_pipeline.shm_pool.BufferPool`): it claims them least recently used first, so
+    its first batches fault a fresh segment in each (about 0.5 ms per MiB on this VM, again in
+    the training process); by batch ``W`` every slot has been claimed twice and sized. Start-up
+    and warm-up are paid once per epoch: a tenth of a second against a real epoch of thousands
+    of batches, but several percent of a benchmark epoch of a few hundred."""
     ds.set_epoch(epoch)
+    w = 2 * ((ds.cfg.prefetch_factor + 1) * ds.cfg.handoff_batches + 3)
     t0 = time.perf_counter()
-    it = iter(build_train_loader(ds))
-    next(it)
-    t1 = time.perf_counter()
-    frames = sum(len(b) for b in it)
-    return frames / (time.perf_counter() - t1), (t1 - t0) * 1e3
+    times, frames = [], []
+    for b in build_train_loader(ds):
+        times.append(time.perf_counter())
+        frames.append(len(b))
+    if len(times) < 2 * w:
+        raise SystemExit(f"a 1-worker epoch of {len(times)} batches is too short to time after its {w} warm-up "
+                         "batches: raise --frames")
+    whole = sum(frames[1:]) / (times[-1] - times[0])
+    steady = sum(frames[w + 1:]) / (times[-1] - times[w])
+    per_batch = (times[-1] - times[w]) / (len(times) - 1 - w)
+    warm_up = (times[w] - times[0]) - w * per_batch
+    return whole, steady, (times[0] - t0) * 1e3, warm_up * 1e3
 
 
 def shard_read_ms(fam: ShardFamily, repeat: int) -> tuple[float, float]:
@@ -288,7 +305,8 @@ def main() -> None:
     print("# frames/s are medians over rounds; ratios the median of the per-round ratios, each round's floor the"
           " mean of the passes before and after its loader epochs")
     print(f"{'set':<6} {'frames':>6} {'tv':>6} {'sj':>6} {'jpeg floor':>10} {'jpeg+labels':>11} {'loader':>7} "
-          f"{'/jpeg':>6} {'/jpeg+labels':>12} {'1 worker':>8} {'/jpeg':>6} {'start ms':>8} {'loader+aug':>10} {'/jpeg':>6}")
+          f"{'/jpeg':>6} {'/jpeg+labels':>12} {'1 worker':>8} {'/jpeg':>6} {'steady':>7} {'/jpeg':>6} {'start ms':>8} "
+          f"{'warm ms':>7} {'loader+aug':>10} {'/jpeg':>6}")
     med = statistics.median
     for s, fam in fams.items():
         if s not in a.sets.split(","):
@@ -299,7 +317,7 @@ def main() -> None:
         ds1 = loader_dataset(long_family(fam, a.frames), in_loader=False, workers=1)
         next(iter(ds)), next(iter(ds_aug)), floor_pass(bj[:4], 2, "tv"), floor_pass(bj[:4], 2, "sj")  # warm-up
         dsb = None if a.handoff_ab is None else loader_dataset(long_family(fam, a.frames), False, 1, a.handoff_ab)
-        tv, sj, fl, fm, lo, l1, st, la, lb = [], [], [], [], [], [], [], [], []
+        tv, sj, fl, fm, lo, l1, l1s, st, wu, la, lb = [], [], [], [], [], [], [], [], [], [], []
 
         def floors():
             t, j = floor_pass(bj, nj, "tv", a.frames), floor_pass(bj, nj, "sj", a.frames)
@@ -311,27 +329,28 @@ def main() -> None:
             fm.append(floor_pass(bl, nl, best, a.frames))
             lo.append(loader_pass(ds, r))
             if dsb is not None and r % 2:  # the A/B's order alternates between rounds
-                lb.append(one_worker_fps(dsb, r)[0])
-            fps, start_ms = one_worker_fps(ds1, r)
-            l1.append(fps), st.append(start_ms)
+                lb.append(one_worker_fps(dsb, r)[1])
+            whole, steady, start_ms, warm_ms = one_worker_fps(ds1, r)
+            l1.append(whole), l1s.append(steady), st.append(start_ms), wu.append(warm_ms)
             if dsb is not None and not r % 2:
-                lb.append(one_worker_fps(dsb, r)[0])
+                lb.append(one_worker_fps(dsb, r)[1])
             after, _ = floors()
             fl.append((before + after) / 2)
             la.append(loader_pass(ds_aug, r))
         r_lo = med(x / y for x, y in zip(lo, fl))
         r_lm = med(x / y for x, y in zip(lo, fm))
         r_l1 = med(x / y for x, y in zip(l1, fl))
+        r_l1s = med(x / y for x, y in zip(l1s, fl))
         r_la = med(x / y for x, y in zip(la, fl))
         print(f"{s:<6} {len(ds) * ds.cfg.batch_size:>6} {med(tv):>6.1f} {med(sj):>6.1f} {med(fl):>10.1f} {med(fm):>11.1f} "
-              f"{med(lo):>7.1f} {r_lo:>6.2f} {r_lm:>12.2f} {med(l1):>8.1f} {r_l1:>6.2f} {med(st):>8.0f} {med(la):>10.1f} "
-              f"{r_la:>6.2f}", flush=True)
+              f"{med(lo):>7.1f} {r_lo:>6.2f} {r_lm:>12.2f} {med(l1):>8.1f} {r_l1:>6.2f} {med(l1s):>7.1f} {r_l1s:>6.2f} "
+              f"{med(st):>8.0f} {med(wu):>7.0f} {med(la):>10.1f} {r_la:>6.2f}", flush=True)
         if dsb is not None:
-            r_lb = med(x / y for x, y in zip(lb, fl))
-            gain = med(x / y for x, y in zip(l1, lb))
+            r_lb = med(x / y for x, y in zip(lb, fl))  # steady state, as the default's ``steady``
+            gain = med(x / y for x, y in zip(l1s, lb))
             print(f"{'':<6} 1 worker, handoff_batches {a.handoff_ab}: {med(lb):.1f} f/s, /jpeg {r_lb:.2f}; default "
                   f"({ds1.cfg.handoff_batches}) / this, per round: median {gain:.3f}, rounds "
-                  + " ".join(f"{x / y:.3f}" for x, y in zip(l1, lb)), flush=True)
+                  + " ".join(f"{x / y:.3f}" for x, y in zip(l1s, lb)), flush=True)
 
     if a.throughput_only:
         return
