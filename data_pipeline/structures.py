@@ -92,8 +92,9 @@ class EncodedImage:
     decoding again; a worker's pooled segment counts only while the worker has not claimed that
     segment again (``intact``). So a frame used by two batches has the same pixels in both:
     shared (in the training process, and through workers between batches of one hand-off) or
-    copied from the first (through workers, between hand-offs): batches are read-only data. The count only steers the reuse: a wrong one costs a second decode, or
-    memory kept until the image is dropped, never wrong pixels.
+    copied from the first (through workers, between hand-offs): batches are read-only data. The
+    count only steers the reuse: a wrong one costs a second decode, or memory kept until the
+    image is dropped, never wrong pixels.
     """
 
     __slots__ = ("data", "height", "width", "where", "frame", "uses", "_pixels", "_intact")

@@ -231,7 +231,8 @@ def _pack(batch: Batch, shared: bool | None, frames: list, placed: dict | None =
                 intact = functools.partial(pool.holds, ref.slot, ref.token)
     for i in mine:
         t = p.items[i]
-        frames.append((t, np.ndarray((t.height, t.width, 3), np.uint8, buffer=buf, offset=layout[i][0]), p.uses[i], intact))
+        out = np.ndarray((t.height, t.width, 3), np.uint8, buffer=buf, offset=layout[i][0])
+        frames.append((t, out, p.uses[i], intact))
     for i, _, a in direct:
         off, dtype, shape, strides = layout[i]
         item = dtype.itemsize
