@@ -46,7 +46,7 @@ from data_pipeline.sampler import (
 )
 from data_pipeline.shm_pool import BufferPool
 from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
-from data_pipeline.transfer import PackedBatch, decode_images, pack_batches
+from data_pipeline.transfer import PackedBatches, decode_images, pack_batches
 from data_pipeline.tar_reader import iter_samples
 from data_pipeline.transforms import AugmentConfig, prepare_batch
 
@@ -147,8 +147,9 @@ def _ref_index(rng: np.random.Generator, frames: list[DecodedFrame], k: int, ref
 
 class MultiSetDataset(IterableDataset):
     """Yields :class:`Batch` objects; use it through :func:`build_train_loader`. (Inside a
-    DataLoader worker it yields them packed, :class:`~data_pipeline.transfer.PackedBatch`, in
-    lists of ``handoff_batches``, which the training process receives as :class:`Batch` objects.)
+    DataLoader worker it yields hand-offs of ``handoff_batches`` batches packed together,
+    :class:`~data_pipeline.transfer.PackedBatches`, which the training process receives as
+    lists of :class:`Batch` objects.)
 
     ``len(dataset)`` is the number of batches every rank takes per epoch. Call
     :meth:`set_epoch` before iterating each epoch (workers receive a copy of the dataset when
@@ -290,7 +291,7 @@ class MultiSetDataset(IterableDataset):
         # frames are still JPEG here; they are decoded into the memory the batch leaves in
         return prepare_batch(decode_images(batch)) if cfg.augment_in_loader else batch
 
-    def __iter__(self) -> Iterator[Batch | list[PackedBatch]]:
+    def __iter__(self) -> Iterator[Batch | PackedBatches | DataError]:
         info = get_worker_info()
         if info is not None:
             torch.set_num_threads(1)

@@ -84,8 +84,8 @@ class PackedBatches:
 
     batches: tuple[PackedBatch, ...]
 
-    def __reduce__(self):  # the fields, not the PackedBatch objects (which unpickle as batches on their own)
-        return (_rebuild_batches, (tuple((b.state, b.buf, b.layout, b.ref) for b in self.batches),))
+    def __reduce__(self):
+        return (_rebuild_batches, (self._fields(),))
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -94,7 +94,11 @@ class PackedBatches:
         """The batches in this process (not for pooled segments, see :meth:`PackedBatch.unpack`)."""
         if any(b.ref is not None for b in self.batches):
             raise RuntimeError("a batch packed into a worker's pooled segment is unpacked by the process it is sent to")
-        return _rebuild_batches(tuple((b.state, b.buf, b.layout, b.ref) for b in self.batches))
+        return _rebuild_batches(self._fields())
+
+    def _fields(self) -> tuple[tuple, ...]:
+        # each batch's fields, not the PackedBatch objects (which would unpickle as batches on their own)
+        return tuple((b.state, b.buf, b.layout, b.ref) for b in self.batches)
 
 
 class _Packer:
@@ -142,10 +146,7 @@ def pack_batch(batch: Batch, *, shared: bool | None = None) -> PackedBatch:
     batch with tensors on an accelerator, or of a dtype numpy lacks, is left as it is (pickled
     field by field).
     """
-    frames: list[tuple[EncodedImage, np.ndarray, int, Any]] = []
-    packed = _pack(batch, shared, frames)
-    _decode(frames)
-    return packed
+    return pack_batches([batch], shared=shared).batches[0]
 
 
 def pack_batches(batches: list[Batch], *, shared: bool | None = None) -> PackedBatches:
@@ -162,20 +163,17 @@ def pack_batches(batches: list[Batch], *, shared: bool | None = None) -> PackedB
     frames: list[tuple[EncodedImage, np.ndarray, int, Any]] = []
     placed: dict[int, tuple[int, int]] = {}
     packed = tuple(_pack(b, shared, frames, placed, j) for j, b in enumerate(batches))
-    _decode(frames)
+    for image, out, uses, intact in frames:  # in order: a frame's later use may copy its first
+        image.decode_into(out, uses, intact)
     return PackedBatches(packed)
 
 
-def _decode(frames: list[tuple[EncodedImage, np.ndarray, int, Any]]) -> None:
-    for image, out, uses, intact in frames:  # in order: a frame's later use may copy its first
-        image.decode_into(out, uses, intact)
-
-
-def _pack(batch: Batch, shared: bool | None, frames: list, placed: dict | None = None, index: int = 0) -> PackedBatch:
-    """``batch`` packed, all but its frames: ``(image, target, uses, intact)`` of each frame to
-    decode is appended to ``frames``. With ``placed`` (``id`` of a frame → ``(batch, tensor)``
-    where an earlier batch of the group, ``index`` being this one's, put it), a frame placed
-    before is laid out as a reference to it, and the frames placed here are added."""
+def _pack(batch: Batch, shared: bool | None, frames: list, placed: dict[int, tuple[int, int]],
+          index: int) -> PackedBatch:
+    """Batch ``index`` of a group packed, all but its frames: ``(image, target, uses, intact)``
+    of each frame to decode is appended to ``frames``. ``placed`` maps the ``id`` of each frame
+    an earlier batch of the group holds to ``(batch, tensor)``: such a frame is laid out as a
+    reference to it; the frames placed here are added."""
     p = _Packer()
     aug = batch.augment
     state = (
@@ -192,13 +190,12 @@ def _pack(batch: Batch, shared: bool | None, frames: list, placed: dict | None =
     total, direct, small, mine = 0, [], [], []
     for i, t in enumerate(p.items):
         if isinstance(t, EncodedImage):
-            where = None if placed is None else placed.get(id(t))
+            where = placed.get(id(t))
             if where is not None:  # in an earlier batch's buffer: this batch gets a view of it
                 layout[i] = where
                 t.reuse(p.uses[i])
                 continue
-            if placed is not None:
-                placed[id(t)] = (index, i)
+            placed[id(t)] = (index, i)
             layout[i] = (total, torch.uint8, t.shape, (1, 3 * t.width, 3))
             mine.append(i)
             total += _aligned(3 * t.height * t.width)
