@@ -46,7 +46,7 @@ from data_pipeline.sampler import (
 )
 from data_pipeline.shm_pool import BufferPool
 from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
-from data_pipeline.transfer import PackedBatches, decode_images, pack_batches
+from data_pipeline.transfer import PackedBatch, PackedBatches, decode_images, pack_batch, pack_batches
 from data_pipeline.tar_reader import iter_samples
 from data_pipeline.transforms import AugmentConfig, prepare_batch
 
@@ -146,10 +146,13 @@ def _ref_index(rng: np.random.Generator, frames: list[DecodedFrame], k: int, ref
 
 
 class MultiSetDataset(IterableDataset):
-    """Yields :class:`Batch` objects; use it through :func:`build_train_loader`. (Inside a
-    DataLoader worker it yields hand-offs of ``handoff_batches`` batches packed together,
-    :class:`~data_pipeline.transfer.PackedBatches`, which the training process receives as
-    lists of :class:`Batch` objects.)
+    """Yields :class:`Batch` objects in step order, in the training process or through any
+    DataLoader (``batch_size=None``); :func:`build_train_loader` makes the fast one. Inside a
+    DataLoader worker a batch travels packed into one shared-memory buffer
+    (:class:`~data_pipeline.transfer.PackedBatch`, received as a :class:`Batch`). The workers
+    of :func:`build_train_loader`'s loader, which hands them a pool of reused segments
+    (:attr:`buffer_pool`), pack ``handoff_batches`` batches together instead
+    (:class:`~data_pipeline.transfer.PackedBatches`, received as a list that loader unrolls).
 
     ``len(dataset)`` is the number of batches every rank takes per epoch. Call
     :meth:`set_epoch` before iterating each epoch (workers receive a copy of the dataset when
@@ -169,7 +172,8 @@ class MultiSetDataset(IterableDataset):
             if not f.urls:
                 raise ValueError(f"image set {s!r} ({f.split}) has no shards")
         self.epoch = 0
-        self.buffer_pool: BufferPool | None = None  # set per iteration by build_train_loader's loader
+        # build_train_loader's loader sets it while it starts an iteration's workers
+        self.buffer_pool: BufferPool | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -291,7 +295,7 @@ class MultiSetDataset(IterableDataset):
         # frames are still JPEG here; they are decoded into the memory the batch leaves in
         return prepare_batch(decode_images(batch)) if cfg.augment_in_loader else batch
 
-    def __iter__(self) -> Iterator[Batch | PackedBatches | DataError]:
+    def __iter__(self) -> Iterator[Batch | PackedBatch | PackedBatches | DataError]:
         info = get_worker_info()
         if info is not None:
             torch.set_num_threads(1)
@@ -312,6 +316,12 @@ class MultiSetDataset(IterableDataset):
         if info is None:
             for step in range(len(schedule)):
                 yield decode_images(batch(step))
+            return
+        if self.buffer_pool is None:
+            # a DataLoader other than build_train_loader's: one batch per item, as it expects
+            # (in step order: it takes items from its workers in turn), errors raised as usual
+            for steps in handoff_steps(len(schedule), wid, nw, 1):
+                yield pack_batch(batch(steps[0]))
             return
         try:
             for steps in handoff_steps(len(schedule), wid, nw, self.cfg.handoff_batches):
@@ -378,7 +388,11 @@ class _TrainLoader(DataLoader):
         # the training process still holds (the previous one, one in the pin-memory thread)
         k = self.dataset.cfg.handoff_batches
         pool = self.dataset.buffer_pool = BufferPool(self.num_workers, (self.prefetch_factor + 1) * k + 3)
-        return _Handoffs(super().__iter__(), pool, len(self))
+        try:
+            items = super().__iter__()  # starts the workers, each with a copy of the dataset
+        finally:
+            self.dataset.buffer_pool = None  # the workers have theirs; any other loader gets none
+        return _Handoffs(items, pool, len(self))
 
 
 class _Handoffs:

@@ -31,7 +31,7 @@ from data_pipeline.loader import (
     iter_shard,
 )
 from data_pipeline.manifest import families_from_manifest
-from data_pipeline.structures import AugmentPlan, LabelSource
+from data_pipeline.structures import AugmentPlan, Batch, LabelSource
 from data_pipeline.transforms import AugmentConfig, prepare_batch
 
 NO_AUG = AugmentConfig(scales=(), flip_prob=0.0)
@@ -307,6 +307,22 @@ def test_workers_hand_over_the_batches_in_step_order(tiny_shards, workers, hando
     batches = list(it)
     assert [b.meta[0]["step"] for b in batches] == list(range(len(ds)))
     assert [b.set_name for b in batches] == ds.schedule()
+
+
+def test_a_plain_dataloader_gets_the_same_batches_one_per_item(tiny_shards):
+    # e.g. a framework that rebuilds the DataLoader around the dataset: no hand-offs, no pool
+    fams = families_from_manifest(tiny_shards, "train")
+    cfg = LoaderConfig(batch_size=2, num_workers=2, augment=NO_AUG)
+    ds = MultiSetDataset(fams, cfg, rank=0, world_size=1)
+    list(build_train_loader(ds))  # leaves no pool behind for the next loader
+    plain = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+    # a worker's data depends on which steps it makes: the same as with hand-offs of one batch
+    fast = list(build_train_loader(MultiSetDataset(fams, replace(cfg, handoff_batches=1), rank=0, world_size=1)))
+    assert all(isinstance(b, Batch) for b in plain)
+    assert [b.meta[0]["step"] for b in plain] == list(range(len(ds)))
+    assert [[m["name"] for m in b.meta] for b in plain] == [[m["name"] for m in b.meta] for b in fast]
+    for a, b in zip(plain, fast):
+        assert all(torch.equal(x, y) for x, y in zip(a.images, b.images))
 
 
 def test_batches_are_deterministic_by_seed_and_epoch(tiny_shards):
