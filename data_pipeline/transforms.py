@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
-from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline import bdd100k
 from data_pipeline.structures import AugmentPlan, Batch, FrameTargets
@@ -61,8 +60,19 @@ def pad_images(images: list[Tensor], size_divisor: int) -> Tensor:
     return out
 
 
+def _tv():
+    """torchvision's v2 functional ops, imported where first used: importing torchvision loads
+    its models and ``torch._dynamo`` (7 s on the project's VM), which every DataLoader worker
+    started with ``spawn`` would pay at each epoch's start just to unpickle the dataset, whose
+    workers do not resize anything unless ``augment_in_loader``."""
+    from torchvision.transforms.v2 import functional
+
+    return functional
+
+
 def _resize_targets(t: FrameTargets, sy: float, sx: float, size: tuple[int, int]) -> FrameTargets:
     kw: dict = {}
+    TF = _tv()
     nearest = TF.InterpolationMode.NEAREST_EXACT
     for name in _MAP_FIELDS:
         m = getattr(t, name)
@@ -107,7 +117,7 @@ def _augment_one(image: Tensor, t: FrameTargets, height: int | None, flip: bool)
     h, w = int(image.shape[-2]), int(image.shape[-1])
     if height is not None and height != h:
         nw = max(1, round(w * height / h))
-        image = TF.resize(image, [height, nw], antialias=True)
+        image = _tv().resize(image, [height, nw], antialias=True)
         t = _resize_targets(t, height / h, nw / w, (height, nw))
         w = nw
     if flip:
