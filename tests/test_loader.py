@@ -325,6 +325,20 @@ def test_a_plain_dataloader_gets_the_same_batches_one_per_item(tiny_shards):
         assert all(torch.equal(x, y) for x, y in zip(a.images, b.images))
 
 
+def test_a_spawned_worker_makes_the_same_batches(tiny_shards):
+    # spawn (or forkserver): the worker gets the dataset pickled, not a forked copy
+    fams = families_from_manifest(tiny_shards, "train")
+    cfg = LoaderConfig(batch_size=2, num_workers=1, augment=NO_AUG, handoff_batches=1)
+    ds = MultiSetDataset(fams, cfg, rank=0, world_size=1)
+    spawned = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn"))
+    forked = list(build_train_loader(ds))
+    assert len(spawned) == len(forked) == len(ds)
+    for a, b in zip(spawned, forked):
+        assert [m["name"] for m in a.meta] == [m["name"] for m in b.meta]
+        assert all(torch.equal(x, y) for x, y in zip(a.images, b.images))
+        assert all(torch.equal(x.boxes, y.boxes) for x, y in zip(a.targets, b.targets))
+
+
 def test_batches_are_deterministic_by_seed_and_epoch(tiny_shards):
     fams = families_from_manifest(tiny_shards, "train")
 
