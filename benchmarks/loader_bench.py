@@ -25,7 +25,8 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
   on, once the worker has claimed each of its shared-memory slots twice (see
   :func:`one_worker_fps`), the rate of a real epoch of thousands of batches; ``start ms``:
   until the first batch, the worker's start-up; ``warm ms``: what batches ``1..W`` took beyond
-  the steady rate (first writes to the worker's segments). Both are paid once per epoch;
+  the steady rate (first writes to the worker's segments). Both are paid once per epoch. A
+  line under each set lists the per-round ratios of ``steady`` and ``loader`` (the spread);
 * ``--handoff-ab N``: one more ``1 worker`` epoch per round whose worker hands over ``N``
   batches per DataLoader item instead of the default ``handoff_batches``, and the per-round
   ratio of the two (steady state);
@@ -345,6 +346,8 @@ def main() -> None:
         print(f"{s:<6} {len(ds) * ds.cfg.batch_size:>6} {med(tv):>6.1f} {med(sj):>6.1f} {med(fl):>10.1f} {med(fm):>11.1f} "
               f"{med(lo):>7.1f} {r_lo:>6.2f} {r_lm:>12.2f} {med(l1):>8.1f} {r_l1:>6.2f} {med(l1s):>7.1f} {r_l1s:>6.2f} "
               f"{med(st):>8.0f} {med(wu):>7.0f} {med(la):>10.1f} {r_la:>6.2f}", flush=True)
+        print(f"{'':<6} per round, steady / jpeg: " + " ".join(f"{x / y:.2f}" for x, y in zip(l1s, fl))
+              + "; loader / jpeg: " + " ".join(f"{x / y:.2f}" for x, y in zip(lo, fl)), flush=True)
         if dsb is not None:
             r_lb = med(x / y for x, y in zip(lb, fl))  # steady state, as the default's ``steady``
             gain = med(x / y for x, y in zip(l1s, lb))
