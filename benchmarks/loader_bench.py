@@ -183,10 +183,11 @@ def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float
     and warm-up are paid once per epoch: a tenth of a second against a real epoch of thousands
     of batches, but several percent of a benchmark epoch of a few hundred."""
     ds.set_epoch(epoch)
-    w = 2 * ((ds.cfg.prefetch_factor + 1) * ds.cfg.handoff_batches + 3)
     t0 = time.perf_counter()
+    it = iter(build_train_loader(ds))
+    w = 2 * it.buffer_pool.slots_per_worker
     times, frames = [], []
-    for b in build_train_loader(ds):
+    for b in it:
         times.append(time.perf_counter())
         frames.append(len(b))
     if len(times) < 2 * w:

@@ -320,8 +320,8 @@ class MultiSetDataset(IterableDataset):
         if self.buffer_pool is None:
             # a DataLoader other than build_train_loader's: one batch per item, as it expects
             # (in step order: it takes items from its workers in turn), errors raised as usual
-            for steps in handoff_steps(len(schedule), wid, nw, 1):
-                yield pack_batch(batch(steps[0]))
+            for step in range(wid, len(schedule), nw):
+                yield pack_batch(batch(step))
             return
         try:
             for steps in handoff_steps(len(schedule), wid, nw, self.cfg.handoff_batches):
