@@ -168,8 +168,8 @@ def long_family(fam: ShardFamily, frames: int = 600) -> ShardFamily:
     writes to its shared-memory segments) is amortised as over a real BDD100K epoch of tens of
     thousands of frames."""
     times = -(-frames // fam.frames)
-    return ShardFamily(set_name=fam.set_name, split=fam.split, urls=fam.urls * times, frames=fam.frames * times,
-                       task_frames={t: n * times for t, n in fam.task_frames.items()})
+    return ShardFamily(set_name=fam.set_name, split=fam.split, urls=fam.urls * times,
+                       shard_frames=fam.shard_frames * times, shard_task_frames=fam.shard_task_frames * times)
 
 
 def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float, float]:
@@ -245,12 +245,13 @@ def shm_copy_ms(nbytes: int, repeat: int = 20) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def replicate(src: Path, dst: Path, times: int) -> list[str]:
-    """Copies of the shards with renamed keys: a dataset ``times`` as large, same content."""
+def replicate(fam: ShardFamily, dst: Path, times: int) -> list[str]:
+    """Copies of the family's (local) shards with renamed keys, in its order: a dataset
+    ``times`` as large, same content."""
     dst.mkdir(parents=True, exist_ok=True)
     urls = []
     for k in range(times):
-        for shard in sorted(src.glob("*.tar")):
+        for shard in map(Path, fam.urls):
             out = dst / f"rep{k}-{shard.name}"
             with tarfile.open(shard) as tin, tarfile.open(out, "w") as tout:
                 for m in tin.getmembers():
@@ -261,18 +262,18 @@ def replicate(src: Path, dst: Path, times: int) -> list[str]:
     return urls
 
 
-def peak_rss_child(urls: list[str], frames: int) -> float:
+def peak_rss_child(urls: list[str], shard_frames: list[int]) -> float:
     """Peak RSS (MiB) of a fresh process streaming the given shards once through the loader."""
     code = (
         "import json,resource,sys,torch;torch.set_num_threads(1)\n"
         "from data_pipeline.loader import LoaderConfig,MultiSetDataset,ShardFamily\n"
-        "urls=json.loads(sys.argv[1]);n=int(sys.argv[2])\n"
-        "fam=ShardFamily(set_name='det',split='train',urls=tuple(urls),frames=n)\n"
+        "urls=json.loads(sys.argv[1]);n=json.loads(sys.argv[2])\n"
+        "fam=ShardFamily(set_name='det',split='train',urls=tuple(urls),shard_frames=tuple(n))\n"
         "ds=MultiSetDataset([fam],LoaderConfig(batch_size=2,num_workers=0,shuffle_buffer=8),rank=0,world_size=1)\n"
         "c=sum(len(b) for b in ds)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(urls), str(frames)], check=True,
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(urls), json.dumps(shard_frames)], check=True,
                          capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -377,8 +378,8 @@ def main() -> None:
     for times in (1, 2, 4):
         d = work / f"rep{times}"
         shutil.rmtree(d, ignore_errors=True)
-        urls = replicate(Path(det.urls[0]).parent, d, times)
-        rss = peak_rss_child(urls, det.frames * times)
+        urls = replicate(det, d, times)
+        rss = peak_rss_child(urls, list(det.shard_frames) * times)
         print(f"dataset x{times}: {det.frames * times:>5} frames  peak RSS {rss:7.1f} MiB")
     print(f"# this process: peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

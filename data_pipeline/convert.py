@@ -908,7 +908,8 @@ def _manifest(opts: ConvertOptions, families: dict, sidecars: dict[str, dict]) -
         shards = []
         for job in fam["jobs"]:
             side = sidecars[job["path"]]
-            shards.append({"path": job["path"], "samples": side["samples"], "clips": side["clips"], "bytes": side["bytes"]})
+            shards.append({"path": job["path"], "samples": side["samples"], "clips": side["clips"], "bytes": side["bytes"],
+                           "tasks": side["tasks"]})
             merge_task_counts(tasks, side["tasks"])
             skipped += side["skipped"]
         entry = {

@@ -157,6 +157,9 @@ def decode_clip(sample: dict[str, Any], *, compact: bool = False) -> list[Decode
     """Decode every frame of a grouped shard sample (see :mod:`data_pipeline.shard_format`);
     ``compact``: images left encoded and label maps as runs (see :func:`decode_frame`)."""
     clip, members = split_members(sample)
-    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-    records = clip.get("frames", [])
-    return [decode_frame(members.get(i, {}), rec, where, compact=compact) for i, rec in enumerate(records)]
+    return decode_frames(clip, members, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}", compact=compact)
+
+
+def decode_frames(clip: dict, members: dict[int, dict[str, bytes]], where: str, *, compact: bool = False) -> list[DecodedFrame]:
+    """Every frame of a clip already split by :func:`split_members`."""
+    return [decode_frame(members.get(i, {}), rec, where, compact=compact) for i, rec in enumerate(clip.get("frames", []))]

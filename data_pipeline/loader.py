@@ -2,7 +2,7 @@
 
 Data flow inside one DataLoader worker (``torch.utils.data`` workers, one process each)::
 
-    shards of set s (fsspec URIs) ──split by (rank, worker)──► tar samples (tar_reader)
+    shards of set s (fsspec URIs) ──frames split by (rank, worker)──► tar samples (tar_reader)
         ──seeded shuffle buffer──► decode_clip (JSON, JPEG header, run-length label maps only)
         ──key frame + reference frame──► collate into a Batch ──(augment plan drawn)──►
         ──``handoff_batches`` consecutive steps──► pack_batches: each batch's tensors written
@@ -14,11 +14,13 @@ Batches leave the worker unpadded, with compact label maps (:mod:`data_pipeline.
 device, or in the worker with ``augment_in_loader``.
 
 Each rank takes exactly ``len(dataset)`` batches per epoch (:mod:`data_pipeline.sampler`): the
-per-set quota is ``frames // (world_size * batch_size)``, identical on every rank, and a
-worker whose shards run out before its quota continues with a reshuffled pass over its shards,
-so unequal shard counts never make ranks disagree on the number of steps (the DDP hang of
-shared/REFERENCE.md §4). Output is deterministic for a given (seed, epoch, world size, workers);
-the augmentation drawn for a step does not depend on the workers.
+per-set quota is ``frames // (world_size * batch_size)``, identical on every rank, so unequal
+shard counts never make ranks disagree on the number of steps (the DDP hang of
+shared/REFERENCE.md §4). Each global worker reads its own contiguous range of the epoch's
+(shuffled) frames, as many as it makes key frames (:func:`~data_pipeline.sampler.split_frames`):
+no worker runs out and repeats frames while another leaves frames out. Output is
+deterministic for a given (seed, epoch, world size, workers); the augmentation drawn for a
+step does not depend on the workers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,15 +36,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline import bdd100k, fsio
-from data_pipeline.decode import DecodedFrame, decode_clip
+from data_pipeline.decode import DecodedFrame, decode_clip, decode_frames, split_members
 from data_pipeline.errors import DataError
 from data_pipeline.sampler import (
     SAMPLING_MODES,
     SamplingMode,
     batches_per_rank,
+    frames_needed,
     rng_for,
     set_schedule,
-    split_shards,
+    split_frames,
 )
 from data_pipeline.shm_pool import BufferPool
 from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
@@ -53,23 +56,53 @@ from data_pipeline.transforms import AugmentConfig, prepare_batch
 
 @dataclass(frozen=True, kw_only=True)
 class ShardFamily:
-    """The shards of one image set and split, with the frame counts the quotas are made from.
+    """The shards of one image set and split, with the frame counts (from the manifest) that
+    the quotas and each worker's part of the set are made from.
 
-    ``task_frames[t]`` is the number of frames labelled for task ``t`` (from the manifest).
+    ``shard_frames[i]`` is the number of frames in ``urls[i]``; ``shard_task_frames[i][t]`` the
+    number of them labelled for task ``t`` (needed only to require tasks, see
+    :attr:`LoaderConfig.require_tasks`).
     """
 
     set_name: str
     split: str
     urls: tuple[str, ...]
-    frames: int
-    task_frames: dict[str, int] = field(default_factory=dict)
+    shard_frames: tuple[int, ...]
+    shard_task_frames: tuple[dict[str, int], ...] = ()
+
+    def __post_init__(self):
+        if len(self.shard_frames) != len(self.urls):
+            raise ValueError(f"image set {self.set_name!r}: {len(self.urls)} shards, {len(self.shard_frames)} frame counts")
+        if self.shard_task_frames and len(self.shard_task_frames) != len(self.urls):
+            raise ValueError(f"image set {self.set_name!r}: {len(self.urls)} shards, {len(self.shard_task_frames)} task counts")
+        if any(n < 0 for n in self.shard_frames):
+            raise ValueError(f"image set {self.set_name!r}: negative frame count in {self.shard_frames}")
+
+    @property
+    def frames(self) -> int:
+        return sum(self.shard_frames)
+
+    @property
+    def task_frames(self) -> dict[str, int]:
+        """Frames labelled for each task, over all shards."""
+        out: dict[str, int] = {}
+        for counts in self.shard_task_frames:
+            for t, n in counts.items():
+                out[t] = out.get(t, 0) + n
+        return out
+
+    def shard_eligible(self, require: tuple[str, ...]) -> tuple[int, ...]:
+        """Frames of each shard usable as key frames when every task in ``require`` must be
+        labelled: exact for none or one required task, an upper bound for several."""
+        if not require:
+            return self.shard_frames
+        if not self.shard_task_frames:
+            raise ValueError(f"image set {self.set_name!r}: requiring tasks {require} needs the shards' task counts")
+        return tuple(min(counts.get(t, 0) for t in require) for counts in self.shard_task_frames)
 
     def eligible_frames(self, require: tuple[str, ...]) -> int:
-        """Frames usable as key frames when every task in ``require`` must be labelled
-        (exact for one required task, an upper bound for several)."""
-        if not require:
-            return self.frames
-        return min(self.task_frames.get(t, 0) for t in require)
+        """Frames usable as key frames (see :meth:`shard_eligible`)."""
+        return sum(self.shard_eligible(require))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,63 +225,59 @@ class MultiSetDataset(IterableDataset):
 
     # -- inside a worker ---------------------------------------------------------------------
 
-    def _frame_stream(self, fam: ShardFamily, gworker: int, total: int) -> Iterator[tuple[DecodedFrame, DecodedFrame | None]]:
+    def _frame_stream(self, fam: ShardFamily, gworker: int, needs: list[int]) -> Iterator[tuple[DecodedFrame, DecodedFrame | None]]:
+        """Global worker ``gworker``'s (key frame, reference frame) pairs of ``fam``: its part of
+        the set (:func:`~data_pipeline.sampler.split_frames`, ``needs[g]`` key frames per global
+        worker), shuffled; again, reshuffled, should the part run out (only where the counts the
+        parts are made from are an upper bound: several required tasks)."""
         cfg = self.cfg
         require = cfg.require_tasks.get(fam.set_name, ())
         rng = rng_for(cfg.seed, self.epoch, "frames", fam.set_name, gworker)
-        shards, modulo, remainder = split_shards(
-            fam.urls, gworker, total, seed=cfg.seed, epoch=self.epoch, set_name=fam.set_name
-        )
+        part = split_frames(fam.shard_eligible(require), needs, gworker, seed=cfg.seed, epoch=self.epoch, set_name=fam.set_name)
+
+        def emit(clip: dict, members: dict, where: str, keys: list[int]):
+            frames = decode_frames(clip, members, where, compact=True)
+            rng.shuffle(keys)
+            if fam.set_name == "track":
+                # A key frame without any neighbour is its own reference (zero motion); flow
+                # and MOT pairs are then trivially consistent rather than missing.
+                refs = [_ref_index(rng, frames, k, cfg.ref_range) for k in keys]
+                pairs = [(k, k if r is None else r) for k, r in zip(keys, refs)]
+            else:
+                pairs = [(k, None) for k in keys]
+            for f in frames:
+                f.image.uses = 0
+            for k, r in pairs:  # a frame used twice is decoded once (EncodedImage.uses)
+                frames[k].image.uses += 1
+                if r is not None:
+                    frames[r].image.uses += 1
+            for k, r in pairs:
+                yield frames[k], (None if r is None else frames[r])
+
         for rep in range(1 << 30):
-            order = list(shards)
+            order = list(part)
             if rep:
-                rng.shuffle(order)  # a further pass over this worker's shards, reshuffled
+                rng.shuffle(order)  # a further pass over this worker's part, reshuffled
             produced = False
-            buffer: list[dict] = []
-            idx = 0
-
-            def emit(sample):
-                frames = decode_clip(sample, compact=True)
-                keys = [k for k, f in enumerate(frames) if all(t in f.sources for t in require)]
-                rng.shuffle(keys)
-                if fam.set_name == "track":
-                    # A key frame without any neighbour is its own reference (zero motion); flow
-                    # and MOT pairs are then trivially consistent rather than missing.
-                    refs = [_ref_index(rng, frames, k, cfg.ref_range) for k in keys]
-                    pairs = [(k, k if r is None else r) for k, r in zip(keys, refs)]
-                else:
-                    pairs = [(k, None) for k in keys]
-                for f in frames:
-                    f.image.uses = 0
-                for k, r in pairs:  # a frame used twice is decoded once (EncodedImage.uses)
-                    frames[k].image.uses += 1
-                    if r is not None:
-                        frames[r].image.uses += 1
-                for k, r in pairs:
-                    yield frames[k], (None if r is None else frames[r])
-
-            for url in order:
-                for sample in iter_shard(url):
-                    keep = idx % modulo == remainder
-                    idx += 1
-                    if not keep:
-                        continue
-                    buffer.append(sample)
+            buffer: list[tuple] = []
+            for shard, start, stop in order:
+                for item in _shard_part(fam, shard, start, stop, require):
+                    buffer.append(item)
                     if len(buffer) >= max(1, cfg.shuffle_buffer):
                         j = int(rng.integers(len(buffer)))
                         buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                        for item in emit(buffer.pop()):
+                        for pair in emit(*buffer.pop()):
                             produced = True
-                            yield item
+                            yield pair
             rng.shuffle(buffer)
-            for sample in buffer:
-                for item in emit(sample):
+            for item in buffer:
+                for pair in emit(*item):
                     produced = True
-                    yield item
+                    yield pair
             if not produced:
                 raise DataError(
                     ",".join(fam.urls[:3]) + ("..." if len(fam.urls) > 3 else ""),
-                    f"image set {fam.set_name!r} yields no frames for worker {gworker}/{total}"
+                    f"image set {fam.set_name!r} yields no frames for worker {gworker}/{len(needs)}"
                     + (f" with required tasks {require}" if require else ""),
                 )
         raise AssertionError("unreachable")
@@ -302,29 +331,40 @@ class MultiSetDataset(IterableDataset):
             keep_freed_memory()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         schedule = self.schedule()
-        heights, flips = self.augment_plans(len(schedule))
+        n = len(schedule)
+        heights, flips = self.augment_plans(n)
+        if info is None:
+            def steps_of(w: int) -> Iterable[range]:
+                return [range(n)]
+        elif self.buffer_pool is None:
+            # a DataLoader other than build_train_loader's: one batch per item, as it expects
+            # (in step order: it takes items from its workers in turn)
+            def steps_of(w: int) -> Iterable[range]:
+                return [range(w, n, nw)]
+        else:
+            def steps_of(w: int) -> Iterable[range]:
+                return handoff_steps(n, w, nw, self.cfg.handoff_batches)
+        needs = frames_needed(schedule, [steps_of(w) for w in range(nw)], self.world_size, self.cfg.batch_size)
         streams: dict[str, Iterator] = {}
-        gworker, total = self.rank * nw + wid, self.world_size * nw
+        gworker = self.rank * nw + wid
 
         def batch(step: int) -> Batch:
             s = schedule[step]
             if s not in streams:
-                streams[s] = self._frame_stream(self.families[s], gworker, total)
+                streams[s] = self._frame_stream(self.families[s], gworker, needs[s])
             items = [next(streams[s]) for _ in range(self.cfg.batch_size)]
             return self._collate(s, items, step, int(heights[step]), flips[step])
 
         if info is None:
-            for step in range(len(schedule)):
+            for step in steps_of(0)[0]:
                 yield decode_images(batch(step))
             return
-        if self.buffer_pool is None:
-            # a DataLoader other than build_train_loader's: one batch per item, as it expects
-            # (in step order: it takes items from its workers in turn), errors raised as usual
-            for step in range(wid, len(schedule), nw):
+        if self.buffer_pool is None:  # errors raised as usual
+            for step in steps_of(wid)[0]:
                 yield pack_batch(batch(step))
             return
         try:
-            for steps in handoff_steps(len(schedule), wid, nw, self.cfg.handoff_batches):
+            for steps in steps_of(wid):
                 # Pack the batches (decoding their frames straight into shared memory, after the
                 # hand-off's other work) here rather than when the queue's feeder thread pickles
                 # the hand-off, where it would contend for the GIL.
@@ -333,6 +373,32 @@ class MultiSetDataset(IterableDataset):
             # The DataLoader would re-raise it in the training process as a RuntimeError holding
             # the worker's traceback as text; sent as an item, it is raised there as itself.
             yield e
+
+
+def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tuple[str, ...]) -> Iterator[tuple]:
+    """The samples of shard ``shard`` that hold its eligible frames ``start..stop - 1`` (counted
+    from the shard's start, in order), as ``(clip, members, where, key frame indices)``; reading
+    stops after the last. Frames before ``start`` are read over but not decoded."""
+    url = fam.urls[shard]
+    pos = 0  # eligible frames of this shard seen so far
+    samples = iter_shard(url)
+    try:
+        for sample in samples:
+            if pos >= stop:
+                return
+            clip, members = split_members(sample)
+            frames = clip.get("frames", [])
+            keys = [k for k, rec in enumerate(frames) if all(t in (rec.get("tasks") or {}) for t in require)]
+            mine = [k for i, k in enumerate(keys) if start <= pos + i < stop]
+            pos += len(keys)
+            if mine:
+                yield clip, members, f"{url}:{sample.get('__key__', '?')}", mine
+    finally:
+        samples.close()  # closes the shard's file when stopping early
+    if pos < stop and len(require) <= 1:  # (several required tasks: the count is an upper bound)
+        what = f"frames labelled for {require[0]!r}" if require else "frames"
+        raise DataError(url, f"shard holds {pos} {what}, the manifest counts {fam.shard_eligible(require)[shard]}: "
+                             "the manifest does not describe these shards (convert again)")
 
 
 def handoff_steps(steps: int, worker: int, workers: int, size: int) -> Iterator[range]:

@@ -40,16 +40,16 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
         entry = entries.get(f"{s}/{split}")
         if entry is None:
             raise DataError(fsio.join(uri, MANIFEST_NAME), f"no image set {s!r} for split {split!r}", field="sets")
-        shards = tuple(fsio.join(uri, sh["path"]) for sh in entry["shards"] if sh["samples"] > 0)
+        shards = [sh for sh in entry["shards"] if sh["samples"] > 0]
         if not shards:
             continue
         out.append(
             ShardFamily(
                 set_name=s,
                 split=split,
-                urls=shards,
-                frames=int(entry["samples"]),
-                task_frames={t: int(v["samples"]) for t, v in entry["tasks"].items()},
+                urls=tuple(fsio.join(uri, sh["path"]) for sh in shards),
+                shard_frames=tuple(int(sh["samples"]) for sh in shards),
+                shard_task_frames=tuple({t: int(v["samples"]) for t, v in sh["tasks"].items()} for sh in shards),
             )
         )
     return out

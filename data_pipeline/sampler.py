@@ -7,7 +7,7 @@ image set at the same step, whatever the shard counts (paper §4.3 / H.1; STYLE 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -69,18 +69,56 @@ def set_schedule(
     return [names[i] for i in rng.choice(len(names), size=total, p=p)]
 
 
-def split_shards(
-    shards: Sequence[str], global_worker: int, total_workers: int, *, seed: int, epoch: int, set_name: str
-) -> tuple[list[str], int, int]:
-    """Which shards a global worker reads, and which of their samples it keeps.
+def frames_needed(
+    schedule: Sequence[str], worker_steps: Sequence[Iterable[Iterable[int]]], world_size: int, batch_size: int
+) -> dict[str, list[int]]:
+    """Key frames each global worker takes from each image set per epoch: ``{set: [frames of
+    global worker g]}``, g = rank × workers + worker. ``worker_steps[w]`` are the steps worker
+    ``w`` of a rank makes (in groups, as hand-offs), the same on every rank, as is the schedule."""
+    needs: dict[str, list[int]] = {s: [0] * len(worker_steps) for s in schedule}
+    for w, groups in enumerate(worker_steps):
+        for group in groups:
+            for step in group:
+                needs[schedule[step]][w] += batch_size
+    return {s: n * world_size for s, n in needs.items()}
 
-    Returns ``(shards, modulo, remainder)``: the worker keeps the i-th sample of its stream when
-    ``i % modulo == remainder``. With at least as many shards as workers, shards are dealt out
-    (after a seeded shuffle) and every sample is kept; with fewer shards than workers every
-    worker reads all shards and keeps every ``total_workers``-th sample, so no worker starves.
+
+def frame_ranges(needs: Sequence[int], available: int) -> list[tuple[int, int]]:
+    """Split positions ``[0, available)`` into one contiguous range per worker, in worker order,
+    sized in proportion to ``needs`` (the frames each worker takes this epoch). Every range
+    holds at least its worker's need when ``available >= sum(needs)``; the surplus (less than
+    one global batch per set, see :func:`batches_per_rank`) is spread over the ranges."""
+    if min(needs, default=0) < 0 or available < 0:
+        raise ValueError(f"needs and available frames must be >= 0, got {list(needs)} and {available}")
+    total = sum(needs)
+    if total == 0:
+        return [(0, 0)] * len(needs)
+    bounds = [available * c // total for c in np.cumsum([0, *needs]).tolist()]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def split_frames(
+    shard_frames: Sequence[int], needs: Sequence[int], global_worker: int, *, seed: int, epoch: int, set_name: str
+) -> list[tuple[int, int, int]]:
+    """The part of an image set one global worker reads this epoch, as ``(shard, start, stop)``
+    slices: shard index into ``shard_frames`` (the frames of each shard), and the range of the
+    shard's frames, counted from its start, that the worker takes.
+
+    The shards are shuffled by (seed, epoch, set) and their frames laid end to end; worker ``g``
+    takes the ``g``-th of :func:`frame_ranges` (``needs[g]`` is the number of frames it takes),
+    so across all ranks and workers every frame is taken at most once per epoch and all but
+    the surplus of :func:`frame_ranges` are taken, whatever the shard sizes: no worker runs out
+    and repeats frames while another leaves some out. A range may start and end inside a shard;
+    that shard is then read by two workers, each keeping its part.
     """
-    order = list(shards)
+    order = list(range(len(shard_frames)))
     rng_for(seed, epoch, "shards", set_name).shuffle(order)
-    if len(order) >= total_workers:
-        return order[global_worker::total_workers], 1, 0
-    return order, total_workers, global_worker
+    start, stop = frame_ranges(needs, sum(shard_frames))[global_worker]
+    out, offset = [], 0
+    for i in order:
+        n = shard_frames[i]
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            out.append((i, lo - offset, hi - offset))
+        offset += n
+    return out

@@ -277,6 +277,47 @@ def test_every_rank_gets_the_same_number_of_batches(tiny_shards, world_size):
     assert per_rank_names[0] != per_rank_names[1], "ranks see different data"
 
 
+@pytest.mark.parametrize(("world_size", "workers"), [(1, 1), (2, 2), (3, 2)])
+def test_an_epoch_takes_every_frame_at_most_once_across_ranks_and_workers(tiny_shards, world_size, workers):
+    # unequal shard counts and sizes (track: a shard of 8 clips' frames next to one of 2): no
+    # worker runs out of its shards and repeats frames while another leaves frames out
+    fams = families_from_manifest(tiny_shards, "train")
+    cfg = LoaderConfig(batch_size=2, num_workers=workers, augment=NO_AUG, handoff_batches=2)
+    taken = Counter()
+    for rank in range(world_size):
+        ds = MultiSetDataset(fams, cfg, rank=rank, world_size=world_size)
+        ds.set_epoch(2)
+        taken.update((b.set_name, m["name"]) for b in build_train_loader(ds) for m in b.meta)
+    assert max(taken.values()) == 1, [k for k, n in taken.items() if n > 1]
+    for f in fams:
+        got = sum(1 for s, _ in taken if s == f.set_name)
+        assert got == ds.batches_per_set()[f.set_name] * world_size * cfg.batch_size
+        assert f.frames - got < world_size * cfg.batch_size, "only the last partial global batch is left out"
+
+
+def test_required_tasks_split_the_labelled_frames_over_the_workers(tiny_shards):
+    fams = [f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "track"]
+    mots = fams[0].task_frames["mots"]
+    assert 0 < mots < fams[0].frames and 0 in [t.get("mots", 0) for t in fams[0].shard_task_frames]
+    cfg = LoaderConfig(batch_size=1, num_workers=2, augment=NO_AUG, require_tasks={"track": ("mots",)})
+    taken = Counter()
+    for rank in range(2):
+        ds = MultiSetDataset(fams, cfg, rank=rank, world_size=2)
+        for b in build_train_loader(ds):
+            assert bool(b.has("mots").all())
+            taken.update(m["name"] for m in b.meta)
+    assert max(taken.values()) == 1 and sum(taken.values()) == mots // 2 * 2
+
+
+def test_a_shard_with_fewer_frames_than_the_manifest_counts_is_an_error(tiny_shards):
+    (det,) = families_from_manifest(tiny_shards, "train", sets=("det",))
+    lying = replace(det, urls=det.urls[:1], shard_frames=(det.shard_frames[0] + 2,), shard_task_frames=())
+    ds = MultiSetDataset([lying], LoaderConfig(batch_size=1, num_workers=0, augment=NO_AUG), rank=0, world_size=1)
+    with pytest.raises(DataError, match="the manifest counts") as e:
+        list(ds)
+    assert e.value.file == det.urls[0]
+
+
 @pytest.mark.parametrize("steps", [0, 1, 7, 24])
 @pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("size", [1, 3, 4])

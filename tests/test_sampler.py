@@ -1,10 +1,10 @@
-"""Set schedules and shard splitting (pure functions; the loader tests cover them end to end)."""
+"""Set schedules and the split of frames over workers (pure functions; the loader tests cover them end to end)."""
 
 from collections import Counter
 
 import pytest
 
-from data_pipeline.sampler import batches_per_rank, set_schedule, split_shards
+from data_pipeline.sampler import batches_per_rank, frame_ranges, frames_needed, set_schedule, split_frames
 
 
 def test_round_robin_takes_one_batch_from_each_set_in_turn():
@@ -55,26 +55,53 @@ def test_batches_per_rank_drops_the_partial_batch():
     assert batches_per_rank(5, world_size=3, batch_size=4) == 0
 
 
-@pytest.mark.parametrize("n_shards,total", [(7, 3), (3, 3), (2, 5)])
-def test_split_shards_covers_every_sample_exactly_once(n_shards, total):
-    shards = [f"s{i}.tar" for i in range(n_shards)]
-    samples_per_shard = 4
+@pytest.mark.parametrize("needs,available", [([4, 4, 4], 12), ([6, 2, 8, 0, 2], 21), ([1], 1), ([3, 5], 9), ([0, 0], 7)])
+def test_frame_ranges_are_contiguous_and_hold_each_need(needs, available):
+    ranges = frame_ranges(needs, available)
+    assert len(ranges) == len(needs)
+    assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    if sum(needs):
+        assert ranges[-1][1] == available
+    assert all(hi - lo >= n for (lo, hi), n in zip(ranges, needs))
+
+
+@pytest.mark.parametrize("shard_frames", [(4, 4, 4, 4, 4, 1), (32, 8), (1, 9, 2, 7, 3)])
+@pytest.mark.parametrize("workers", [1, 3, 8])
+def test_split_frames_gives_each_frame_to_at_most_one_worker_and_each_worker_its_need(shard_frames, workers):
+    total = sum(shard_frames)
+    needs = [total // workers - (g % 2) for g in range(workers)]  # unequal needs, as hand-offs make them
     seen = Counter()
-    for g in range(total):
-        mine, mod, rem = split_shards(shards, g, total, seed=0, epoch=0, set_name="det")
-        assert mine, "a worker must never starve"
-        idx = 0
-        for s in mine:
-            for k in range(samples_per_shard):
-                if idx % mod == rem:
-                    seen[(s, k)] += 1
-                idx += 1
-    assert set(seen) == {(s, k) for s in shards for k in range(samples_per_shard)}
-    assert set(seen.values()) == {1}
+    for g in range(workers):
+        part = split_frames(shard_frames, needs, g, seed=0, epoch=3, set_name="det")
+        assert sum(stop - start for _, start, stop in part) >= needs[g]
+        for shard, start, stop in part:
+            assert 0 <= start < stop <= shard_frames[shard]
+            seen.update((shard, k) for k in range(start, stop))
+    assert set(seen.values()) <= {1}
+    assert len(seen) == total, "the surplus is spread over the workers, not left out"
 
 
-def test_split_shards_order_depends_on_epoch():
-    shards = [f"s{i}.tar" for i in range(16)]
-    a = split_shards(shards, 0, 2, seed=0, epoch=0, set_name="det")[0]
-    b = split_shards(shards, 0, 2, seed=0, epoch=1, set_name="det")[0]
+def test_split_frames_order_depends_on_the_epoch():
+    shards = [5] * 16
+    a = split_frames(shards, [40, 40], 0, seed=0, epoch=0, set_name="det")
+    b = split_frames(shards, [40, 40], 0, seed=0, epoch=1, set_name="det")
     assert a != b
+
+
+def test_frames_needed_counts_each_workers_steps_per_set_on_every_rank():
+    schedule = ["det", "seg", "det", "track", "det"]
+    needs = frames_needed(schedule, [[range(0, 1), range(2, 4)], [range(1, 2), range(4, 5)]], world_size=2, batch_size=3)
+    assert needs == {"det": [6, 3, 6, 3], "seg": [0, 3, 0, 3], "track": [3, 0, 3, 0]}
+
+
+@pytest.mark.parametrize(("shards", "size", "workers"), [(70, 100, 32), (700, 10, 32), (20, 50, 64)])
+def test_split_frames_reads_each_shard_about_once(shards, size, workers):
+    # a worker reads its first shard from the start, its other shards only as far as it needs:
+    # the frames read per epoch stay near 1 + G / (2 S) times the set's (README, ARCHITECTURE)
+    total = shards * size
+    read = 0
+    for g in range(workers):
+        part = split_frames([size] * shards, [total // workers] * workers, g, seed=1, epoch=0, set_name="seg")
+        read += part[0][1] + sum(stop - start for _, start, stop in part)
+        assert len(part) <= -(-total // workers // size) + 1, "a worker's range is contiguous"
+    assert read / total <= 1 + workers / (2 * shards) + 0.05

@@ -93,7 +93,7 @@ def test_a_truncated_frame_met_in_a_worker_is_the_same_error_in_the_training_pro
             if i == 1:  # the header intact (the sample assembles), the pixels cut off
                 s["0.jpg"] = s["0.jpg"][: len(s["0.jpg"]) // 2]
             w.write(s)
-    fam = ShardFamily(set_name="det", split="train", urls=(url,), frames=len(samples))
+    fam = ShardFamily(set_name="det", split="train", urls=(url,), shard_frames=(len(samples),))
     cfg = LoaderConfig(batch_size=2, num_workers=workers, shuffle_buffer=1, augment=AugmentConfig(scales=(64,)))
     with pytest.raises(DataError, match="corrupt JPEG") as e:
         list(build_train_loader(MultiSetDataset([fam], cfg, rank=0, world_size=1)))
@@ -317,7 +317,7 @@ def test_a_key_frame_without_neighbours_is_its_own_reference_decoded_once(tiny_s
     calls = []
     real = jpeg.decode_into
     monkeypatch.setattr(jpeg, "decode_into", lambda data, out: (calls.append(1), real(data, out)))
-    fam = ShardFamily(set_name="track", split="train", urls=(url,), frames=1)
+    fam = ShardFamily(set_name="track", split="train", urls=(url,), shard_frames=(1,))
     cfg = LoaderConfig(batch_size=1, num_workers=0, augment=AugmentConfig(scales=(64,)))
     (b,) = list(MultiSetDataset([fam], cfg, rank=0, world_size=1))
     assert b.meta[0]["ref_frame_index"] == b.meta[0]["frame_index"]
