@@ -82,7 +82,7 @@ from data_pipeline.loader import (
     keep_freed_memory,
 )
 from data_pipeline.manifest import families_from_manifest
-from data_pipeline.shard_format import decode_label_map, encode_label_map
+from data_pipeline.shard_format import FORMAT_VERSION, decode_label_map, encode_label_map
 from data_pipeline.synth import generate
 from data_pipeline.transforms import AugmentConfig
 
@@ -169,7 +169,8 @@ def long_family(fam: ShardFamily, frames: int = 600) -> ShardFamily:
     thousands of frames."""
     times = -(-frames // fam.frames)
     return ShardFamily(set_name=fam.set_name, split=fam.split, urls=fam.urls * times,
-                       shard_frames=fam.shard_frames * times, shard_task_frames=fam.shard_task_frames * times)
+                       shard_frames=fam.shard_frames * times, shard_task_frames=fam.shard_task_frames * times,
+                       shard_clip_frames=fam.shard_clip_frames * times)
 
 
 def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float, float]:
@@ -295,8 +296,10 @@ def main() -> None:
     print(f"# worker malloc settings applied: {keep_freed_memory()}")
     work = Path(a.workdir)
     root, shards = work / "bdd100k", work / "shards"
-    if not (shards / "manifest.json").exists():
-        generate(str(root), seed=0, size="full", overwrite=True)
+    manifest = shards / "manifest.json"
+    if not manifest.exists() or json.loads(manifest.read_text()).get("format_version") != FORMAT_VERSION:
+        if not (root / "labels").exists():
+            generate(str(root), seed=0, size="full", overwrite=True)
         convert(ConvertOptions(bdd_root=str(root), out=str(shards), shard_size=4, workers=2, overwrite=True,
                                progress=False))
     fams = {f.set_name: f for f in families_from_manifest(str(shards), "train")}

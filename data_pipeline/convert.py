@@ -513,22 +513,22 @@ def _write_shard(job: ShardJob) -> dict[str, Any]:
         # extra PAX header block per member, which doubles the header parsing every reader does.
         writer = TarWriter(f, encoder=False, mtime=0)
         try:
-            n_frames, n_clips = _write_clips(writer, job, skips, counts)
+            clip_frames = _write_clips(writer, job, skips, counts)
         finally:
             writer.close()  # also on error: flush into the temp file (then discarded), not at GC time
     sidecar = {
         "format_version": SF.FORMAT_VERSION, "path": job["path"], "plan": job["plan"],
-        "samples": n_frames, "clips": n_clips, "bytes": fsio.size(shard_uri),
+        "samples": sum(clip_frames), "clips": len(clip_frames), "clip_frames": clip_frames, "bytes": fsio.size(shard_uri),
         "tasks": sort_task_counts(counts), "skipped": skips.items,
     }
     fsio.write_json_atomic(shard_uri + ".json", sidecar)
     return sidecar
 
 
-def _write_clips(writer: TarWriter, job: ShardJob, skips: _Skips, counts: dict) -> tuple[int, int]:
-    """Validate and write ``job``'s clips; returns (frames, clips) written."""
+def _write_clips(writer: TarWriter, job: ShardJob, skips: _Skips, counts: dict) -> list[int]:
+    """Validate and write ``job``'s clips; returns the frames of each clip written."""
     set_name, split, root = job["set"], job["split"], job["bdd_root"]
-    n_frames = n_clips = 0
+    clip_frames = []
     for clip in job["clips"]:
         sample: dict[str, Any] = {"__key__": clip["key"]}
         records = []
@@ -548,9 +548,8 @@ def _write_clips(writer: TarWriter, job: ShardJob, skips: _Skips, counts: dict) 
         writer.write(sample)
         for r in records:
             add_frame_counts(counts, r)
-        n_frames += len(records)
-        n_clips += 1
-    return n_frames, n_clips
+        clip_frames.append(len(records))
+    return clip_frames
 
 
 def _build_frame(root: str, spec: FrameSpec) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -909,7 +908,7 @@ def _manifest(opts: ConvertOptions, families: dict, sidecars: dict[str, dict]) -
         for job in fam["jobs"]:
             side = sidecars[job["path"]]
             shards.append({"path": job["path"], "samples": side["samples"], "clips": side["clips"], "bytes": side["bytes"],
-                           "tasks": side["tasks"]})
+                           "tasks": side["tasks"], "clip_frames": side["clip_frames"]})
             merge_task_counts(tasks, side["tasks"])
             skipped += side["skipped"]
         entry = {

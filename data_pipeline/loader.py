@@ -61,7 +61,9 @@ class ShardFamily:
 
     ``shard_frames[i]`` is the number of frames in ``urls[i]``; ``shard_task_frames[i][t]`` the
     number of them labelled for task ``t`` (needed only to require tasks, see
-    :attr:`LoaderConfig.require_tasks`).
+    :attr:`LoaderConfig.require_tasks`); ``shard_clip_frames[i]`` the frames of each of its
+    samples (optional: with them, a worker whose part begins inside the shard skips the
+    samples before it without reading their data).
     """
 
     set_name: str
@@ -69,12 +71,15 @@ class ShardFamily:
     urls: tuple[str, ...]
     shard_frames: tuple[int, ...]
     shard_task_frames: tuple[dict[str, int], ...] = ()
+    shard_clip_frames: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if len(self.shard_frames) != len(self.urls):
             raise ValueError(f"image set {self.set_name!r}: {len(self.urls)} shards, {len(self.shard_frames)} frame counts")
         if self.shard_task_frames and len(self.shard_task_frames) != len(self.urls):
             raise ValueError(f"image set {self.set_name!r}: {len(self.urls)} shards, {len(self.shard_task_frames)} task counts")
+        if self.shard_clip_frames and [sum(c) for c in self.shard_clip_frames] != list(self.shard_frames):
+            raise ValueError(f"image set {self.set_name!r}: the samples' frame counts do not add up to the shards'")
         if any(n < 0 for n in self.shard_frames):
             raise ValueError(f"image set {self.set_name!r}: negative frame count in {self.shard_frames}")
 
@@ -153,10 +158,11 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.ref_range must be >= 1, got {self.ref_range}")
 
 
-def iter_shard(url: str) -> Iterator[dict]:
-    """Raw grouped samples of one tar shard at any fsspec URI (bytes only, nothing decoded)."""
+def iter_shard(url: str, skip_samples: int = 0) -> Iterator[dict]:
+    """Raw grouped samples of one tar shard at any fsspec URI (bytes only, nothing decoded),
+    from sample ``skip_samples`` on (the ones before passed over without reading their data)."""
     with fsio.open_read(url) as f:
-        yield from iter_samples(f, url)
+        yield from iter_samples(f, url, skip_samples)
 
 
 def iter_frames(urls: tuple[str, ...] | list[str]) -> Iterator[DecodedFrame]:
@@ -378,10 +384,16 @@ class MultiSetDataset(IterableDataset):
 def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tuple[str, ...]) -> Iterator[tuple]:
     """The samples of shard ``shard`` that hold its eligible frames ``start..stop - 1`` (counted
     from the shard's start, in order), as ``(clip, members, where, key frame indices)``; reading
-    stops after the last. Frames before ``start`` are read over but not decoded."""
+    stops after the last. Samples before ``start`` are passed over without reading their data
+    where the sizes of the shard's samples are known, else read but not decoded."""
     url = fam.urls[shard]
-    pos = 0  # eligible frames of this shard seen so far
-    samples = iter_shard(url)
+    pos = skip = 0  # eligible frames of this shard passed, samples passed without reading them
+    if not require and fam.shard_clip_frames:  # (with required tasks, only a sample's record says)
+        for n in fam.shard_clip_frames[shard]:
+            if pos + n > start:
+                break
+            pos, skip = pos + n, skip + 1
+    samples = iter_shard(url, skip)
     try:
         for sample in samples:
             if pos >= stop:
@@ -397,7 +409,7 @@ def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tu
         samples.close()  # closes the shard's file when stopping early
     if pos < stop and len(require) <= 1:  # (several required tasks: the count is an upper bound)
         what = f"frames labelled for {require[0]!r}" if require else "frames"
-        raise DataError(url, f"shard holds {pos} {what}, the manifest counts {fam.shard_eligible(require)[shard]}: "
+        raise DataError(url, f"shard ends after {pos} {what}, the manifest counts {fam.shard_eligible(require)[shard]}: "
                              "the manifest does not describe these shards (convert again)")
 
 

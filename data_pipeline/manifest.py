@@ -40,6 +40,8 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
         entry = entries.get(f"{s}/{split}")
         if entry is None:
             raise DataError(fsio.join(uri, MANIFEST_NAME), f"no image set {s!r} for split {split!r}", field="sets")
+        for sh in entry["shards"]:
+            _check_shard_entry(sh, fsio.join(uri, MANIFEST_NAME), f"sets.{s}/{split}.shards")
         shards = [sh for sh in entry["shards"] if sh["samples"] > 0]
         if not shards:
             continue
@@ -50,6 +52,17 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
                 urls=tuple(fsio.join(uri, sh["path"]) for sh in shards),
                 shard_frames=tuple(int(sh["samples"]) for sh in shards),
                 shard_task_frames=tuple({t: int(v["samples"]) for t, v in sh["tasks"].items()} for sh in shards),
+                shard_clip_frames=tuple(tuple(sh["clip_frames"]) for sh in shards),
             )
         )
     return out
+
+
+def _check_shard_entry(sh: object, path: str, where: str) -> None:
+    """A manifest's shard entry has the fields the loader reads, consistent with each other."""
+    if not isinstance(sh, dict) or not all(k in sh for k in ("path", "samples", "tasks", "clip_frames")):
+        raise DataError(path, f"shard entry {sh!r} lacks one of path, samples, tasks, clip_frames", field=where)
+    frames = sh["clip_frames"]
+    if not (isinstance(frames, list) and all(isinstance(n, int) and n > 0 for n in frames) and sum(frames) == sh["samples"]):
+        raise DataError(path, f"shard {sh['path']!r}: clip_frames do not add up to its {sh['samples']} frames",
+                        field=f"{where}.clip_frames")

@@ -221,6 +221,7 @@ def test_layout_and_manifest_counts(converted):
     assert [s["path"] for s in det["shards"]] == [f"det/train/det-train-{i:06d}.tar" for i in range(3)]
     assert [s["samples"] for s in track["shards"]] == [4, 3, 3, 1]  # vid1 [0,1][2,3] | [5] vid2 [0,1] | [2] vid3 [0,1] | [2]
     assert [s["tasks"]["flow"]["samples"] for s in track["shards"]] == [4, 3, 3, 1]  # every tracking frame
+    assert [s["clip_frames"] for s in track["shards"]] == [[2, 2], [1, 2], [1, 2], [1]]
     for entry in (det, seg, track):  # the shards' task counts (the loader's per-worker parts) add up to the set's
         for task, counts in entry["tasks"].items():
             assert sum(s["tasks"].get(task, {}).get("samples", 0) for s in entry["shards"]) == counts["samples"]
