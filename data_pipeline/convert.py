@@ -463,6 +463,8 @@ def _complete_sidecar(job: ShardJob, opts: ConvertOptions) -> dict | None:
         return None
     if not isinstance(side, dict) or side.get("plan") != job["plan"] or side.get("bytes") != nbytes:
         return None
+    if not all(k in side for k in ("samples", "clips", "clip_frames", "tasks", "skipped")):
+        return None  # an older build's sidecar: the shard is written again
     if opts.on_error == "raise" and side.get("skipped"):
         return None  # written under skip; a strict run must see (and raise) those errors
     return side

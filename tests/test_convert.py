@@ -396,6 +396,21 @@ def test_resume_rewrites_only_incomplete_shards(pristine, tmp_path, monkeypatch)
     assert not list(out.glob("det/train/*.tmp-*"))
 
 
+def test_resume_rewrites_a_shard_whose_sidecar_lacks_a_field(pristine, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = convert(_opts(pristine, out, sets=("det",), shard_size=2))
+    (out / "manifest.json").unlink()
+    side_path = out / "det/train/det-train-000001.tar.json"
+    side = json.loads(side_path.read_text())
+    del side["clip_frames"]  # as an older build wrote it, under the same plan
+    side_path.write_text(json.dumps(side))
+    written = []
+    real = convert_mod._write_shard
+    monkeypatch.setattr(convert_mod, "_write_shard", lambda job: written.append(job["path"]) or real(job))
+    assert convert(_opts(pristine, out, sets=("det",), shard_size=2)) == first
+    assert written == ["det/train/det-train-000001.tar"]
+
+
 def test_resume_rewrites_shards_whose_plan_changed(pristine, tmp_path, monkeypatch):
     out = tmp_path / "out"
     convert(_opts(pristine, out, sets=("track",), shard_size=2, clip_len=2))
