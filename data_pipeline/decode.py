@@ -142,6 +142,8 @@ def split_members(sample: dict[str, Any]) -> tuple[dict, dict[int, dict[str, byt
         clip = json.loads(sample[CLIP_MEMBER])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(where, f"malformed JSON: {e}", field=CLIP_MEMBER) from None
+    if not (isinstance(clip, dict) and isinstance(clip.get("frames"), list) and all(isinstance(r, dict) for r in clip["frames"])):
+        raise DataError(where, 'not a clip: expected an object whose "frames" is a list of frame records', field=CLIP_MEMBER)
     frames: dict[int, dict[str, bytes]] = {}
     for key, value in sample.items():
         if key.startswith("__") or key == CLIP_MEMBER:
@@ -162,4 +164,4 @@ def decode_clip(sample: dict[str, Any], *, compact: bool = False) -> list[Decode
 
 def decode_frames(clip: dict, members: dict[int, dict[str, bytes]], where: str, *, compact: bool = False) -> list[DecodedFrame]:
     """Every frame of a clip already split by :func:`split_members`."""
-    return [decode_frame(members.get(i, {}), rec, where, compact=compact) for i, rec in enumerate(clip.get("frames", []))]
+    return [decode_frame(members.get(i, {}), rec, where, compact=compact) for i, rec in enumerate(clip["frames"])]

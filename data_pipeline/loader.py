@@ -399,8 +399,7 @@ def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tu
             if pos >= stop:
                 return
             clip, members = split_members(sample)
-            frames = clip.get("frames", [])
-            keys = [k for k, rec in enumerate(frames) if all(t in (rec.get("tasks") or {}) for t in require)]
+            keys = [k for k, rec in enumerate(clip["frames"]) if all(t in (rec.get("tasks") or {}) for t in require)]
             mine = [k for i, k in enumerate(keys) if start <= pos + i < stop]
             pos += len(keys)
             if mine:
