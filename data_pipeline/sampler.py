@@ -1,4 +1,4 @@
-"""Set-level batch schedules and the split of shards over ranks and DataLoader workers.
+"""Set-level batch schedules and the split of each set's frames over ranks and DataLoader workers.
 
 Every function here is pure and depends only on its arguments, so every rank computes the
 same schedule: each rank takes exactly the same number of batches per epoch, from the same
