@@ -170,7 +170,7 @@ def long_family(fam: ShardFamily, frames: int = 600) -> ShardFamily:
     times = -(-frames // fam.frames)
     return ShardFamily(set_name=fam.set_name, split=fam.split, urls=fam.urls * times,
                        shard_frames=fam.shard_frames * times, shard_task_frames=fam.shard_task_frames * times,
-                       shard_clip_frames=fam.shard_clip_frames * times)
+                       shard_clip_frames=fam.shard_clip_frames * times, shard_sample_offsets=fam.shard_sample_offsets * times)
 
 
 def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float, float]:

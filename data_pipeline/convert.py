@@ -463,7 +463,7 @@ def _complete_sidecar(job: ShardJob, opts: ConvertOptions) -> dict | None:
         return None
     if not isinstance(side, dict) or side.get("plan") != job["plan"] or side.get("bytes") != nbytes:
         return None
-    if not all(k in side for k in ("samples", "clips", "clip_frames", "tasks", "skipped")):
+    if not all(k in side for k in ("samples", "clips", "clip_frames", "sample_offsets", "tasks", "skipped")):
         return None  # an older build's sidecar: the shard is written again
     if opts.on_error == "raise" and side.get("skipped"):
         return None  # written under skip; a strict run must see (and raise) those errors
@@ -515,22 +515,24 @@ def _write_shard(job: ShardJob) -> dict[str, Any]:
         # extra PAX header block per member, which doubles the header parsing every reader does.
         writer = TarWriter(f, encoder=False, mtime=0)
         try:
-            clip_frames = _write_clips(writer, job, skips, counts)
+            clip_frames, offsets = _write_clips(writer, job, skips, counts)
         finally:
             writer.close()  # also on error: flush into the temp file (then discarded), not at GC time
     sidecar = {
         "format_version": SF.FORMAT_VERSION, "path": job["path"], "plan": job["plan"],
-        "samples": sum(clip_frames), "clips": len(clip_frames), "clip_frames": clip_frames, "bytes": fsio.size(shard_uri),
+        "samples": sum(clip_frames), "clips": len(clip_frames), "clip_frames": clip_frames, "sample_offsets": offsets,
+        "bytes": fsio.size(shard_uri),
         "tasks": sort_task_counts(counts), "skipped": skips.items,
     }
     fsio.write_json_atomic(shard_uri + ".json", sidecar)
     return sidecar
 
 
-def _write_clips(writer: TarWriter, job: ShardJob, skips: _Skips, counts: dict) -> list[int]:
-    """Validate and write ``job``'s clips; returns the frames of each clip written."""
+def _write_clips(writer: TarWriter, job: ShardJob, skips: _Skips, counts: dict) -> tuple[list[int], list[int]]:
+    """Validate and write ``job``'s clips; returns the frames of each clip written and the byte
+    offset in the tar where each begins."""
     set_name, split, root = job["set"], job["split"], job["bdd_root"]
-    clip_frames = []
+    clip_frames, offsets = [], []
     for clip in job["clips"]:
         sample: dict[str, Any] = {"__key__": clip["key"]}
         records = []
@@ -547,11 +549,12 @@ def _write_clips(writer: TarWriter, job: ShardJob, skips: _Skips, counts: dict) 
             continue
         clip_doc = {"set": set_name, "split": split, "frames": records}
         sample[SF.CLIP_MEMBER] = json.dumps(clip_doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        offsets.append(writer.tarstream.offset)  # the archive's offset (written or still buffered)
         writer.write(sample)
         for r in records:
             add_frame_counts(counts, r)
         clip_frames.append(len(records))
-    return clip_frames
+    return clip_frames, offsets
 
 
 def _build_frame(root: str, spec: FrameSpec) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -910,7 +913,8 @@ def _manifest(opts: ConvertOptions, families: dict, sidecars: dict[str, dict]) -
         for job in fam["jobs"]:
             side = sidecars[job["path"]]
             shards.append({"path": job["path"], "samples": side["samples"], "clips": side["clips"], "bytes": side["bytes"],
-                           "tasks": side["tasks"], "clip_frames": side["clip_frames"]})
+                           "tasks": side["tasks"], "clip_frames": side["clip_frames"],
+                           "sample_offsets": side["sample_offsets"]})
             merge_task_counts(tasks, side["tasks"])
             skipped += side["skipped"]
         entry = {

@@ -62,8 +62,8 @@ class ShardFamily:
     ``shard_frames[i]`` is the number of frames in ``urls[i]``; ``shard_task_frames[i][t]`` the
     number of them labelled for task ``t`` (needed only to require tasks, see
     :attr:`LoaderConfig.require_tasks`); ``shard_clip_frames[i]`` the frames of each of its
-    samples (optional: with them, a worker whose part begins inside the shard skips the
-    samples before it without reading their data).
+    samples and ``shard_sample_offsets[i]`` the byte where each begins (optional: with them, a
+    worker whose part begins inside the shard starts reading there).
     """
 
     set_name: str
@@ -72,6 +72,7 @@ class ShardFamily:
     shard_frames: tuple[int, ...]
     shard_task_frames: tuple[dict[str, int], ...] = ()
     shard_clip_frames: tuple[tuple[int, ...], ...] = ()
+    shard_sample_offsets: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if len(self.shard_frames) != len(self.urls):
@@ -80,6 +81,8 @@ class ShardFamily:
             raise ValueError(f"image set {self.set_name!r}: {len(self.urls)} shards, {len(self.shard_task_frames)} task counts")
         if self.shard_clip_frames and [sum(c) for c in self.shard_clip_frames] != list(self.shard_frames):
             raise ValueError(f"image set {self.set_name!r}: the samples' frame counts do not add up to the shards'")
+        if self.shard_sample_offsets and [len(c) for c in self.shard_sample_offsets] != [len(c) for c in self.shard_clip_frames]:
+            raise ValueError(f"image set {self.set_name!r}: sample offsets need the samples' frame counts, one per sample")
         if any(n < 0 for n in self.shard_frames):
             raise ValueError(f"image set {self.set_name!r}: negative frame count in {self.shard_frames}")
 
@@ -158,11 +161,13 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.ref_range must be >= 1, got {self.ref_range}")
 
 
-def iter_shard(url: str, skip_samples: int = 0) -> Iterator[dict]:
+def iter_shard(url: str, offset: int = 0) -> Iterator[dict]:
     """Raw grouped samples of one tar shard at any fsspec URI (bytes only, nothing decoded),
-    from sample ``skip_samples`` on (the ones before passed over without reading their data)."""
+    from the sample that begins at byte ``offset`` on (see :attr:`ShardFamily.shard_sample_offsets`)."""
     with fsio.open_read(url) as f:
-        yield from iter_samples(f, url, skip_samples)
+        if offset:
+            f.seek(offset)
+        yield from iter_samples(f, url, offset)
 
 
 def iter_frames(urls: tuple[str, ...] | list[str]) -> Iterator[DecodedFrame]:
@@ -384,16 +389,17 @@ class MultiSetDataset(IterableDataset):
 def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tuple[str, ...]) -> Iterator[tuple]:
     """The samples of shard ``shard`` that hold its eligible frames ``start..stop - 1`` (counted
     from the shard's start, in order), as ``(clip, members, where, key frame indices)``; reading
-    stops after the last. Samples before ``start`` are passed over without reading their data
-    where the sizes of the shard's samples are known, else read but not decoded."""
+    stops after the last. Reading starts at the sample that holds frame ``start`` where the
+    shard's sample sizes and offsets are known; else, or with required tasks (which only a
+    sample's record tells), the samples before are read but not decoded."""
     url = fam.urls[shard]
-    pos = skip = 0  # eligible frames of this shard passed, samples passed without reading them
-    if not require and fam.shard_clip_frames:  # (with required tasks, only a sample's record says)
+    pos = skip = 0  # eligible frames of this shard passed, samples not read
+    if not require and fam.shard_sample_offsets:
         for n in fam.shard_clip_frames[shard]:
             if pos + n > start:
                 break
             pos, skip = pos + n, skip + 1
-    samples = iter_shard(url, skip)
+    samples = iter_shard(url, fam.shard_sample_offsets[shard][skip] if skip else 0)
     try:
         for sample in samples:
             if pos >= stop:

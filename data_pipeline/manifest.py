@@ -53,6 +53,7 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
                 shard_frames=tuple(int(sh["samples"]) for sh in shards),
                 shard_task_frames=tuple({t: int(v["samples"]) for t, v in sh["tasks"].items()} for sh in shards),
                 shard_clip_frames=tuple(tuple(sh["clip_frames"]) for sh in shards),
+                shard_sample_offsets=tuple(tuple(sh["sample_offsets"]) for sh in shards),
             )
         )
     return out
@@ -60,9 +61,15 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
 
 def _check_shard_entry(sh: object, path: str, where: str) -> None:
     """A manifest's shard entry has the fields the loader reads, consistent with each other."""
-    if not isinstance(sh, dict) or not all(k in sh for k in ("path", "samples", "tasks", "clip_frames")):
-        raise DataError(path, f"shard entry {sh!r} lacks one of path, samples, tasks, clip_frames", field=where)
+    keys = ("path", "samples", "tasks", "clip_frames", "sample_offsets")
+    if not isinstance(sh, dict) or not all(k in sh for k in keys):
+        raise DataError(path, f"shard entry {sh!r} lacks one of {', '.join(keys)}", field=where)
     frames = sh["clip_frames"]
     if not (isinstance(frames, list) and all(isinstance(n, int) and n > 0 for n in frames) and sum(frames) == sh["samples"]):
         raise DataError(path, f"shard {sh['path']!r}: clip_frames do not add up to its {sh['samples']} frames",
                         field=f"{where}.clip_frames")
+    offsets = sh["sample_offsets"]
+    if not (isinstance(offsets, list) and len(offsets) == len(frames) and all(isinstance(o, int) for o in offsets)
+            and offsets[:1] in ([], [0]) and all(a < b for a, b in zip(offsets, offsets[1:]))):
+        raise DataError(path, f"shard {sh['path']!r}: sample_offsets are not one increasing offset per sample from 0",
+                        field=f"{where}.sample_offsets")

@@ -5,8 +5,8 @@ tests check this against webdataset on the converter's shards and on PAX and GNU
 fraction of the cost: webdataset drives :mod:`tarfile`'s streaming mode, whose header parsing
 and small reads cost about 0.1 ms per member in Python, about a tenth of a JPEG decode per det
 frame (benchmarks/RESULTS.md). Here a member is one 512-byte header parsed with slicing, its
-checksum verified, and two reads. Leading samples can be passed over by seeking past their data
-(a loader worker whose part of the set begins inside a shard).
+checksum verified, and two reads. Reading may begin at any sample (the converter records
+where each begins).
 
 Supported: POSIX ustar and GNU headers (``typeflag`` 0/7 regular files), PAX extended headers
 (``path`` and ``size`` records; global headers are ignored) and GNU long names. Directories,
@@ -17,9 +17,8 @@ and the byte offset.
 
 from __future__ import annotations
 
-import io
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import IO, Any
 
 from data_pipeline.errors import DataError
@@ -27,7 +26,6 @@ from data_pipeline.errors import DataError
 BLOCK = 512
 _ZERO = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
-_META = (b"x", b"L", b"g")  # PAX header, GNU long name, PAX global header
 #: ``key.suffix``: the key is everything up to the first dot of the base name (webdataset).
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -80,29 +78,10 @@ def _read(stream: IO[bytes], n: int, where: str, offset: int, what: str) -> byte
     return data
 
 
-def _skip(stream: IO[bytes], n: int, where: str, offset: int) -> None:
-    """Move ``n`` bytes on (a skipped member's data and padding), without reading them where the
-    stream can seek."""
-    if stream.seekable():
-        here = stream.tell()
-        end = stream.seek(0, io.SEEK_END)
-        if end < here + n:
-            raise DataError(where, f"truncated tar: member data at byte {offset} needs {n} bytes, {end - here} left")
-        stream.seek(here + n)
-        return
-    left = n
-    while left:
-        k = len(stream.read(min(left, 1 << 20)))
-        if not k:
-            raise DataError(where, f"truncated tar: member data at byte {offset} needs {n} bytes, {n - left} left")
-        left -= k
-
-
-def iter_members(stream: IO[bytes], where: str, skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytearray]]:
+def iter_members(stream: IO[bytes], where: str, offset: int = 0) -> Iterator[tuple[str, bytearray]]:
     """``(name, data)`` of every regular file of the tar stream, in order (``data`` a fresh
-    ``bytearray``: equal to the member's bytes, writable, owned by the caller). A member whose
-    name ``skip`` returns true for is passed over without reading its data."""
-    offset = 0
+    ``bytearray``: equal to the member's bytes, writable, owned by the caller). ``offset``: the
+    byte of the archive the stream stands at, a member's header (for error messages)."""
     long_name: str | None = None
     pax: dict[str, str] = {}
     while True:
@@ -115,55 +94,41 @@ def iter_members(stream: IO[bytes], where: str, skip: Callable[[str], bool] | No
             raise DataError(where, f"corrupt tar header at byte {offset}: checksum mismatch")
         typeflag = header[156:157]
         size = int(pax["size"]) if "size" in pax and typeflag in _REGULAR else _number(header[124:136], where, offset)
+        data = _read(stream, size, where, offset + BLOCK, "member data")
         pad = -size % BLOCK
-        member_offset, offset = offset, offset + BLOCK + size + pad
-        name = None if typeflag in _META else _name(header, pax, long_name)
-        if name is not None:
-            pax, long_name = {}, None
-            if typeflag not in _REGULAR or (skip is not None and skip(name)):
-                _skip(stream, size + pad, where, member_offset + BLOCK)
-                continue
-        data = _read(stream, size, where, member_offset + BLOCK, "member data")
         if pad and len(stream.read(pad)) != pad:
-            raise DataError(where, f"truncated tar: member padding at byte {member_offset + BLOCK + size} needs {pad} bytes")
+            raise DataError(where, f"truncated tar: member padding at byte {offset + BLOCK + size} needs {pad} bytes")
+        member_offset, offset = offset, offset + BLOCK + size + pad
         if typeflag == b"x":
             pax = _pax_records(data, where, member_offset)
-        elif typeflag == b"L":
+            continue
+        if typeflag == b"L":
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        elif name is not None:
+            continue
+        if typeflag == b"g":
+            continue
+        if "path" in pax:
+            name = pax["path"]
+        elif long_name is not None:
+            name = long_name
+        else:
+            name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if header[257:262] == b"ustar":
+                prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if prefix:
+                    name = f"{prefix}/{name}"
+        pax, long_name = {}, None
+        if typeflag in _REGULAR:
             yield name, data
 
 
-def _name(header: bytes, pax: dict[str, str], long_name: str | None) -> str:
-    """A member's name: from its PAX ``path`` record, a GNU long name, or the ustar header."""
-    if "path" in pax:
-        return pax["path"]
-    if long_name is not None:
-        return long_name
-    name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        if prefix:
-            name = f"{prefix}/{name}"
-    return name
-
-
-def iter_samples(stream: IO[bytes], url: str, skip_samples: int = 0) -> Iterator[dict[str, Any]]:
+def iter_samples(stream: IO[bytes], url: str, offset: int = 0) -> Iterator[dict[str, Any]]:
     """Samples of a WebDataset tar: consecutive members sharing a key, as
     ``{"__key__", "__url__", suffix: data}`` (suffixes lower-cased, as webdataset does; data
-    as a ``bytearray``). The first ``skip_samples`` samples are passed over without reading
-    their members' data (seeking past it where the stream can)."""
-    keys = [0, None]  # samples begun, the last one's key
-
-    def skip(name: str) -> bool:
-        m = _KEY_RE.match(name)
-        key = m.group(1) if m else name
-        if key != keys[1]:
-            keys[0], keys[1] = keys[0] + 1, key
-        return keys[0] <= skip_samples
-
+    as a ``bytearray``). The stream may start at a later sample's first header, the archive's
+    byte ``offset`` (a loader worker whose part of a set begins inside the shard)."""
     sample: dict[str, Any] | None = None
-    for name, data in iter_members(stream, url, skip if skip_samples > 0 else None):
+    for name, data in iter_members(stream, url, offset):
         m = _KEY_RE.match(name)
         if m is None:
             raise DataError(url, f"tar member {name!r} is not named KEY.SUFFIX")

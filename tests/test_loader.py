@@ -295,23 +295,23 @@ def test_an_epoch_takes_every_frame_at_most_once_across_ranks_and_workers(tiny_s
         assert f.frames - got < world_size * cfg.batch_size, "only the last partial global batch is left out"
 
 
-def test_a_part_beginning_inside_a_shard_skips_the_samples_before_it(tiny_shards, monkeypatch):
+def test_a_part_beginning_inside_a_shard_starts_reading_at_its_first_sample(tiny_shards, monkeypatch):
     from data_pipeline import loader
 
     fams = families_from_manifest(tiny_shards, "train")
-    skips = []
+    offsets = []
     real = loader.iter_shard
-    monkeypatch.setattr(loader, "iter_shard", lambda url, skip=0: (skips.append(skip), real(url, skip))[1])
+    monkeypatch.setattr(loader, "iter_shard", lambda url, offset=0: (offsets.append(offset), real(url, offset))[1])
     cfg = LoaderConfig(batch_size=2, num_workers=0, augment=NO_AUG)
 
     def epoch(families):
         return [[m["name"] for b in MultiSetDataset(families, cfg, rank=r, world_size=3) for m in b.meta] for r in range(3)]
 
     with_sizes = epoch(fams)
-    assert any(skips), "some part begins inside a shard"
-    skips.clear()
-    assert epoch([replace(f, shard_clip_frames=()) for f in fams]) == with_sizes  # read over instead: the same frames
-    assert not any(skips)
+    assert any(offsets), "some part begins inside a shard"
+    offsets.clear()
+    assert epoch([replace(f, shard_clip_frames=(), shard_sample_offsets=()) for f in fams]) == with_sizes  # read over
+    assert not any(offsets)
 
 
 def test_required_tasks_split_the_labelled_frames_over_the_workers(tiny_shards):
@@ -328,7 +328,8 @@ def test_required_tasks_split_the_labelled_frames_over_the_workers(tiny_shards):
     assert max(taken.values()) == 1 and sum(taken.values()) == mots // 2 * 2
 
 
-@pytest.mark.parametrize("bad", [{"clip_frames": [1, 1]}, {"clip_frames": None}, {"tasks": None}])
+@pytest.mark.parametrize("bad", [{"clip_frames": [1, 1]}, {"clip_frames": None}, {"tasks": None},
+                                 {"sample_offsets": [0, 2048]}, {"sample_offsets": [0, 4096, 2048]}])
 def test_a_shard_entry_the_loader_cannot_use_names_the_manifest_and_field(tiny_shards, tmp_path, bad):
     manifest = json.loads((Path(tiny_shards) / "manifest.json").read_text())
     entry = manifest["sets"]["seg/train"]["shards"][1]
@@ -345,7 +346,8 @@ def test_a_shard_entry_the_loader_cannot_use_names_the_manifest_and_field(tiny_s
 
 def test_a_shard_with_fewer_frames_than_the_manifest_counts_is_an_error(tiny_shards):
     (det,) = families_from_manifest(tiny_shards, "train", sets=("det",))
-    lying = replace(det, urls=det.urls[:1], shard_frames=(det.shard_frames[0] + 2,), shard_task_frames=(), shard_clip_frames=())
+    lying = replace(det, urls=det.urls[:1], shard_frames=(det.shard_frames[0] + 2,), shard_task_frames=(), shard_clip_frames=(),
+                    shard_sample_offsets=())
     ds = MultiSetDataset([lying], LoaderConfig(batch_size=1, num_workers=0, augment=NO_AUG), rank=0, world_size=1)
     with pytest.raises(DataError, match="the manifest counts") as e:
         list(ds)

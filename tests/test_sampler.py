@@ -96,8 +96,9 @@ def test_frames_needed_counts_each_workers_steps_per_set_on_every_rank():
 
 @pytest.mark.parametrize(("shards", "size", "workers"), [(70, 100, 32), (700, 10, 32), (20, 50, 64)])
 def test_split_frames_reads_each_shard_about_once(shards, size, workers):
-    # a worker reads its first shard from the start, its other shards only as far as it needs:
-    # the frames read per epoch stay near 1 + G / (2 S) times the set's (README, ARCHITECTURE)
+    # a worker that must read its first shard from the start (required tasks), its other shards
+    # only as far as it needs: the frames read per epoch stay near 1 + G / (2 S) times the set's
+    # (README, ARCHITECTURE)
     total = shards * size
     read = 0
     for g in range(workers):
