@@ -63,7 +63,8 @@ def _check_shard_entry(sh: object, path: str, where: str) -> None:
     """A manifest's shard entry has the fields the loader reads, consistent with each other."""
     keys = ("path", "samples", "tasks", "clip_frames", "sample_offsets")
     if not isinstance(sh, dict) or not all(k in sh for k in keys):
-        raise DataError(path, f"shard entry {sh!r} lacks one of {', '.join(keys)} (written by an older build? "
+        shown = repr(sh.get("path")) if isinstance(sh, dict) else repr(sh)[:80]
+        raise DataError(path, f"shard entry {shown} lacks one of {', '.join(keys)} (written by an older build? "
                               "convert the dataset again: vtd data convert ... --overwrite)", field=where)
     frames = sh["clip_frames"]
     if not (isinstance(frames, list) and all(isinstance(n, int) and n > 0 for n in frames) and sum(frames) == sh["samples"]):
