@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -344,18 +344,17 @@ class MultiSetDataset(IterableDataset):
         schedule = self.schedule()
         n = len(schedule)
         heights, flips = self.augment_plans(n)
+        # the steps each worker of a rank makes, in groups (hand-offs, or all in one): every
+        # worker of every rank computes them all, to know each one's part of the sets
         if info is None:
-            def steps_of(w: int) -> Iterable[range]:
-                return [range(n)]
+            worker_steps = [[range(n)]]
         elif self.buffer_pool is None:
             # a DataLoader other than build_train_loader's: one batch per item, as it expects
             # (in step order: it takes items from its workers in turn)
-            def steps_of(w: int) -> Iterable[range]:
-                return [range(w, n, nw)]
+            worker_steps = [[range(w, n, nw)] for w in range(nw)]
         else:
-            def steps_of(w: int) -> Iterable[range]:
-                return handoff_steps(n, w, nw, self.cfg.handoff_batches)
-        needs = frames_needed(schedule, [steps_of(w) for w in range(nw)], self.world_size, self.cfg.batch_size)
+            worker_steps = [list(handoff_steps(n, w, nw, self.cfg.handoff_batches)) for w in range(nw)]
+        needs = frames_needed(schedule, worker_steps, self.world_size, self.cfg.batch_size)
         streams: dict[str, Iterator] = {}
         gworker = self.rank * nw + wid
 
@@ -367,15 +366,15 @@ class MultiSetDataset(IterableDataset):
             return self._collate(s, items, step, int(heights[step]), flips[step])
 
         if info is None:
-            for step in steps_of(0)[0]:
+            for step in worker_steps[0][0]:
                 yield decode_images(batch(step))
             return
         if self.buffer_pool is None:  # errors raised as usual
-            for step in steps_of(wid)[0]:
+            for step in worker_steps[wid][0]:
                 yield pack_batch(batch(step))
             return
         try:
-            for steps in steps_of(wid):
+            for steps in worker_steps[wid]:
                 # Pack the batches (decoding their frames straight into shared memory, after the
                 # hand-off's other work) here rather than when the queue's feeder thread pickles
                 # the hand-off, where it would contend for the GIL.
@@ -402,14 +401,14 @@ def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tu
     samples = iter_shard(url, fam.shard_sample_offsets[shard][skip] if skip else 0)
     try:
         for sample in samples:
-            if pos >= stop:
-                return
             clip, members = split_members(sample)
             keys = [k for k, rec in enumerate(clip["frames"]) if all(t in (rec.get("tasks") or {}) for t in require)]
             mine = [k for i, k in enumerate(keys) if start <= pos + i < stop]
             pos += len(keys)
             if mine:
                 yield clip, members, f"{url}:{sample.get('__key__', '?')}", mine
+            if pos >= stop:
+                return  # before reading the next sample (the next worker's)
     finally:
         samples.close()  # closes the shard's file when stopping early
     if pos < stop and len(require) <= 1:  # (several required tasks: the count is an upper bound)

@@ -314,6 +314,26 @@ def test_a_part_beginning_inside_a_shard_starts_reading_at_its_first_sample(tiny
     assert not any(offsets)
 
 
+def test_the_workers_of_an_epoch_read_each_sample_of_a_set_once(tiny_shards, monkeypatch):
+    # a shuffle buffer larger than any part: each worker reads all of its range, and no more
+    from data_pipeline import loader
+
+    (det,) = families_from_manifest(tiny_shards, "train", sets=("det",))
+    read = Counter()
+    real = loader.iter_shard
+
+    def counting(url, offset=0):
+        for sample in real(url, offset):
+            read[(url, sample["__key__"])] += 1
+            yield sample
+
+    monkeypatch.setattr(loader, "iter_shard", counting)
+    cfg = LoaderConfig(batch_size=2, num_workers=0, augment=NO_AUG, shuffle_buffer=64)
+    for rank in range(3):
+        list(MultiSetDataset([det], cfg, rank=rank, world_size=3))
+    assert len(read) == det.frames and set(read.values()) == {1}
+
+
 def test_required_tasks_split_the_labelled_frames_over_the_workers(tiny_shards):
     fams = [f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "track"]
     mots = fams[0].task_frames["mots"]
