@@ -27,6 +27,10 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
   until the first batch, the worker's start-up; ``warm ms``: what batches ``1..W`` took beyond
   the steady rate (first writes to the worker's segments). Both are paid once per epoch. A
   line under each set lists the per-round ratios of ``steady`` and ``loader`` (the spread);
+* row ``all``: the same for the sets together, as training reads them: one loader over every
+  set (``round_robin``, one batch of each set in turn), each set listed to ``--frames`` frames,
+  against the floor decoding the same frames (the decode cost of an epoch depends on which
+  images it holds: seg frames decode about 5% faster than det ones);
 * ``--handoff-ab N``: one more ``1 worker`` epoch per round whose worker hands over ``N``
   batches per DataLoader item instead of the default ``handoff_batches``, and the per-round
   ratio of the two (steady state);
@@ -99,6 +103,18 @@ def floor_blobs(urls, with_labels: bool) -> tuple[list[tuple[bool, object]], int
     return blobs, sum(is_jpg for is_jpg, _ in blobs)
 
 
+def epoch_blobs(fams: list[ShardFamily], frames: int, with_labels: bool) -> tuple[list[tuple[bool, object]], int]:
+    """:func:`floor_blobs` of each family, repeated as :func:`long_family` repeats its shards for
+    an epoch of ``frames`` frames per set: one pass over them decodes what that epoch decodes."""
+    out, n = [], 0
+    for fam in fams:
+        blobs, k = floor_blobs(fam.urls, with_labels)
+        times = -(-frames // fam.frames)
+        out += blobs * times
+        n += k * times
+    return out, n
+
+
 DECODERS = {
     "tv": decode_jpeg,
     "sj": lambda b: simplejpeg.decode_jpeg(b.numpy(), colorspace="RGB"),
@@ -146,12 +162,15 @@ def png_label_ms(root: Path, repeat: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-def loader_dataset(fam: ShardFamily, in_loader: bool, workers: int = 0, handoff: int | None = None) -> MultiSetDataset:
+def loader_dataset(fams: ShardFamily | list[ShardFamily], in_loader: bool, workers: int = 0,
+                   handoff: int | None = None) -> MultiSetDataset:
+    """The training loader over one set, or over several as training runs them (one batch of each
+    set in turn, ``round_robin``)."""
     cfg = LoaderConfig(batch_size=2, num_workers=workers, augment_in_loader=in_loader, shuffle_buffer=8,
-                       augment=AugmentConfig())
+                       augment=AugmentConfig(), sampling="round_robin")
     if handoff is not None:
         cfg = replace(cfg, handoff_batches=handoff)
-    return MultiSetDataset([fam], cfg, rank=0, world_size=1)
+    return MultiSetDataset(fams if isinstance(fams, list) else [fams], cfg, rank=0, world_size=1)
 
 
 def loader_pass(ds: MultiSetDataset, epoch: int) -> float:
@@ -279,6 +298,57 @@ def peak_rss_child(urls: list[str], shard_frames: list[int]) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def throughput_row(label: str, fams: list[ShardFamily], a: argparse.Namespace) -> None:
+    """One row of the throughput table: the loader over ``fams`` (one set, or several taken
+    round-robin as in training, each listed to ``a.frames`` frames) against the floor decoding
+    the same frames, in ``a.repeat`` interleaved rounds; then the per-round ratios."""
+    med = statistics.median
+    bj, nj = epoch_blobs(fams, a.frames, with_labels=False)
+    bl, nl = epoch_blobs(fams, a.frames, with_labels=True)
+    ds = loader_dataset([long_family(f, a.frames) for f in fams], in_loader=False)
+    ds_aug = loader_dataset(fams, in_loader=True)
+    ds1 = loader_dataset([long_family(f, a.frames) for f in fams], in_loader=False, workers=1)
+    next(iter(ds)), next(iter(ds_aug)), floor_pass(bj[:4], 2, "tv"), floor_pass(bj[:4], 2, "sj")  # warm-up
+    dsb = None if a.handoff_ab is None else loader_dataset([long_family(f, a.frames) for f in fams], False, 1,
+                                                           a.handoff_ab)
+    tv, sj, fl, fm, lo, l1, l1s, st, wu, la, lb = [], [], [], [], [], [], [], [], [], [], []
+
+    def floors():
+        t, j = floor_pass(bj, nj, "tv"), floor_pass(bj, nj, "sj")
+        tv.append(t), sj.append(j)
+        return max(t, j), "tv" if t >= j else "sj"
+
+    for r in range(a.repeat):
+        before, best = floors()
+        fm.append(floor_pass(bl, nl, best))
+        lo.append(loader_pass(ds, r))
+        if dsb is not None and r % 2:  # the A/B's order alternates between rounds
+            lb.append(one_worker_fps(dsb, r)[1])
+        whole, steady, start_ms, warm_ms = one_worker_fps(ds1, r)
+        l1.append(whole), l1s.append(steady), st.append(start_ms), wu.append(warm_ms)
+        if dsb is not None and not r % 2:
+            lb.append(one_worker_fps(dsb, r)[1])
+        after, _ = floors()
+        fl.append((before + after) / 2)
+        la.append(loader_pass(ds_aug, r))
+    r_lo = med(x / y for x, y in zip(lo, fl))
+    r_lm = med(x / y for x, y in zip(lo, fm))
+    r_l1 = med(x / y for x, y in zip(l1, fl))
+    r_l1s = med(x / y for x, y in zip(l1s, fl))
+    r_la = med(x / y for x, y in zip(la, fl))
+    print(f"{label:<6} {len(ds) * ds.cfg.batch_size:>6} {med(tv):>6.1f} {med(sj):>6.1f} {med(fl):>10.1f} {med(fm):>11.1f} "
+          f"{med(lo):>7.1f} {r_lo:>6.2f} {r_lm:>12.2f} {med(l1):>8.1f} {r_l1:>6.2f} {med(l1s):>7.1f} {r_l1s:>6.2f} "
+          f"{med(st):>8.0f} {med(wu):>7.0f} {med(la):>10.1f} {r_la:>6.2f}", flush=True)
+    print(f"{'':<6} per round, steady / jpeg: " + " ".join(f"{x / y:.2f}" for x, y in zip(l1s, fl))
+          + "; loader / jpeg: " + " ".join(f"{x / y:.2f}" for x, y in zip(lo, fl)), flush=True)
+    if dsb is not None:
+        r_lb = med(x / y for x, y in zip(lb, fl))  # steady state, as the default's ``steady``
+        gain = med(x / y for x, y in zip(l1s, lb))
+        print(f"{'':<6} 1 worker, handoff_batches {a.handoff_ab}: {med(lb):.1f} f/s, /jpeg {r_lb:.2f}; default "
+              f"({ds1.cfg.handoff_batches}) / this, per round: median {gain:.3f}, rounds "
+              + " ".join(f"{x / y:.3f}" for x, y in zip(l1s, lb)), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workdir", default="/tmp/vtd-loader-bench")
@@ -313,52 +383,14 @@ def main() -> None:
     print(f"{'set':<6} {'frames':>6} {'tv':>6} {'sj':>6} {'jpeg floor':>10} {'jpeg+labels':>11} {'loader':>7} "
           f"{'/jpeg':>6} {'/jpeg+labels':>12} {'1 worker':>8} {'/jpeg':>6} {'steady':>7} {'/jpeg':>6} {'start ms':>8} "
           f"{'warm ms':>7} {'loader+aug':>10} {'/jpeg':>6}")
-    med = statistics.median
-    for s, fam in fams.items():
-        if s not in a.sets.split(","):
-            continue
-        bj, nj = floor_blobs(fam.urls, with_labels=False)
-        bl, nl = floor_blobs(fam.urls, with_labels=True)
-        ds, ds_aug = loader_dataset(long_family(fam, a.frames), in_loader=False), loader_dataset(fam, in_loader=True)
-        ds1 = loader_dataset(long_family(fam, a.frames), in_loader=False, workers=1)
-        next(iter(ds)), next(iter(ds_aug)), floor_pass(bj[:4], 2, "tv"), floor_pass(bj[:4], 2, "sj")  # warm-up
-        dsb = None if a.handoff_ab is None else loader_dataset(long_family(fam, a.frames), False, 1, a.handoff_ab)
-        tv, sj, fl, fm, lo, l1, l1s, st, wu, la, lb = [], [], [], [], [], [], [], [], [], [], []
-
-        def floors():
-            t, j = floor_pass(bj, nj, "tv", a.frames), floor_pass(bj, nj, "sj", a.frames)
-            tv.append(t), sj.append(j)
-            return max(t, j), "tv" if t >= j else "sj"
-
-        for r in range(a.repeat):
-            before, best = floors()
-            fm.append(floor_pass(bl, nl, best, a.frames))
-            lo.append(loader_pass(ds, r))
-            if dsb is not None and r % 2:  # the A/B's order alternates between rounds
-                lb.append(one_worker_fps(dsb, r)[1])
-            whole, steady, start_ms, warm_ms = one_worker_fps(ds1, r)
-            l1.append(whole), l1s.append(steady), st.append(start_ms), wu.append(warm_ms)
-            if dsb is not None and not r % 2:
-                lb.append(one_worker_fps(dsb, r)[1])
-            after, _ = floors()
-            fl.append((before + after) / 2)
-            la.append(loader_pass(ds_aug, r))
-        r_lo = med(x / y for x, y in zip(lo, fl))
-        r_lm = med(x / y for x, y in zip(lo, fm))
-        r_l1 = med(x / y for x, y in zip(l1, fl))
-        r_l1s = med(x / y for x, y in zip(l1s, fl))
-        r_la = med(x / y for x, y in zip(la, fl))
-        print(f"{s:<6} {len(ds) * ds.cfg.batch_size:>6} {med(tv):>6.1f} {med(sj):>6.1f} {med(fl):>10.1f} {med(fm):>11.1f} "
-              f"{med(lo):>7.1f} {r_lo:>6.2f} {r_lm:>12.2f} {med(l1):>8.1f} {r_l1:>6.2f} {med(l1s):>7.1f} {r_l1s:>6.2f} "
-              f"{med(st):>8.0f} {med(wu):>7.0f} {med(la):>10.1f} {r_la:>6.2f}", flush=True)
-        print(f"{'':<6} per round, steady / jpeg: " + " ".join(f"{x / y:.2f}" for x, y in zip(l1s, fl))
-              + "; loader / jpeg: " + " ".join(f"{x / y:.2f}" for x, y in zip(lo, fl)), flush=True)
-        if dsb is not None:
-            r_lb = med(x / y for x, y in zip(lb, fl))  # steady state, as the default's ``steady``
-            gain = med(x / y for x, y in zip(l1s, lb))
-            print(f"{'':<6} 1 worker, handoff_batches {a.handoff_ab}: {med(lb):.1f} f/s, /jpeg {r_lb:.2f}; default "
-                  f"({ds1.cfg.handoff_batches}) / this, per round: median {gain:.3f}, rounds "
-                  + " ".join(f"{x / y:.3f}" for x, y in zip(l1s, lb)), flush=True)
+    unknown = sorted(set(a.sets.split(",")) - set(fams))
+    if unknown:
+        raise SystemExit(f"--sets: no image set {unknown} in {manifest}; it holds {sorted(fams)}")
+    chosen = [fams[s] for s in a.sets.split(",")]
+    for fam in chosen:
+        throughput_row(fam.set_name, [fam], a)
+    if len(chosen) > 1:  # the sets together, as training reads them
+        throughput_row("all", chosen, a)
 
     if a.throughput_only:
         return
