@@ -188,7 +188,7 @@ def long_family(fam: ShardFamily, frames: int = 600) -> ShardFamily:
     thousands of frames."""
     times = -(-frames // fam.frames)
     return ShardFamily(set_name=fam.set_name, split=fam.split, urls=fam.urls * times,
-                       shard_frames=fam.shard_frames * times, shard_task_frames=fam.shard_task_frames * times,
+                       shard_frames=fam.shard_frames * times, shard_label_sets=fam.shard_label_sets * times,
                        shard_clip_frames=fam.shard_clip_frames * times, shard_sample_offsets=fam.shard_sample_offsets * times)
 
 

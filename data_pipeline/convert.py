@@ -51,7 +51,7 @@ from data_pipeline import fsio
 from data_pipeline import shard_format as SF
 from data_pipeline.shard_format import INSTANCE_MEMBER, LABEL_MEMBER, encode_label_map
 from data_pipeline.errors import DataError, VTDInputError
-from data_pipeline.inspect import add_frame_counts, empty_task_counts, merge_task_counts, sort_task_counts
+from data_pipeline.inspect import add_frame_counts, empty_task_counts, label_set_key, merge_task_counts, sort_task_counts
 
 REAL = "real"
 #: Labelled-source paths are relative to the BDD100K root; FrameSpec/ShardJob are plain
@@ -463,7 +463,7 @@ def _complete_sidecar(job: ShardJob, opts: ConvertOptions) -> dict | None:
         return None
     if not isinstance(side, dict) or side.get("plan") != job["plan"] or side.get("bytes") != nbytes:
         return None
-    if not all(k in side for k in ("samples", "clips", "clip_frames", "sample_offsets", "tasks", "skipped")):
+    if not all(k in side for k in ("samples", "clips", "clip_frames", "sample_offsets", "tasks", "label_sets", "skipped")):
         return None  # an older build's sidecar: the shard is written again
     if opts.on_error == "raise" and side.get("skipped"):
         return None  # written under skip; a strict run must see (and raise) those errors
@@ -510,27 +510,30 @@ def _write_shard(job: ShardJob) -> dict[str, Any]:
     shard_uri = fsio.join(job["out"], job["path"])
     skips = _Skips(job["on_error"])
     counts = empty_task_counts(job["set"])
+    label_sets: dict[str, int] = {}
     with fsio.atomic_open(shard_uri, "wb") as f:
         # Fixed mtime: reproducible bytes. An int, not 0.0: tarfile stores a float mtime in an
         # extra PAX header block per member, which doubles the header parsing every reader does.
         writer = TarWriter(f, encoder=False, mtime=0)
         try:
-            clip_frames, offsets = _write_clips(writer, job, skips, counts)
+            clip_frames, offsets = _write_clips(writer, job, skips, counts, label_sets)
         finally:
             writer.close()  # also on error: flush into the temp file (then discarded), not at GC time
     sidecar = {
         "format_version": SF.FORMAT_VERSION, "path": job["path"], "plan": job["plan"],
         "samples": sum(clip_frames), "clips": len(clip_frames), "clip_frames": clip_frames, "sample_offsets": offsets,
         "bytes": fsio.size(shard_uri),
-        "tasks": sort_task_counts(counts), "skipped": skips.items,
+        "tasks": sort_task_counts(counts), "label_sets": dict(sorted(label_sets.items())), "skipped": skips.items,
     }
     fsio.write_json_atomic(shard_uri + ".json", sidecar)
     return sidecar
 
 
-def _write_clips(writer: TarWriter, job: ShardJob, skips: _Skips, counts: dict) -> tuple[list[int], list[int]]:
-    """Validate and write ``job``'s clips; returns the frames of each clip written and the byte
-    offset in the tar where each begins."""
+def _write_clips(writer: TarWriter, job: ShardJob, skips: _Skips, counts: dict,
+                 label_sets: dict[str, int]) -> tuple[list[int], list[int]]:
+    """Validate and write ``job``'s clips, counting their frames per task (``counts``) and per
+    set of labelled tasks (``label_sets``); returns the frames of each clip written and the
+    byte offset in the tar where each begins."""
     set_name, split, root = job["set"], job["split"], job["bdd_root"]
     clip_frames, offsets = [], []
     for clip in job["clips"]:
@@ -553,6 +556,8 @@ def _write_clips(writer: TarWriter, job: ShardJob, skips: _Skips, counts: dict) 
         writer.write(sample)
         for r in records:
             add_frame_counts(counts, r)
+            key = label_set_key(r)
+            label_sets[key] = label_sets.get(key, 0) + 1
         clip_frames.append(len(records))
     return clip_frames, offsets
 
@@ -913,7 +918,7 @@ def _manifest(opts: ConvertOptions, families: dict, sidecars: dict[str, dict]) -
         for job in fam["jobs"]:
             side = sidecars[job["path"]]
             shards.append({"path": job["path"], "samples": side["samples"], "clips": side["clips"], "bytes": side["bytes"],
-                           "tasks": side["tasks"], "clip_frames": side["clip_frames"],
+                           "tasks": side["tasks"], "label_sets": side["label_sets"], "clip_frames": side["clip_frames"],
                            "sample_offsets": side["sample_offsets"]})
             merge_task_counts(tasks, side["tasks"])
             skipped += side["skipped"]

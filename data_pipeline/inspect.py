@@ -56,6 +56,13 @@ def add_frame_counts(counts: dict[str, dict[str, int]], frame: dict[str, Any]) -
         c["instances"] += n
 
 
+def label_set_key(frame: dict[str, Any]) -> str:
+    """The tasks ``frame`` (a FrameRecord) is labelled for, in ``TASKS`` order, comma-joined
+    (``""``: none): its key in a shard's ``label_sets`` counts."""
+    tasks = frame.get("tasks", {})
+    return ",".join([t for t in TASKS if t in tasks] + sorted(t for t in tasks if t not in TASKS))
+
+
 def merge_task_counts(into: dict[str, dict[str, int]], other: dict[str, dict[str, int]]) -> None:
     for task, c in other.items():
         d = into.setdefault(task, {"samples": 0, "instances": 0})

@@ -59,26 +59,27 @@ class ShardFamily:
     """The shards of one image set and split, with the frame counts (from the manifest) that
     the quotas and each worker's part of the set are made from.
 
-    ``shard_frames[i]`` is the number of frames in ``urls[i]``; ``shard_task_frames[i][t]`` the
-    number of them labelled for task ``t`` (needed only to require tasks, see
-    :attr:`LoaderConfig.require_tasks`); ``shard_clip_frames[i]`` the frames of each of its
-    samples and ``shard_sample_offsets[i]`` the byte where each begins (optional: with them, a
-    worker whose part begins inside the shard starts reading there).
+    ``shard_frames[i]`` is the number of frames in ``urls[i]``; ``shard_label_sets[i]`` counts
+    them by the set of tasks they are labelled for (``{frozenset({"det", "tag", ...}): frames}``;
+    needed only to require tasks, see :attr:`LoaderConfig.require_tasks`, and exact for any
+    combination of them); ``shard_clip_frames[i]`` the frames of each of its samples and
+    ``shard_sample_offsets[i]`` the byte where each begins (optional: with them, a worker whose
+    part begins inside the shard starts reading there).
     """
 
     set_name: str
     split: str
     urls: tuple[str, ...]
     shard_frames: tuple[int, ...]
-    shard_task_frames: tuple[dict[str, int], ...] = ()
+    shard_label_sets: tuple[dict[frozenset[str], int], ...] = ()
     shard_clip_frames: tuple[tuple[int, ...], ...] = ()
     shard_sample_offsets: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if len(self.shard_frames) != len(self.urls):
             raise ValueError(f"image set {self.set_name!r}: {len(self.urls)} shards, {len(self.shard_frames)} frame counts")
-        if self.shard_task_frames and len(self.shard_task_frames) != len(self.urls):
-            raise ValueError(f"image set {self.set_name!r}: {len(self.urls)} shards, {len(self.shard_task_frames)} task counts")
+        if self.shard_label_sets and [sum(c.values()) for c in self.shard_label_sets] != list(self.shard_frames):
+            raise ValueError(f"image set {self.set_name!r}: the frames counted by label set do not add up to the shards'")
         if self.shard_clip_frames and [sum(c) for c in self.shard_clip_frames] != list(self.shard_frames):
             raise ValueError(f"image set {self.set_name!r}: the samples' frame counts do not add up to the shards'")
         if self.shard_sample_offsets and [len(c) for c in self.shard_sample_offsets] != [len(c) for c in self.shard_clip_frames]:
@@ -94,19 +95,20 @@ class ShardFamily:
     def task_frames(self) -> dict[str, int]:
         """Frames labelled for each task, over all shards."""
         out: dict[str, int] = {}
-        for counts in self.shard_task_frames:
-            for t, n in counts.items():
-                out[t] = out.get(t, 0) + n
+        for counts in self.shard_label_sets:
+            for tasks, n in counts.items():
+                for t in tasks:
+                    out[t] = out.get(t, 0) + n
         return out
 
     def shard_eligible(self, require: tuple[str, ...]) -> tuple[int, ...]:
-        """Frames of each shard usable as key frames when every task in ``require`` must be
-        labelled: exact for none or one required task, an upper bound for several."""
+        """Frames of each shard usable as key frames: those labelled for every task in ``require``."""
         if not require:
             return self.shard_frames
-        if not self.shard_task_frames:
-            raise ValueError(f"image set {self.set_name!r}: requiring tasks {require} needs the shards' task counts")
-        return tuple(min(counts.get(t, 0) for t in require) for counts in self.shard_task_frames)
+        if not self.shard_label_sets:
+            raise ValueError(f"image set {self.set_name!r}: requiring tasks {require} needs the shards' label sets")
+        need = frozenset(require)
+        return tuple(sum(n for tasks, n in counts.items() if need <= tasks) for counts in self.shard_label_sets)
 
     def eligible_frames(self, require: tuple[str, ...]) -> int:
         """Frames usable as key frames (see :meth:`shard_eligible`)."""
@@ -239,8 +241,7 @@ class MultiSetDataset(IterableDataset):
     def _frame_stream(self, fam: ShardFamily, gworker: int, needs: list[int]) -> Iterator[tuple[DecodedFrame, DecodedFrame | None]]:
         """Global worker ``gworker``'s (key frame, reference frame) pairs of ``fam``: its part of
         the set (:func:`~data_pipeline.sampler.split_frames`, ``needs[g]`` key frames per global
-        worker), shuffled; again, reshuffled, should the part run out (only where the counts the
-        parts are made from are an upper bound: several required tasks)."""
+        worker), shuffled."""
         cfg = self.cfg
         require = cfg.require_tasks.get(fam.set_name, ())
         rng = rng_for(cfg.seed, self.epoch, "frames", fam.set_name, gworker)
@@ -265,33 +266,17 @@ class MultiSetDataset(IterableDataset):
             for k, r in pairs:
                 yield frames[k], (None if r is None else frames[r])
 
-        for rep in range(1 << 30):
-            order = list(part)
-            if rep:
-                rng.shuffle(order)  # a further pass over this worker's part, reshuffled
-            produced = False
-            buffer: list[tuple] = []
-            for shard, start, stop in order:
-                for item in _shard_part(fam, shard, start, stop, require):
-                    buffer.append(item)
-                    if len(buffer) >= max(1, cfg.shuffle_buffer):
-                        j = int(rng.integers(len(buffer)))
-                        buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                        for pair in emit(*buffer.pop()):
-                            produced = True
-                            yield pair
-            rng.shuffle(buffer)
-            for item in buffer:
-                for pair in emit(*item):
-                    produced = True
-                    yield pair
-            if not produced:
-                raise DataError(
-                    ",".join(fam.urls[:3]) + ("..." if len(fam.urls) > 3 else ""),
-                    f"image set {fam.set_name!r} yields no frames for worker {gworker}/{len(needs)}"
-                    + (f" with required tasks {require}" if require else ""),
-                )
-        raise AssertionError("unreachable")
+        buffer: list[tuple] = []
+        for shard, start, stop in part:
+            for item in _shard_part(fam, shard, start, stop, require):
+                buffer.append(item)
+                if len(buffer) >= max(1, cfg.shuffle_buffer):
+                    j = int(rng.integers(len(buffer)))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    yield from emit(*buffer.pop())
+        rng.shuffle(buffer)
+        for item in buffer:
+            yield from emit(*item)
 
     def augment_plans(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's augmentation draws, one row per step: image heights ``[steps]`` (-1: keep
@@ -362,7 +347,9 @@ class MultiSetDataset(IterableDataset):
             s = schedule[step]
             if s not in streams:
                 streams[s] = self._frame_stream(self.families[s], gworker, needs[s])
-            items = [next(streams[s]) for _ in range(self.cfg.batch_size)]
+            items = [next(streams[s], None) for _ in range(self.cfg.batch_size)]
+            if None in items:  # split_frames gives every worker at least the frames it takes
+                raise RuntimeError(f"worker {gworker}'s part of image set {s!r} ran out at step {step} (a bug)")
             return self._collate(s, items, step, int(heights[step]), flips[step])
 
         if info is None:
@@ -411,7 +398,7 @@ def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tu
                 return  # before reading the next sample (the next worker's)
     finally:
         samples.close()  # closes the shard's file when stopping early
-    if pos < stop and len(require) <= 1:  # (several required tasks: the count is an upper bound)
+    if pos < stop:
         what = f"frames labelled for {require[0]!r}" if require else "frames"
         raise DataError(url, f"shard ends after {pos} {what}, the manifest counts {fam.shard_eligible(require)[shard]}: "
                              "the manifest does not describe these shards (convert again)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from data_pipeline import fsio
+from data_pipeline.bdd100k import TASKS
 from data_pipeline.errors import DataError
 from data_pipeline.loader import ShardFamily
 from data_pipeline.shard_format import FORMAT_VERSION, MANIFEST_NAME
@@ -51,7 +52,8 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
                 split=split,
                 urls=tuple(fsio.join(uri, sh["path"]) for sh in shards),
                 shard_frames=tuple(int(sh["samples"]) for sh in shards),
-                shard_task_frames=tuple({t: int(v["samples"]) for t, v in sh["tasks"].items()} for sh in shards),
+                shard_label_sets=tuple({frozenset(k.split(",")) if k else frozenset(): n for k, n in sh["label_sets"].items()}
+                                       for sh in shards),
                 shard_clip_frames=tuple(tuple(sh["clip_frames"]) for sh in shards),
                 shard_sample_offsets=tuple(tuple(sh["sample_offsets"]) for sh in shards),
             )
@@ -61,7 +63,7 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
 
 def _check_shard_entry(sh: object, path: str, where: str) -> None:
     """A manifest's shard entry has the fields the loader reads, consistent with each other."""
-    keys = ("path", "samples", "tasks", "clip_frames", "sample_offsets")
+    keys = ("path", "samples", "tasks", "label_sets", "clip_frames", "sample_offsets")
     if not isinstance(sh, dict) or not all(k in sh for k in keys):
         shown = repr(sh.get("path")) if isinstance(sh, dict) else repr(sh)[:80]
         raise DataError(path, f"shard entry {shown} lacks one of {', '.join(keys)} (written by an older build? "
@@ -70,6 +72,14 @@ def _check_shard_entry(sh: object, path: str, where: str) -> None:
     if not (isinstance(frames, list) and all(isinstance(n, int) and n > 0 for n in frames) and sum(frames) == sh["samples"]):
         raise DataError(path, f"shard {sh['path']!r}: clip_frames do not add up to its {sh['samples']} frames",
                         field=f"{where}.clip_frames")
+    sets = sh["label_sets"]
+    if not (isinstance(sets, dict) and all(isinstance(n, int) and n > 0 for n in sets.values())
+            and sum(sets.values()) == sh["samples"]):
+        raise DataError(path, f"shard {sh['path']!r}: label_sets do not count its {sh['samples']} frames",
+                        field=f"{where}.label_sets")
+    unknown = sorted({t for k in sets for t in k.split(",") if k} - set(TASKS))
+    if unknown:
+        raise DataError(path, f"shard {sh['path']!r}: label_sets name unknown tasks {unknown}", field=f"{where}.label_sets")
     offsets = sh["sample_offsets"]
     if not (isinstance(offsets, list) and len(offsets) == len(frames) and all(isinstance(o, int) for o in offsets)
             and offsets[:1] in ([], [0]) and all(a < b for a, b in zip(offsets, offsets[1:]))):

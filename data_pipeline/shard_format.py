@@ -81,7 +81,7 @@ from typing import Final
 import numpy as np
 
 MANIFEST_NAME: Final = "manifest.json"
-FORMAT_VERSION: Final = 4
+FORMAT_VERSION: Final = 5
 
 CLIP_MEMBER: Final = "clip.json"
 INSTANCE_MEMBER: Final = "instances.rle"

@@ -25,6 +25,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import (
     LoaderConfig,
     MultiSetDataset,
+    ShardFamily,
     build_train_loader,
     handoff_steps,
     iter_frames,
@@ -337,7 +338,7 @@ def test_the_workers_of_an_epoch_read_each_sample_of_a_set_once(tiny_shards, mon
 def test_required_tasks_split_the_labelled_frames_over_the_workers(tiny_shards):
     fams = [f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "track"]
     mots = fams[0].task_frames["mots"]
-    assert 0 < mots < fams[0].frames and 0 in [t.get("mots", 0) for t in fams[0].shard_task_frames]
+    assert 0 < mots < fams[0].frames and 0 in fams[0].shard_eligible(("mots",))
     cfg = LoaderConfig(batch_size=1, num_workers=2, augment=NO_AUG, require_tasks={"track": ("mots",)})
     taken = Counter()
     for rank in range(2):
@@ -348,7 +349,55 @@ def test_required_tasks_split_the_labelled_frames_over_the_workers(tiny_shards):
     assert max(taken.values()) == 1 and sum(taken.values()) == mots // 2 * 2
 
 
-@pytest.mark.parametrize("bad", [{"clip_frames": [1, 1]}, {"clip_frames": None}, {"tasks": None},
+def test_eligible_frames_count_frames_labelled_for_every_required_task():
+    fam = ShardFamily(set_name="det", split="train", urls=("a", "b"), shard_frames=(5, 4), shard_label_sets=(
+        {frozenset({"det", "pose"}): 1, frozenset({"det", "lane"}): 2, frozenset({"pose"}): 2},
+        {frozenset({"det", "lane", "pose"}): 3, frozenset(): 1},
+    ))
+    assert fam.shard_eligible(("pose", "lane")) == (0, 3)  # not min(3, 2) = 2 in the first shard
+    assert fam.shard_eligible(("det",)) == (3, 3) and fam.shard_eligible(()) == (5, 4)
+    assert fam.task_frames == {"det": 6, "pose": 6, "lane": 5}
+    with pytest.raises(ValueError, match="do not add up"):
+        replace(fam, shard_frames=(5, 5))
+
+
+def test_several_required_tasks_take_each_frame_labelled_for_all_of_them_once(tiny_root, tmp_path):
+    """Frames labelled for pose but not for lanes, and the other way round, in the same shards:
+    the key frames of an epoch are exactly those labelled for both, each taken once."""
+    import shutil
+
+    from data_pipeline.convert import ConvertOptions, convert
+
+    root = tmp_path / "bdd100k"
+    shutil.copytree(tiny_root, root)
+    lanes = sorted((root / Layout.lane_masks("train")).glob("*.png"))
+    for mask in lanes[::2]:
+        mask.unlink()
+    out = tmp_path / "shards"
+    convert(ConvertOptions(bdd_root=str(root), out=str(out), sets=("det",), splits=("train",), shard_size=3,
+                           workers=1, progress=False))
+    (det,) = families_from_manifest(str(out), "train")
+    both = set()
+    for url in det.urls:
+        for sample in iter_shard(url):
+            for rec in json.loads(sample["clip.json"])["frames"]:
+                if {"pose", "lane"} <= set(rec["tasks"]):
+                    both.add(rec["name"])
+    assert det.eligible_frames(("pose", "lane")) == len(both) > 0
+    per_task = det.task_frames
+    assert min(per_task["pose"], per_task["lane"]) > len(both)  # the case where counting per task overcounts
+
+    cfg = LoaderConfig(batch_size=1, num_workers=2, augment=NO_AUG, require_tasks={"det": ("pose", "lane")})
+    taken = Counter()
+    for rank in range(2):
+        for b in build_train_loader(MultiSetDataset([det], cfg, rank=rank, world_size=2)):
+            taken.update(m["name"] for m in b.meta)
+    assert set(taken) <= both and max(taken.values()) == 1
+    assert sum(taken.values()) == len(both) // 2 * 2
+
+
+@pytest.mark.parametrize("bad", [{"clip_frames": [1, 1]}, {"clip_frames": None}, {"tasks": None}, {"label_sets": None},
+                                 {"label_sets": {"sem,ins": 1}}, {"label_sets": {"sem,warp": 3}},
                                  {"sample_offsets": [0, 2048]}, {"sample_offsets": [0, 4096, 2048]}])
 def test_a_shard_entry_the_loader_cannot_use_names_the_manifest_and_field(tiny_shards, tmp_path, bad):
     manifest = json.loads((Path(tiny_shards) / "manifest.json").read_text())
@@ -366,7 +415,7 @@ def test_a_shard_entry_the_loader_cannot_use_names_the_manifest_and_field(tiny_s
 
 def test_a_shard_with_fewer_frames_than_the_manifest_counts_is_an_error(tiny_shards):
     (det,) = families_from_manifest(tiny_shards, "train", sets=("det",))
-    lying = replace(det, urls=det.urls[:1], shard_frames=(det.shard_frames[0] + 2,), shard_task_frames=(), shard_clip_frames=(),
+    lying = replace(det, urls=det.urls[:1], shard_frames=(det.shard_frames[0] + 2,), shard_label_sets=(), shard_clip_frames=(),
                     shard_sample_offsets=())
     ds = MultiSetDataset([lying], LoaderConfig(batch_size=1, num_workers=0, augment=NO_AUG), rank=0, world_size=1)
     with pytest.raises(DataError, match="the manifest counts") as e:

@@ -215,7 +215,7 @@ def test_workers_reuse_segments_yet_never_overwrite_a_batch_still_held(tiny_shar
     from data_pipeline.loader import ShardFamily
 
     fams = [ShardFamily(set_name=f.set_name, split=f.split, urls=f.urls * 3, shard_frames=f.shard_frames * 3,
-                        shard_task_frames=f.shard_task_frames * 3, shard_clip_frames=f.shard_clip_frames * 3,
+                        shard_label_sets=f.shard_label_sets * 3, shard_clip_frames=f.shard_clip_frames * 3,
                         shard_sample_offsets=f.shard_sample_offsets * 3)
             for f in families_from_manifest(tiny_shards, "train")]
     cfg = LoaderConfig(batch_size=2, num_workers=2, prefetch_factor=2, augment=AugmentConfig(scales=(64,)))
