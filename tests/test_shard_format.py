@@ -218,7 +218,8 @@ def test_workers_reuse_segments_yet_never_overwrite_a_batch_still_held(tiny_shar
                         shard_label_sets=f.shard_label_sets * 3, shard_clip_frames=f.shard_clip_frames * 3,
                         shard_sample_offsets=f.shard_sample_offsets * 3)
             for f in families_from_manifest(tiny_shards, "train")]
-    cfg = LoaderConfig(batch_size=2, num_workers=2, prefetch_factor=2, augment=AugmentConfig(scales=(64,)))
+    # 2 workers x 15 slots, so that this epoch of about a hundred batches reuses each slot
+    cfg = LoaderConfig(batch_size=2, num_workers=2, prefetch_factor=2, handoff_batches=4, augment=AugmentConfig(scales=(64,)))
     ds = MultiSetDataset(fams, cfg, rank=0, world_size=1)
     # reference: the same (deterministic) epoch, every batch copied the moment it arrives
     want = [[x.clone() if isinstance(x, torch.Tensor) else x for x in _flatten(b)] for b in build_train_loader(ds)]

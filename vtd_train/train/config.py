@@ -100,7 +100,7 @@ class DataConfig:
     size_divisor: int = 32
     augment_in_loader: bool = False
     prefetch_factor: int = 2
-    handoff_batches: int = 4
+    handoff_batches: int = 8
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "uri must name the shard root written by `vtd data convert`")
