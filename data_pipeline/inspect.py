@@ -57,10 +57,10 @@ def add_frame_counts(counts: dict[str, dict[str, int]], frame: dict[str, Any]) -
 
 
 def label_set_key(frame: dict[str, Any]) -> str:
-    """The tasks ``frame`` (a FrameRecord) is labelled for, in ``TASKS`` order, comma-joined
-    (``""``: none): its key in a shard's ``label_sets`` counts."""
+    """The tasks ``frame`` (a FrameRecord, whose tasks are among ``TASKS``) is labelled for, in
+    ``TASKS`` order, comma-joined (``""``: none): its key in a shard's ``label_sets`` counts."""
     tasks = frame.get("tasks", {})
-    return ",".join([t for t in TASKS if t in tasks] + sorted(t for t in tasks if t not in TASKS))
+    return ",".join(t for t in TASKS if t in tasks)
 
 
 def merge_task_counts(into: dict[str, dict[str, int]], other: dict[str, dict[str, int]]) -> None:

@@ -401,7 +401,7 @@ def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tu
     finally:
         samples.close()  # closes the shard's file when stopping early
     if pos < stop:
-        what = f"frames labelled for {require[0]!r}" if require else "frames"
+        what = f"frames labelled for {' and '.join(map(repr, require))}" if require else "frames"
         raise DataError(url, f"shard ends after {pos} {what}, the manifest counts {fam.shard_eligible(require)[shard]}: "
                              "the manifest does not describe these shards (convert again)")
 
