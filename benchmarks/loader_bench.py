@@ -12,9 +12,13 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
 
 * ``jpeg floor``: the bare decode of the very JPEG bytes stored in the shards by the fastest
   decoder installed, frames/s: each round times both ``torchvision.io.decode_jpeg`` and
-  ``simplejpeg.decode_jpeg`` (the loader's decoder, :mod:`data_pipeline.jpeg`) and takes the
-  faster (``tv``/``sj`` columns: each decoder's median);
-* ``jpeg+labels``: the same plus the decode of the label maps stored with each frame
+  ``simplejpeg.decode_jpeg`` (the loader's decoder, :mod:`data_pipeline.jpeg`); the floor is
+  the decoder with the higher median over the run's rounds (``tv``/``sj`` columns: each
+  decoder's median), and each round's ratio uses that decoder's passes of the round. (Taking
+  the faster of the two in each round instead, as this script did until 2026-11-22, picks the
+  luckier of two noisy timings: it overstated the floor by 0.4-3% when the two decoders are
+  close, ``max/round`` column);
+* ``jpeg+labels``: the same (by the loader's decoder) plus the decode of the label maps stored with each frame
   (drivable, lane, sem, instance map; run-length members): the bare decode work a labelled
   sample needs;
 * ``loader``: the training loader (shard read → decode of JPEG, label maps and records →
@@ -27,6 +31,15 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
   until the first batch, the worker's start-up; ``warm ms``: what batches ``1..W`` took beyond
   the steady rate (first writes to the worker's segments). Both are paid once per epoch. A
   line under each set lists the per-round ratios of ``steady`` and ``loader`` (the spread);
+* ``/in-situ``: ``steady`` against a floor timed inside the worker, at the same moments: the
+  worker's own JPEG decode calls are timed (``data_pipeline.jpeg.decode_into`` wrapped while the
+  worker forks, a shared counter), and the floor is one frame per mean decode time of that
+  window. The host's speed drifts by several percent within minutes on a shared VM (other
+  tenants' load, ``steal %``: the share of the machine's CPU time the hypervisor gave elsewhere
+  during the round), and the floor passes and the loader epoch run at different moments; this
+  ratio does not depend on that. It leans the loader's way by what decoding inside the worker
+  loses to the caches the worker's other work disturbs (a few percent at most: the decode calls
+  took 1-3% longer than a floor pass run right after them);
 * row ``all``: the same for the sets together, as training reads them: one loader over every
   set (``round_robin``, one batch of each set in turn), each set listed to ``--frames`` frames,
   against the floor decoding the same frames (the decode cost of an epoch depends on which
@@ -70,12 +83,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import simplejpeg
 import torch
 from PIL import Image
 from torchvision.io import decode_jpeg, decode_png
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from data_pipeline import jpeg
 from data_pipeline.convert import ConvertOptions, convert
 from data_pipeline.loader import (
     LoaderConfig,
@@ -121,17 +136,31 @@ DECODERS = {
 }
 
 
-def floor_pass(blobs, n: int, decoder: str = "tv", frames: int = 0) -> float:
-    """Frames/s of bare decoding with ``decoder`` (+ the label maps' runs expanded): passes over
-    the blobs until at least ``frames`` frames are decoded (at least one pass), so that the floor
-    is timed over as many frames as the loader epoch it is compared with."""
+def floor_pass(blobs, n: int, decoder: str = "tv") -> float:
+    """Frames/s of bare decoding of the blobs with ``decoder`` (+ the label maps' runs expanded)."""
     dec = DECODERS[decoder]
-    passes = max(1, -(-frames // n))
     t0 = time.perf_counter()
-    for _ in range(passes):
-        for is_jpg, b in blobs:
-            dec(b) if is_jpg else decode_label_map(b)
-    return passes * n / (time.perf_counter() - t0)
+    for is_jpg, b in blobs:
+        dec(b) if is_jpg else decode_label_map(b)
+    return n / (time.perf_counter() - t0)
+
+
+# seconds and calls of the loader's JPEG decodes, counted in a forked DataLoader worker
+_DECODE_CLOCK = torch.zeros(2, dtype=torch.float64).share_memory_()
+
+
+def _timed_decode_into(data, out, _decode=jpeg.decode_into, _clock=_DECODE_CLOCK.numpy()) -> None:
+    t = time.perf_counter()
+    _decode(data, out)
+    _clock[0] += time.perf_counter() - t
+    _clock[1] += 1
+
+
+def steal_share(before, after) -> float:
+    """The share of the machine's CPU time the hypervisor gave to others between two
+    ``psutil.cpu_times()`` readings (0 where the platform does not report steal)."""
+    total = sum(after) - sum(before)
+    return (getattr(after, "steal", 0.0) - getattr(before, "steal", 0.0)) / total if total > 0 else 0.0
 
 
 def png_label_ms(root: Path, repeat: int) -> dict[str, tuple[float, float]]:
@@ -192,11 +221,14 @@ def long_family(fam: ShardFamily, frames: int = 600) -> ShardFamily:
                        shard_clip_frames=fam.shard_clip_frames * times, shard_sample_offsets=fam.shard_sample_offsets * times)
 
 
-def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float, float]:
+def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float, float, float]:
     """The loader as training runs it, ``DataLoader(num_workers=1)``, over one long epoch:
     frames/s from the worker's first batch on, frames/s in steady state (from batch ``W`` on),
     the ms until that first batch (the worker's start-up) and the warm-up, the ms batches
-    ``1..W`` took beyond the steady rate. ``W`` is twice the worker's shared-memory slots
+    ``1..W`` took beyond the steady rate; and the steady rate against the in-situ floor (from
+    batch ``W`` until the worker is about to finish: the frames the training process received
+    meanwhile, times the mean of the worker's decode calls meanwhile; the worker stays the same
+    few hand-offs ahead throughout). ``W`` is twice the worker's shared-memory slots
     (:class:`~data_pipeline.shm_pool.BufferPool`): it claims them least recently used first, so
     its first batches fault a fresh segment in each (about 0.5 ms per MiB on this VM, again in
     the training process); by batch ``W`` every slot has been claimed twice and sized. Start-up
@@ -204,20 +236,32 @@ def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float
     of batches, but several percent of a benchmark epoch of a few hundred."""
     ds.set_epoch(epoch)
     t0 = time.perf_counter()
-    it = iter(build_train_loader(ds))
+    jpeg.decode_into = _timed_decode_into  # in the worker, which forks now
+    try:
+        it = iter(build_train_loader(ds))
+    finally:
+        jpeg.decode_into = _timed_decode_into.__defaults__[0]
     w = 2 * it.buffer_pool.slots_per_worker
-    times, frames = [], []
-    for b in it:
+    last = len(it) - 1 - (ds.cfg.prefetch_factor + 2) * ds.cfg.handoff_batches  # the worker still at work
+    if last < 2 * w:
+        raise SystemExit(f"a 1-worker epoch of {len(it)} batches is too short to time after its {w} warm-up "
+                         "batches: raise --frames")
+    times, frames, clock = [], [], {}
+    for i, b in enumerate(it):
         times.append(time.perf_counter())
         frames.append(len(b))
-    if len(times) < 2 * w:
-        raise SystemExit(f"a 1-worker epoch of {len(times)} batches is too short to time after its {w} warm-up "
-                         "batches: raise --frames")
+        if i in (w, last):
+            clock[i] = _DECODE_CLOCK.clone()
+    decode_s, decodes = (clock[last] - clock[w]).tolist()
+    if not decodes:
+        raise SystemExit("the worker's decode calls were not counted: the in-situ floor needs DataLoader workers "
+                         "started by fork (Linux)")
+    in_situ = sum(frames[w + 1:last + 1]) / (times[last] - times[w]) * (decode_s / decodes)
     whole = sum(frames[1:]) / (times[-1] - times[0])
     steady = sum(frames[w + 1:]) / (times[-1] - times[w])
     per_batch = (times[-1] - times[w]) / (len(times) - 1 - w)
     warm_up = (times[w] - times[0]) - w * per_batch
-    return whole, steady, (times[0] - t0) * 1e3, warm_up * 1e3
+    return whole, steady, (times[0] - t0) * 1e3, warm_up * 1e3, in_situ
 
 
 def shard_read_ms(fam: ShardFamily, repeat: int) -> tuple[float, float]:
@@ -311,36 +355,45 @@ def throughput_row(label: str, fams: list[ShardFamily], a: argparse.Namespace) -
     next(iter(ds)), next(iter(ds_aug)), floor_pass(bj[:4], 2, "tv"), floor_pass(bj[:4], 2, "sj")  # warm-up
     dsb = None if a.handoff_ab is None else loader_dataset([long_family(f, a.frames) for f in fams], False, 1,
                                                            a.handoff_ab)
-    tv, sj, fl, fm, lo, l1, l1s, st, wu, la, lb = [], [], [], [], [], [], [], [], [], [], []
+    tv, sj, fm, lo, l1, l1s, l1i, st, wu, la, lb, steal = [], [], [], [], [], [], [], [], [], [], [], []
 
-    def floors():
-        t, j = floor_pass(bj, nj, "tv"), floor_pass(bj, nj, "sj")
-        tv.append(t), sj.append(j)
-        return max(t, j), "tv" if t >= j else "sj"
+    def floors():  # both decoders, in alternating order
+        for d in ("tv", "sj") if len(tv) % 2 == 0 else ("sj", "tv"):
+            (tv if d == "tv" else sj).append(floor_pass(bj, nj, d))
 
     for r in range(a.repeat):
-        before, best = floors()
-        fm.append(floor_pass(bl, nl, best))
+        c0 = psutil.cpu_times()
+        floors()
+        fm.append(floor_pass(bl, nl, "sj"))  # the loader's decoder, with the label maps
         lo.append(loader_pass(ds, r))
         if dsb is not None and r % 2:  # the A/B's order alternates between rounds
             lb.append(one_worker_fps(dsb, r)[1])
-        whole, steady, start_ms, warm_ms = one_worker_fps(ds1, r)
-        l1.append(whole), l1s.append(steady), st.append(start_ms), wu.append(warm_ms)
+        whole, steady, start_ms, warm_ms, in_situ = one_worker_fps(ds1, r)
+        l1.append(whole), l1s.append(steady), l1i.append(in_situ), st.append(start_ms), wu.append(warm_ms)
         if dsb is not None and not r % 2:
             lb.append(one_worker_fps(dsb, r)[1])
-        after, _ = floors()
-        fl.append((before + after) / 2)
+        floors()
         la.append(loader_pass(ds_aug, r))
+        steal.append(steal_share(c0, psutil.cpu_times()))
+    # the fastest decoder over the run; each round's floor: its passes before and after the epochs
+    fastest = tv if med(tv) > med(sj) else sj
+    fl = [(fastest[2 * r] + fastest[2 * r + 1]) / 2 for r in range(a.repeat)]
+    fl_max = [(max(tv[2 * r], sj[2 * r]) + max(tv[2 * r + 1], sj[2 * r + 1])) / 2 for r in range(a.repeat)]
     r_lo = med(x / y for x, y in zip(lo, fl))
     r_lm = med(x / y for x, y in zip(lo, fm))
     r_l1 = med(x / y for x, y in zip(l1, fl))
     r_l1s = med(x / y for x, y in zip(l1s, fl))
     r_la = med(x / y for x, y in zip(la, fl))
-    print(f"{label:<6} {len(ds) * ds.cfg.batch_size:>6} {med(tv):>6.1f} {med(sj):>6.1f} {med(fl):>10.1f} {med(fm):>11.1f} "
+    print(f"{label:<6} {len(ds) * ds.cfg.batch_size:>6} {med(tv):>6.1f} {med(sj):>6.1f} {med(fl):>10.1f} "
+          f"{med(fl_max):>9.1f} {med(fm):>11.1f} "
           f"{med(lo):>7.1f} {r_lo:>6.2f} {r_lm:>12.2f} {med(l1):>8.1f} {r_l1:>6.2f} {med(l1s):>7.1f} {r_l1s:>6.2f} "
-          f"{med(st):>8.0f} {med(wu):>7.0f} {med(la):>10.1f} {r_la:>6.2f}", flush=True)
+          f"{med(st):>8.0f} {med(wu):>7.0f} {med(la):>10.1f} {r_la:>6.2f} {med(l1i):>9.2f} {100 * med(steal):>7.1f}",
+          flush=True)
     print(f"{'':<6} per round, steady / jpeg: " + " ".join(f"{x / y:.2f}" for x, y in zip(l1s, fl))
-          + "; loader / jpeg: " + " ".join(f"{x / y:.2f}" for x, y in zip(lo, fl)), flush=True)
+          + "; loader / jpeg: " + " ".join(f"{x / y:.2f}" for x, y in zip(lo, fl))
+          + f"; steady / (max/round): {med(x / y for x, y in zip(l1s, fl_max)):.2f}", flush=True)
+    print(f"{'':<6} per round, steady / in-situ: " + " ".join(f"{x:.2f}" for x in l1i)
+          + "; steal %: " + " ".join(f"{100 * x:.1f}" for x in steal), flush=True)
     if dsb is not None:
         r_lb = med(x / y for x, y in zip(lb, fl))  # steady state, as the default's ``steady``
         gain = med(x / y for x, y in zip(l1s, lb))
@@ -380,9 +433,9 @@ def main() -> None:
           f" {a.frames} frames (shards listed repeatedly)")
     print("# frames/s are medians over rounds; ratios the median of the per-round ratios, each round's floor the"
           " mean of the passes before and after its loader epochs")
-    print(f"{'set':<6} {'frames':>6} {'tv':>6} {'sj':>6} {'jpeg floor':>10} {'jpeg+labels':>11} {'loader':>7} "
+    print(f"{'set':<6} {'frames':>6} {'tv':>6} {'sj':>6} {'jpeg floor':>10} {'max/round':>9} {'jpeg+labels':>11} {'loader':>7} "
           f"{'/jpeg':>6} {'/jpeg+labels':>12} {'1 worker':>8} {'/jpeg':>6} {'steady':>7} {'/jpeg':>6} {'start ms':>8} "
-          f"{'warm ms':>7} {'loader+aug':>10} {'/jpeg':>6}")
+          f"{'warm ms':>7} {'loader+aug':>10} {'/jpeg':>6} {'/in-situ':>9} {'steal %':>7}")
     unknown = sorted(set(a.sets.split(",")) - set(fams))
     if unknown:
         raise SystemExit(f"--sets: no image set {unknown} in {manifest}; it holds {sorted(fams)}")
