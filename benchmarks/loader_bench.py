@@ -38,8 +38,8 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
   tenants' load, ``steal %``: the share of the machine's CPU time the hypervisor gave elsewhere
   during the round), and the floor passes and the loader epoch run at different moments; this
   ratio does not depend on that. It leans the loader's way by what decoding inside the worker
-  loses to the caches the worker's other work disturbs (a few percent at most: the decode calls
-  took 1-3% longer than a floor pass run right after them);
+  loses to the caches the worker's other work disturbs (decode calls in the worker took 1.5-3.5%
+  longer than those of a floor pass run right after them, benchmarks/RESULTS.md);
 * row ``all``: the same for the sets together, as training reads them: one loader over every
   set (``round_robin``, one batch of each set in turn), each set listed to ``--frames`` frames,
   against the floor decoding the same frames (the decode cost of an epoch depends on which
