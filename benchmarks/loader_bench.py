@@ -145,15 +145,18 @@ def floor_pass(blobs, n: int, decoder: str = "tv") -> float:
     return n / (time.perf_counter() - t0)
 
 
-# seconds and calls of the loader's JPEG decodes, counted in a forked DataLoader worker
+# seconds and calls of the loader's JPEG decodes, counted in a forked DataLoader worker (read
+# while it writes: a reading may count one decode's time and not yet the call, 0.1% of a window)
 _DECODE_CLOCK = torch.zeros(2, dtype=torch.float64).share_memory_()
+_CLOCK = _DECODE_CLOCK.numpy()
+_DECODE_INTO = jpeg.decode_into
 
 
-def _timed_decode_into(data, out, _decode=jpeg.decode_into, _clock=_DECODE_CLOCK.numpy()) -> None:
+def _timed_decode_into(data, out) -> None:
     t = time.perf_counter()
-    _decode(data, out)
-    _clock[0] += time.perf_counter() - t
-    _clock[1] += 1
+    _DECODE_INTO(data, out)
+    _CLOCK[0] += time.perf_counter() - t
+    _CLOCK[1] += 1
 
 
 def steal_share(before, after) -> float:
@@ -240,7 +243,7 @@ def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float
     try:
         it = iter(build_train_loader(ds))
     finally:
-        jpeg.decode_into = _timed_decode_into.__defaults__[0]
+        jpeg.decode_into = _DECODE_INTO
     w = 2 * it.buffer_pool.slots_per_worker
     last = len(it) - 1 - (ds.cfg.prefetch_factor + 2) * ds.cfg.handoff_batches  # the worker still at work
     if last < 2 * w:
