@@ -257,8 +257,9 @@ def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float
             clock[i] = _DECODE_CLOCK.clone()
     decode_s, decodes = (clock[last] - clock[w]).tolist()
     if not decodes:
-        raise SystemExit("the worker's decode calls were not counted: the in-situ floor needs DataLoader workers "
-                         "started by fork (Linux)")
+        raise SystemExit("the worker's decode calls were not counted: the in-situ floor wraps "
+                         "data_pipeline.jpeg.decode_into, which the worker must call through the module, in DataLoader "
+                         "workers started by fork (Linux)")
     in_situ = sum(frames[w + 1:last + 1]) / (times[last] - times[w]) * (decode_s / decodes)
     whole = sum(frames[1:]) / (times[-1] - times[0])
     steady = sum(frames[w + 1:]) / (times[-1] - times[w])
