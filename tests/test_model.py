@@ -206,6 +206,25 @@ def test_pretrained_weights_load_from_path_and_fsspec_uri(tmp_path):
     assert torch.equal(bb2.layer1[0].conv1.weight, ref.layer1[0].conv1.weight)
 
 
+def test_resnet_norm_is_frozen_bn_with_pretrained_weights_and_group_norm_from_scratch(tmp_path):
+    import torchvision
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    def norms(bb):
+        return {type(m) for m in bb.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d, FrozenBatchNorm2d))}
+
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    assert norms(build_backbone(BackboneConfig(name="resnet18", pretrained=str(path)))) == {FrozenBatchNorm2d}
+    # a random init under frozen BN would be unnormalised: from scratch the default is GroupNorm
+    scratch = build_backbone(BackboneConfig(name="resnet18"))
+    assert norms(scratch) == {torch.nn.GroupNorm}
+    assert all(m.num_groups == 32 for m in scratch.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert norms(build_backbone(BackboneConfig(name="resnet18", norm="bn"))) == {torch.nn.BatchNorm2d}
+    with pytest.raises(VTDInputError, match="norm must be one of"):
+        BackboneConfig(name="resnet18", norm="layer")
+
+
 def test_pretrained_weights_errors_name_the_file(tmp_path):
     import torchvision
 

@@ -43,6 +43,10 @@ ShapeSpec = dict[str, tuple[int, int]]
 """``{feature name: (channels, stride)}`` — the shape contract between modules."""
 
 
+#: Normalisation choices of :class:`BackboneConfig` (ResNets).
+NORMS: Final = ("auto", "frozen_bn", "gn", "bn")
+
+
 class PretrainedWeightsError(VTDInputError):
     """A pretrained-weights file is missing, unreadable or does not fit the architecture."""
 
@@ -55,13 +59,19 @@ class BackboneConfig:
     with ``torch.save`` (a bare state dict, or one wrapped under ``state_dict``/``model``);
     ``None`` leaves the random initialisation. Classifier-head keys are allowed to be missing
     or extra; every other key must be present with the right shape.
-    ``frozen_bn``: ResNets use frozen batch-norm statistics (the detection default: the per-GPU
-    batch is 2 images). ``drop_path``: stochastic depth of Swin / ConvNeXt.
+    ``norm``: the normalisation layers of a ResNet. ``frozen_bn`` keeps the ImageNet batch-norm
+    statistics and affine parameters fixed (the detection default with pretrained weights: the
+    per-GPU batch is 2 images); ``gn``: GroupNorm (32 groups), trainable, independent of the
+    batch — what a ResNet trained *from scratch* needs (He et al., "Rethinking ImageNet
+    Pre-training": frozen BN of a random initialisation is the identity, i.e. no normalisation
+    at all, and trains detection markedly slower); ``bn``: plain batch norm (statistics
+    broadcast from rank 0). ``auto`` (default): ``frozen_bn`` with ``pretrained`` weights, ``gn``
+    without. ``drop_path``: stochastic depth of Swin / ConvNeXt.
     """
 
     name: str = "resnet50"
     pretrained: str | None = None
-    frozen_bn: bool = True
+    norm: str = "auto"
     drop_path: float = 0.0
 
     def __post_init__(self) -> None:
@@ -69,6 +79,15 @@ class BackboneConfig:
             raise VTDInputError(f"unknown backbone {self.name!r}; choose one of {sorted(BACKBONES)}")
         if not 0.0 <= self.drop_path < 1.0:
             raise VTDInputError(f"backbone drop_path must be in [0, 1), got {self.drop_path}")
+        if self.norm not in NORMS:
+            raise VTDInputError(f"backbone norm must be one of {NORMS}, got {self.norm!r}")
+
+    @property
+    def resolved_norm(self) -> str:
+        """``norm`` with ``auto`` resolved: ``frozen_bn`` with pretrained weights, else ``gn``."""
+        if self.norm == "auto":
+            return "frozen_bn" if self.pretrained else "gn"
+        return self.norm
 
 
 class ImageNormalizer(nn.Module):
@@ -104,7 +123,12 @@ class TorchvisionResNet(Backbone):
         from torchvision.ops.misc import FrozenBatchNorm2d
 
         builder = getattr(torchvision.models, f"resnet{depth}")
-        net = builder(weights=None, norm_layer=FrozenBatchNorm2d if cfg.frozen_bn else nn.BatchNorm2d)
+        norm_layer = {
+            "frozen_bn": FrozenBatchNorm2d,
+            "bn": nn.BatchNorm2d,
+            "gn": lambda channels: nn.GroupNorm(32, channels),
+        }[cfg.resolved_norm]
+        net = builder(weights=None, norm_layer=norm_layer)
         expansion = 4 if depth >= 50 else 1
         super().__init__(tuple(c * expansion for c in (64, 128, 256, 512)))
         if cfg.pretrained:

@@ -40,7 +40,7 @@ backward; (c) it walks the autograd graph every step. What we give up is DDP's o
 communication with the backward pass: the all-reduce runs after it (measured by
 ``benchmarks/train_overhead.py`` as ``all-reduce``; on 2 CPU cores it is compute-bound either
 way). Frozen parameters (``requires_grad=False``) are simply not in the list. Mutable buffers
-(``BatchNorm`` running statistics when ``frozen_bn`` is off) are broadcast from rank 0 before
+(``BatchNorm`` running statistics with ``norm: bn``) are broadcast from rank 0 before
 each forward, like DDP's ``broadcast_buffers``.
 """
 
