@@ -305,3 +305,48 @@ def test_overlays_show_every_task(tiny_shards):
     assert det.keypoints is not None and det.track_ids is None and len(det.boxes) > 0
     assert seg.masks is not None and len(seg.masks) == len(seg.boxes) > 0
     assert np.isfinite(track.flow).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Test height
+# ---------------------------------------------------------------------------------------------
+
+
+class ScaledOracle(OracleModel):
+    """Ground-truth boxes of the (resized) batch mapped to ``output_sizes``, as VTDNet.predict
+    maps its detections; records the image heights it was given."""
+
+    def __init__(self) -> None:
+        super().__init__(tasks=("tag", "det"))
+        self.heights: set[int] = set()
+
+    def predict(self, batch: Batch, output_sizes=None) -> list[FramePrediction]:
+        self.heights |= {h for h, _ in batch.image_sizes}
+        preds = super().predict(batch)
+        for p, (h, w), (oh, ow) in zip(preds, batch.image_sizes, output_sizes):
+            p.size = (oh, ow)
+            p.boxes = p.boxes * torch.tensor([ow / w, oh / h, ow / w, oh / h])
+        return preds
+
+
+def test_evaluation_runs_at_the_test_height_and_scores_at_the_stored_resolution(tiny_shards):
+    oracle = ScaledOracle()
+    r = run_evaluation(model=oracle, data=tiny_shards, distributed=False, overlays=0, height=192)
+    assert oracle.heights == {192}  # the stored frames are 96 high
+    assert r.metrics["ap_det"] == pytest.approx(100.0, abs=0.5)  # boxes mapped back exactly, up to rounding
+    assert r.info["height"] == 192
+    with pytest.raises(VTDInputError, match="test height"):
+        run_evaluation(model=oracle, data=tiny_shards, distributed=False, height=0)
+
+
+def test_a_trained_checkpoint_is_tested_at_its_largest_training_scale(tiny_shards, tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = VTDNetConfig.tiny("single:tag")
+    uri = str(tmp_path / "ckpt")
+    save_model(uri, VTDNet(cfg), cfg, {"config": {"data": {"scales": [64, 80]}}})
+    assert run_evaluation(uri, tiny_shards, distributed=False, overlays=0).info["height"] == 80
+    assert run_evaluation(uri, tiny_shards, distributed=False, overlays=0, height="native").info["height"] == "stored resolution"
+    assert main(["evaluate", "--checkpoint", uri, "--data", tiny_shards, "--out", str(tmp_path / "e"), "--height", "72"]) == 0
+    assert "height 72" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--checkpoint", uri, "--data", tiny_shards, "--height", "-3"])

@@ -124,6 +124,9 @@ def _add_optional_commands(sub) -> None:
     ev.add_argument("--workers", type=int, default=None, help="Ray workers for inference (default: one per work unit, at most 8 and at most the cluster's CPUs)")
     ev.add_argument("--reference", default=None, help="metrics.json to compare against (default: the paper's VTDNet-R50)")
     ev.add_argument("--overlays", type=int, default=4, help="frames rendered as qualitative overlays")
+    ev.add_argument("--height", type=_height, default=None,
+                    help="test image height in pixels (aspect kept; metrics at the stored resolution), or 'native' "
+                         "(default: the largest training scale the checkpoint records, else native)")
     ev.set_defaults(func=_cmd_evaluate)
 
     tr = sub.add_parser("train", help="train VTDNet on Ray Train (embedded local cluster by default)")
@@ -148,6 +151,18 @@ def _cmd_model_info(a: argparse.Namespace) -> int:
         for k, v in info.items():
             print(f"{k}: {v}")
     return 0
+
+
+def _height(text: str) -> int | str:
+    if text == "native":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or 'native', got {text!r}")
+    return value
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@ Data flow::
       → work units: one per det / seg shard; tracking videos grouped by the shard they start in
         (a unit reads on into the next shards for a video that continues there)
       → per unit, in this process or on a Ray actor that loaded the checkpoint itself:
-          frames → Batch (augment=None) → model.predict → FramePrediction
+          frames → Batch (resized to the test height, unflipped) → model.predict → FramePrediction
+            at the stored resolution
           det / seg frames: tag, sem, drivable, lane, det, ins, pose          (inference.EvalState)
           each tracking video, frames in frame order: one QDTracker per video → MOT / MOTS;
             model run with key = frame t−1, reference = frame t → flow proxy on MOTS frame pairs
@@ -49,7 +50,7 @@ from data_pipeline.errors import DataError, VTDInputError
 from data_pipeline.loader import ShardFamily, iter_frames, iter_shard
 from data_pipeline.manifest import families_from_manifest
 from data_pipeline.shard_format import CLIP_MEMBER
-from data_pipeline.structures import TASK_INDEX, Batch
+from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch
 from data_pipeline.transforms import prepare_batch
 from vtd_train.model.outputs import FramePrediction
 from vtd_train.tracker import QDTracker, TrackerConfig, TrackResult
@@ -224,11 +225,13 @@ class EvalWorker:
     """
 
     def __init__(self, source: Any, *, threads: int = 1, batch_size: int = DEFAULT_BATCH_SIZE,
-                 tracker: TrackerConfig | None = None, cuda: bool = True) -> None:
+                 tracker: TrackerConfig | None = None, cuda: bool = True, height: int | None = None) -> None:
+        self.meta: dict[str, Any] = {}  # a checkpoint's model.json meta (training config, ...)
         if isinstance(source, str):
             from vtd_train.checkpoint import load_model
 
-            model = load_model(source)[0]
+            model, _, meta = load_model(source)
+            self.meta = meta
         elif isinstance(source, ModelSpec):
             model = source.build()
         else:
@@ -243,6 +246,7 @@ class EvalWorker:
         self.threads = int(threads)
         self.batch_size = int(batch_size)
         self.tracker_cfg = tracker or TrackerConfig()
+        self.height = None if height is None else int(height)
 
     # -- entry points (also the Ray actor's methods) ---------------------------------------------
 
@@ -273,14 +277,16 @@ class EvalWorker:
                   for f, r in zip(frames, refs or frames)],
             ref_images=None if refs is None else [r.image for r in refs],
             ref_targets=None if refs is None else [r.targets for r in refs],
-            augment=None,  # evaluation runs at the stored resolution, unflipped
+            # unflipped, at the test height (aspect kept) or the stored resolution
+            augment=None if self.height is None else AugmentPlan(height=self.height, flips=(False,) * len(frames)),
             size_divisor=SIZE_DIVISOR,
         )
         # only the images go to the device: predict reads nothing else (the targets stay on the
         # CPU for the metrics; a model may read them, e.g. the tests' ground-truth oracle)
         batch = prepare_batch(replace(batch, images=[x.to(self.device) for x in batch.images],
                                       ref_images=None if refs is None else [x.to(self.device) for x in batch.ref_images]))
-        preds = self.model.predict(batch)
+        # predictions come back at each frame's stored resolution, where its labels are
+        preds = self.model.predict(batch, output_sizes=[(int(f.image.shape[1]), int(f.image.shape[2])) for f in frames])
         if len(preds) != len(frames):
             raise VTDInputError(f"the model returned {len(preds)} predictions for {len(frames)} frames")
         for f, p in zip(frames, preds):
@@ -561,6 +567,7 @@ def run_evaluation(
     gpus_per_worker: float = 0.0,
     tracker: TrackerConfig | None = None,
     run_name: str | None = None,
+    height: int | str | None = None,
 ) -> EvalResult:
     """Evaluate ``checkpoint`` (a URI) or ``model`` (an object with ``tasks`` and ``predict``,
     e.g. the VTDNet being trained) on the ``split`` shards of ``data``; see :func:`evaluate`."""
@@ -569,6 +576,10 @@ def run_evaluation(
         raise VTDInputError("evaluate: give either a checkpoint URI or a model object (exactly one)")
     if data is None:
         raise VTDInputError("evaluate: no data URI given (the shard root written by `vtd data convert`)")
+    if height is not None and height != "native" and (not isinstance(height, int) or height < 1):
+        raise VTDInputError(f"evaluate: the test height must be a positive number of pixels or 'native', got {height!r}")
+    native = height == "native"
+    height = None if native else height
     if batch_size < 1 or threads < 1 or (workers is not None and workers < 1) or overlays < 0:
         raise VTDInputError(f"evaluate: batch_size, threads and workers must be >= 1 and overlays >= 0, "
                             f"got {batch_size}, {threads}, {workers}, {overlays}")
@@ -586,6 +597,9 @@ def run_evaluation(
     else:
         was_training = getattr(model, "training", None)
         local = EvalWorker(model, threads=threads, batch_size=batch_size, tracker=tracker)
+    if height is None and not native:
+        height = trained_height(local.meta)
+    local.height = height
     tasks = local.tasks
     runner: _LocalRunner | _RayRunner = _LocalRunner(local)
     mode = "in-process"
@@ -599,7 +613,7 @@ def run_evaluation(
             free = int(info.num_cpus // threads) or 1
             n = workers if workers is not None else max(1, min(MAX_DEFAULT_WORKERS, n_units_max, free))
             runner = _RayRunner(checkpoint if model is None else model, workers=n, threads=threads,
-                                gpus=gpus_per_worker, batch_size=batch_size, tracker=tracker)
+                                gpus=gpus_per_worker, batch_size=batch_size, tracker=tracker, height=height)
             mode = f"ray ({info.address})"
         t0 = time.perf_counter()
         track_videos = runner.map("scan", list(fam_by_set["track"].urls)) if "track" in fam_by_set else None
@@ -629,6 +643,7 @@ def run_evaluation(
         "checkpoint": str(checkpoint) if model is None else f"<in-memory {type(model).__name__}>",
         "data": str(data), "split": split, "runner": mode, "workers": runner.workers, "units": len(units),
         "model_tasks": list(tasks), "frames": state.frames,
+        "height": height if height is not None else "stored resolution",
         "labelled": {t: state.labelled[t] for t in TASKS if state.labelled[t]},
         "missing": missing,
         "seconds": {"plan": round(t_plan, 3), "inference": round(t_infer, 3), "metrics": round(t_metrics, 3)},
@@ -671,8 +686,13 @@ def evaluate(
     ``overlay_<k>.png`` for ``overlays`` frames) compared with ``reference`` (``None``: the
     paper's VTDNet-R50; a metrics JSON path; a mapping; ``{}`` for none) and ``eval_info.json``.
     ``distributed=True/False`` forces the choice (``True`` without an address joins the Ray of
-    this process or starts a local cluster). More options (``batch_size``, ``threads`` — torch threads per worker, also the CPUs each Ray
-    actor reserves —, ``gpus_per_worker``, ``tracker``, ``run_name``): :func:`run_evaluation`.
+    this process or starts a local cluster). ``height``: the test image height (frames resized
+    with their aspect kept, predictions mapped back to the stored resolution where the labels
+    are); ``None`` takes the largest training scale a ``vtd train`` checkpoint records (a model
+    is tested at the scale it learnt, as the paper tests at 720), else the stored resolution;
+    ``"native"`` forces the stored resolution. More options (``batch_size``, ``threads`` — torch
+    threads per worker, also the CPUs each Ray actor reserves —, ``gpus_per_worker``,
+    ``tracker``, ``run_name``): :func:`run_evaluation`.
 
     Returns the ``metrics.json`` content: the canonical metric keys that could be scored, and
     ``vtda_cls``, ``vtda_seg``, ``vtda_loc``, ``vtda_ass``, ``vtda``, ``missing`` (and ``note``
@@ -682,6 +702,14 @@ def evaluate(
         checkpoint, data, model=model, split=split, out_dir=out_dir, address=address, workers=workers,
         reference=reference, overlays=overlays, **kw,
     ).as_dict()
+
+
+def trained_height(meta: Mapping[str, Any]) -> int | None:
+    """The test height of a checkpoint written by ``vtd train``: its largest training scale
+    (``data.scales`` of the run's config, as the paper tests at 720, the top of its 600–720
+    training scales); ``None`` (the stored resolution) for a checkpoint without that record."""
+    scales = ((meta.get("config") or {}).get("data") or {}).get("scales")
+    return int(max(scales)) if scales else None
 
 
 def _reference(reference: str | Path | Mapping[str, Any] | None) -> tuple[Mapping[str, Any] | None, str]:
@@ -713,13 +741,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     r = run_evaluation(
         args.checkpoint, args.data, split=args.split, out_dir=args.out, address=args.address,
-        workers=args.workers, reference=args.reference, overlays=args.overlays,
+        workers=args.workers, reference=args.reference, overlays=args.overlays, height=args.height,
         distributed=args.address is not None,  # the CLI runs in this process unless given a cluster
     )
     wall = time.perf_counter() - t0
     info = r.info
     print(f"evaluated {info['checkpoint']} on {info['data']} ({info['split']}): {info['frames']} frames, "
-          f"{info['units']} units, {info['runner']}, {info['workers']} worker(s), {wall:.1f} s")
+          f"{info['units']} units, {info['runner']}, {info['workers']} worker(s), height {info['height']}, {wall:.1f} s")
     for k in METRIC_KEYS:
         if k in r.metrics:
             print(f"  {k:<13} {r.metrics[k]:6.1f}")
