@@ -35,6 +35,9 @@ class TaggingDecoder(nn.Module):
         super().__init__()
         self.weather = nn.Linear(in_channels, cfg.num_weathers)
         self.scene = nn.Linear(in_channels, cfg.num_scenes)
+        for layer in (self.weather, self.scene):  # near-uniform start (classifier heads: N(0, 0.01))
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, c5: Tensor) -> TagLogits:
         x = c5.mean(dim=(2, 3))
