@@ -21,8 +21,8 @@ from data_pipeline.manifest import families_from_manifest
 from data_pipeline.synth import generate
 from data_pipeline.transforms import AugmentConfig, prepare_batch
 
-#: The demo's training run: configs/tiny.yaml with these changes (about 10 minutes on 2 CPU
-#: cores). The tiny model learns from scratch, so it takes a higher learning rate than the
+#: The demo's training run: configs/tiny.yaml with these changes (570 steps, about 7 minutes
+#: on 2 CPU cores). The tiny model learns from scratch, so it takes a higher learning rate than the
 #: paper's 1e-4 for ResNet-50 from ImageNet weights, and enough steps for the localization and
 #: association decoders to move (tests/test_overfit.py: 300-800 steps to fit a few frames).
 DEMO_EPOCHS = 30
