@@ -9,6 +9,7 @@ agent exporting Prometheus metrics on ``metrics_export_port`` (the same port Kub
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -45,6 +46,10 @@ def connect(
     The embedded cluster runs Ray's dashboard by default: Ray Train's controller queries the
     State API it serves (without it, Train logs a warning every few seconds).
 
+    Inside a Ray job (``RAY_ADDRESS`` set by the job supervisor) ``address=None`` joins the job's
+    cluster: a pipeline stage's ``vtd train`` / ``vtd evaluate`` runs on the cluster it was
+    submitted to.
+
     Idempotent within a process: when Ray is already initialised the existing connection is
     described and reused (a test session shares one cluster across all tests).
     """
@@ -55,6 +60,9 @@ def connect(
             address=ctx.gcs_address, embedded=address is None, metrics_export_port=_metrics_port(),
             num_cpus=res.get("CPU", 0.0), num_gpus=res.get("GPU", 0.0),
         )
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        # inside a Ray job (a pipeline stage): join the job's cluster, never start another
+        address = os.environ["RAY_ADDRESS"]
     if address is None:
         port = metrics_export_port if metrics_export_port is not None else free_port()
         ctx = ray.init(

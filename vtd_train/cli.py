@@ -134,6 +134,8 @@ def _add_optional_commands(sub) -> None:
     tr.add_argument("--address", default=None, help="Ray cluster address; default: start a local cluster")
     tr.add_argument("--storage", default=None, help="checkpoint storage URI (overrides the config)")
     tr.add_argument("--name", default=None, help="run name (overrides the config; reuse it to resume)")
+    tr.add_argument("--result-json", default=None, metavar="URI",
+                    help="write {checkpoint, global_step, ...} of the finished run here (for pipelines)")
     tr.set_defaults(func=_cmd_train)
 
     sc = sub.add_parser("score", help="VTDA from a metrics JSON file")

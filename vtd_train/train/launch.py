@@ -133,6 +133,8 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"vtd train: run {cfg.name!r} finished without a checkpoint", flush=True)
         return 0
     p = checkpoint_progress(result.checkpoint)
+    if getattr(args, "result_json", None):
+        write_result(args.result_json, cfg, result.checkpoint, p)
     losses = ", ".join(f"{x:.4f}" for x in p.epoch_losses)
     print(
         f"vtd train: run {cfg.name!r} done at step {p.global_step} (epoch losses [{losses}], "
@@ -140,6 +142,24 @@ def train_command(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
+    """The URI of a Ray ``Checkpoint`` of run ``cfg`` in the config's own spelling (Ray's
+    ``checkpoint.path`` drops the URI scheme of object stores)."""
+    import posixpath
+
+    return fsio.join(cfg.storage_path, cfg.name, posixpath.basename(checkpoint.path.rstrip("/")))
+
+
+def write_result(uri: str, cfg: TrainConfig, checkpoint, progress: Progress) -> None:
+    """``--result-json``: where a finished run's final checkpoint is, for whoever launched it (a
+    pipeline stage reads its output from here); written atomically."""
+    fsio.write_json_atomic(uri, {
+        "run": cfg.name, "stage": cfg.stage, "checkpoint": checkpoint_uri(cfg, checkpoint),
+        "global_step": progress.global_step, "epoch_losses": list(progress.epoch_losses),
+        "skipped_steps": progress.skipped_steps,
+    })
 
 
 def checkpoint_progress(checkpoint) -> Progress:
