@@ -43,13 +43,16 @@ def _cmd_data_convert(a: argparse.Namespace) -> int:
 def _cmd_data_inspect(a: argparse.Namespace) -> int:
     from data_pipeline.inspect import inspect_shards
 
-    report = inspect_shards(a.uri)
+    report = inspect_shards(a.uri, pseudo=a.pseudo)
     if a.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
+        kind = "pseudo-labels " if report.get("kind") == "pseudo" else ""
         for key, s in sorted(report["sets"].items()):
             tasks = ", ".join(f"{t}: {v['samples']} samples / {v['instances']} inst" for t, v in sorted(s["tasks"].items()))
-            print(f"{key}: {s['samples']} frames ({s['clips']} clips) — {tasks}")
+            print(f"{key}: {s['samples']} frames ({s['clips']} clips) — {kind}{tasks}")
+            if "pseudo" in s:
+                print("  pseudo — " + ", ".join(f"{t}: {v['samples']} samples / {v['instances']} inst" for t, v in s["pseudo"].items()))
     return 0
 
 
@@ -89,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_data_convert)
 
-    i = data.add_parser("inspect", help="count samples and labels by reading the shards")
+    i = data.add_parser("inspect", help="count samples and labels by reading the shards (or a pseudo-label family)")
     i.add_argument("uri")
+    i.add_argument("--pseudo", default=None, metavar="URI", help="also count the pseudo-labels of this family joined to the shards")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_data_inspect)
 
@@ -101,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     _add_optional_commands(sub)
+    from orchestrator.cli import add_jobs_commands
+
+    add_jobs_commands(sub)
     return p
 
 
@@ -114,6 +121,16 @@ def _add_optional_commands(sub) -> None:
     info.add_argument("--width", type=int, default=1280)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_model_info)
+    mi = m.add_parser("init", help="an untrained checkpoint of a training config's model (seeded as `vtd train` seeds)")
+    mi.add_argument("--config", required=True, help="training config (YAML)")
+    mi.add_argument("--out", required=True, help="checkpoint directory to write (local path or URI)")
+    mi.set_defaults(func=_cmd_model_init)
+    mm = m.add_parser("merge", help="one checkpoint from a base and fine-tuned decoders (CPF, appendix H.3)")
+    mm.add_argument("--base", required=True, help="checkpoint whose shared parts are kept")
+    mm.add_argument("--decoder", action="append", default=[], metavar="TASK=URI", required=True,
+                    help="a fine-tuned checkpoint whose TASK decoder is taken (repeat per task)")
+    mm.add_argument("--out", required=True, help="checkpoint directory to write")
+    mm.set_defaults(func=_cmd_model_merge)
 
     ev = sub.add_parser("evaluate", help="the ten VTD metrics + VTDA of a checkpoint on validation shards, with a report")
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (local path or fsspec URI)")
@@ -136,7 +153,36 @@ def _add_optional_commands(sub) -> None:
     tr.add_argument("--name", default=None, help="run name (overrides the config; reuse it to resume)")
     tr.add_argument("--result-json", default=None, metavar="URI",
                     help="write {checkpoint, global_step, ...} of the finished run here (for pipelines)")
+    tr.add_argument("--takeover", action="store_true",
+                    help="take the run's lease even if another live process holds it (that run then stops)")
+    tr.add_argument("--verbose", action="store_true", help="on failure, print the full trace after the one-line error")
     tr.set_defaults(func=_cmd_train)
+
+    runs = sub.add_parser("runs", help="training runs in storage").add_subparsers(dest="runs_command", required=True)
+    rv = runs.add_parser("verify", help="a run's checkpoints with their integrity, and the one a resume would use")
+    rv.add_argument("run", help="the run's directory: STORAGE/NAME (local path or URI)")
+    rv.add_argument("--json", action="store_true")
+    rv.set_defaults(func=_cmd_runs_verify)
+
+    pl = sub.add_parser("pseudo-label", help="sem / pose pseudo-labels from single-task checkpoints (CPF, paper H.2)")
+    pl.add_argument("--checkpoint", action="append", required=True, metavar="TASK=URI",
+                    help="a single-task checkpoint per task: sem=URI, pose=URI (repeat the option)")
+    pl.add_argument("--data", required=True, help="shard root written by `vtd data convert` (any fsspec URI)")
+    pl.add_argument("--out", required=True, help="pseudo-label family root (any fsspec URI)")
+    pl.add_argument("--split", default="train")
+    pl.add_argument("--sets", default=None, help="comma-separated image sets (default: all of the split)")
+    pl.add_argument("--require", action="append", metavar="SET=TASK[,TASK]",
+                    help="label only the set's frames labelled for these tasks, e.g. track=mots (repeatable)")
+    pl.add_argument("--sem-threshold", type=float, default=0.3, help="pixels below this probability become 255 (ignore)")
+    pl.add_argument("--pose-threshold", type=float, default=0.2, help="joints below this confidence are dropped")
+    pl.add_argument("--person-threshold", type=float, default=0.3, help="persons scoring below this get no pose")
+    pl.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS inside a Ray job, else a local cluster)")
+    pl.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per shard, at most 8 and the GPUs or CPUs)")
+    pl.add_argument("--batch-size", type=int, default=4, help="frames per model call")
+    pl.add_argument("--height", type=_height, default=None,
+                    help="inference height, or 'native' (default: each checkpoint's largest training scale)")
+    pl.add_argument("--overwrite", action="store_true", help="replace an existing pseudo-label family")
+    pl.set_defaults(func=_cmd_pseudo_label)
 
     sc = sub.add_parser("score", help="VTDA from a metrics JSON file")
     sc.add_argument("metrics", help="JSON object with canonical metric keys")
@@ -152,6 +198,31 @@ def _cmd_model_info(a: argparse.Namespace) -> int:
     else:
         for k, v in info.items():
             print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_model_init(a: argparse.Namespace) -> int:
+    from vtd_train.checkpoint_ops import init_checkpoint
+
+    print(f"vtd model init: wrote {init_checkpoint(a.config, a.out)}")
+    return 0
+
+
+def _cmd_model_merge(a: argparse.Namespace) -> int:
+    from vtd_train.checkpoint_ops import merge_checkpoints
+
+    decoders: dict[str, str] = {}
+    for item in a.decoder:
+        task, sep, uri = item.partition("=")
+        if not sep or not task or not uri:
+            raise VTDInputError(f"--decoder: expected TASK=URI, got {item!r}")
+        if task in decoders:
+            raise VTDInputError(f"--decoder: task {task!r} given twice")
+        decoders[task] = uri
+    summary = merge_checkpoints(a.base, decoders, a.out)
+    taken = ", ".join(f"{t} {n}" for t, n in sorted(summary["tensors_from_decoders"].items()))
+    print(f"vtd model merge: wrote {a.out}: {summary['tensors']} tensors, from the fine-tuned decoders: {taken}; "
+          "every other tensor from the base, all checked")
     return 0
 
 
@@ -173,10 +244,25 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     return evaluate_command(a)
 
 
+def _cmd_pseudo_label(a: argparse.Namespace) -> int:
+    from vtd_train.pseudo_label import pseudo_label_command
+
+    return pseudo_label_command(a)
+
+
 def _cmd_train(a: argparse.Namespace) -> int:
     from vtd_train.train.launch import train_command
 
     return train_command(a)
+
+
+def _cmd_runs_verify(a: argparse.Namespace) -> int:
+    from vtd_train.train.recovery import format_run_report, inspect_run
+
+    report = inspect_run(a.run)
+    print(json.dumps(report, indent=2) if a.json else format_run_report(report))
+    damaged = any(c["registered"] and not c["intact"] for c in report["checkpoints"])
+    return 1 if damaged or report["error"] else 0
 
 
 def _cmd_score(a: argparse.Namespace) -> int:
@@ -190,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (VTDInputError, FileNotFoundError, FileExistsError) as e:
+    except (VTDInputError, FileNotFoundError, FileExistsError, ConnectionError) as e:
         # User-facing errors (bad input, missing files): one clear line, no traceback.
         print(f"vtd: error: {e}", file=sys.stderr)
         return 2
