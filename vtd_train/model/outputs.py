@@ -22,6 +22,8 @@ class FramePrediction:
     weather        [7] float32        weather probabilities (``bdd100k.WEATHERS`` order)
     scene          [7] float32        scene probabilities (``bdd100k.SCENES`` order)
     sem            [H, W] uint8       semantic train id 0..18
+    sem_score      [H, W] float32     softmax probability of ``sem``'s class (its confidence;
+                                      pseudo-labels ignore pixels below a threshold)
     drivable       [H, W] uint8       0 direct, 1 alternative, 2 background
     lane           [3, H, W] uint8    direction / style / category maps, 0 = background, else 1 + value
                                       (the layout of ``bdd100k.decode_lane_mask``)
@@ -42,6 +44,7 @@ class FramePrediction:
     weather: Tensor | None = None
     scene: Tensor | None = None
     sem: Tensor | None = None
+    sem_score: Tensor | None = None
     drivable: Tensor | None = None
     lane: Tensor | None = None
     boxes: Tensor | None = None

@@ -700,9 +700,12 @@ class VTDNet(nn.Module):
             for t in (t for t in SEG_TASKS if t in self.tasks):
                 logits = self._seg_logits(g, pyramid, t).logits
                 for i, p in enumerate(preds):
-                    maps = [self._resize_map(lg[i : i + 1], tuple(batch.images.shape[-2:]), sizes[i], out_sizes[i]).argmax(1)[0] for lg in logits]
+                    resized = [self._resize_map(lg[i : i + 1], tuple(batch.images.shape[-2:]), sizes[i], out_sizes[i]) for lg in logits]
+                    maps = [x.argmax(1)[0] for x in resized]
                     value = torch.stack(maps) if t == "lane" else maps[0]
                     setattr(p, t, value.to(torch.uint8))
+                    if t == "sem":  # the class's probability: pseudo-labels keep only confident pixels
+                        p.sem_score = resized[0][0].softmax(0).amax(0)
             if loc:
                 self._predict_objects(g, pyramid, preds, sizes, scales)
 
