@@ -176,14 +176,14 @@ def plan_units(families: list[ShardFamily], track_videos: list[list[str]] | None
 # ---------------------------------------------------------------------------------------------
 
 
-def _chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+def chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
     it = iter(items)
     while chunk := list(islice(it, n)):
         yield chunk
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -254,14 +254,17 @@ class EvalWorker:
         return scan_track_shard(url)
 
     def run(self, unit: WorkUnit) -> UnitResult:
-        with _torch_threads(self.threads):
+        with torch_threads(self.threads):
             if unit.set_name == "track":
                 return self._run_track(unit)
             return self._run_images(unit)
 
     # -- inference -------------------------------------------------------------------------------
 
-    def _predict(self, set_name: str, frames: list[DecodedFrame], refs: list[DecodedFrame] | None = None) -> list[FramePrediction]:
+    def predict_frames(self, set_name: str, frames: list[DecodedFrame], refs: list[DecodedFrame] | None = None) -> list[FramePrediction]:
+        """The model's predictions for ``frames`` (decoded images ``[3, H, W]``; ``refs``: their
+        reference frames, for flow), run at :attr:`height` and returned at each frame's stored
+        resolution, checked (:func:`check_prediction`)."""
         labels = torch.zeros((len(frames), len(TASKS)), dtype=torch.int8)
         for i, f in enumerate(frames):
             for t, src in f.sources.items():
@@ -295,8 +298,8 @@ class EvalWorker:
 
     def _run_images(self, unit: WorkUnit) -> UnitResult:
         out = UnitResult(EvalState())
-        for chunk in _chunks(iter_frames(unit.urls), self.batch_size):
-            for f, p in zip(chunk, self._predict(unit.set_name, chunk)):
+        for chunk in chunks(iter_frames(unit.urls), self.batch_size):
+            for f, p in zip(chunk, self.predict_frames(unit.set_name, chunk)):
                 out.state.add_frame(f.record["name"], f.targets, f.sources, p, self.tasks)
                 if len(out.overlays) < unit.overlays:
                     out.overlays.append(make_overlay(unit.set_name, f, p))
@@ -317,11 +320,11 @@ class EvalWorker:
         tracker = QDTracker(self.tracker_cfg) if "mot" in self.tasks else None
         predict_flow = "flow" in self.tasks
         prev: tuple[FramePrediction, Any] | None = None  # (prediction of t−1 with flow to t, MOTS GT of t−1)
-        for chunk in _chunks(_with_next(frames), self.batch_size):
+        for chunk in chunks(_with_next(frames), self.batch_size):
             # a flow pair: two consecutive frames that both carry MOTS masks (the flow proxy's GT)
             pair = [n is not None and labelled(f.sources, "mots") and labelled(n.sources, "mots") for f, n in chunk]
             refs = [n if n is not None else f for f, n in chunk] if predict_flow and any(pair) else None
-            preds = self._predict("track", [f for f, _ in chunk], refs)
+            preds = self.predict_frames("track", [f for f, _ in chunk], refs)
             for (f, _), p, is_pair in zip(chunk, preds, pair):
                 name, index = f.record["name"], f.record["frame_index"]
                 state.add_frame(name, f.targets, f.sources, p, self.tasks)
@@ -461,7 +464,7 @@ def make_overlay(set_name: str, frame: DecodedFrame, pred: FramePrediction, trac
 # ---------------------------------------------------------------------------------------------
 
 
-class _LocalRunner:
+class LocalRunner:
     def __init__(self, worker: EvalWorker) -> None:
         self.worker = worker
         self.workers = 1
@@ -473,16 +476,17 @@ class _LocalRunner:
         pass
 
 
-class _RayRunner:
-    """``workers`` actors of :class:`EvalWorker`; :meth:`map` returns results in input order."""
+class RayRunner:
+    """``workers`` actors of :class:`EvalWorker` (or ``actor_cls``, built as
+    ``actor_cls(source, threads=threads, **kw)``); :meth:`map` returns results in input order."""
 
-    def __init__(self, source: Any, *, workers: int, threads: int, gpus: float, **kw: Any) -> None:
+    def __init__(self, source: Any, *, workers: int, threads: int, gpus: float, actor_cls: type = EvalWorker, **kw: Any) -> None:
         import ray
         from ray.util import ActorPool
 
         if not isinstance(source, str):
             source = ray.put(ModelSpec(source) if _is_vtdnet(source) else source)
-        actor = ray.remote(num_cpus=threads, num_gpus=gpus)(EvalWorker)
+        actor = ray.remote(num_cpus=threads, num_gpus=gpus)(actor_cls)
         self.actors = [actor.remote(source, threads=threads, **kw) for _ in range(workers)]
         self.pool = ActorPool(self.actors)
         self.workers = workers
@@ -601,7 +605,7 @@ def run_evaluation(
         height = trained_height(local.meta)
     local.height = height
     tasks = local.tasks
-    runner: _LocalRunner | _RayRunner = _LocalRunner(local)
+    runner: LocalRunner | RayRunner = LocalRunner(local)
     mode = "in-process"
     try:
         fam_by_set = {f.set_name: f for f in families}
@@ -612,8 +616,8 @@ def run_evaluation(
             n_units_max = sum(len(f.urls) for f in families)
             free = int(info.num_cpus // threads) or 1
             n = workers if workers is not None else max(1, min(MAX_DEFAULT_WORKERS, n_units_max, free))
-            runner = _RayRunner(checkpoint if model is None else model, workers=n, threads=threads,
-                                gpus=gpus_per_worker, batch_size=batch_size, tracker=tracker, height=height)
+            runner = RayRunner(checkpoint if model is None else model, workers=n, threads=threads,
+                               gpus=gpus_per_worker, batch_size=batch_size, tracker=tracker, height=height)
             mode = f"ray ({info.address})"
         t0 = time.perf_counter()
         track_videos = runner.map("scan", list(fam_by_set["track"].urls)) if "track" in fam_by_set else None
