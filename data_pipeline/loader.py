@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline import bdd100k, fsio
 from data_pipeline.decode import DecodedFrame, decode_clip, decode_frames, split_members
 from data_pipeline.errors import DataError
+from data_pipeline.pseudo import PseudoShards, attach_pseudo, check_key, iter_pseudo_shard, join_pseudo
 from data_pipeline.sampler import (
     SAMPLING_MODES,
     SamplingMode,
@@ -47,6 +48,7 @@ from data_pipeline.sampler import (
     set_schedule,
     split_frames,
 )
+from data_pipeline.shard_format import INSTANCE_MEMBER, LABEL_MEMBER
 from data_pipeline.shm_pool import BufferPool
 from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
 from data_pipeline.transfer import PackedBatch, PackedBatches, decode_images, pack_batch, pack_batches
@@ -64,7 +66,10 @@ class ShardFamily:
     needed only to require tasks, see :attr:`LoaderConfig.require_tasks`, and exact for any
     combination of them); ``shard_clip_frames[i]`` the frames of each of its samples and
     ``shard_sample_offsets[i]`` the byte where each begins (optional: with them, a worker whose
-    part begins inside the shard starts reading there).
+    part begins inside the shard starts reading there). ``root``: the shard root whose manifest
+    lists them (needed to join pseudo-labels); ``pseudo``: the pseudo-label shards read alongside
+    (:func:`data_pipeline.pseudo.attach_pseudo`; set by :class:`MultiSetDataset` from
+    :attr:`LoaderConfig.pseudo`).
     """
 
     set_name: str
@@ -74,6 +79,8 @@ class ShardFamily:
     shard_label_sets: tuple[dict[frozenset[str], int], ...] = ()
     shard_clip_frames: tuple[tuple[int, ...], ...] = ()
     shard_sample_offsets: tuple[tuple[int, ...], ...] = ()
+    root: str | None = None
+    pseudo: PseudoShards | None = None
 
     def __post_init__(self):
         if len(self.shard_frames) != len(self.urls):
@@ -86,6 +93,8 @@ class ShardFamily:
             raise ValueError(f"image set {self.set_name!r}: sample offsets need the samples' frame counts, one per sample")
         if any(n < 0 for n in self.shard_frames):
             raise ValueError(f"image set {self.set_name!r}: negative frame count in {self.shard_frames}")
+        if self.pseudo is not None and len(self.pseudo.urls) != len(self.urls):
+            raise ValueError(f"image set {self.set_name!r}: {len(self.urls)} shards, {len(self.pseudo.urls)} pseudo shards")
 
     @property
     def frames(self) -> int:
@@ -134,6 +143,14 @@ class LoaderConfig:
     one worker 2–12% faster over the three sets taken round-robin). ``prefetch_factor``
     counts hand-offs per worker. Each worker's first hand-off of an epoch is a single batch, so
     the epoch starts as soon as its first batch is made.
+
+    ``tasks``: the tasks whose labels the run uses (``None``: all); every other task is dropped
+    from the frame records as if unlabelled, with the label maps only it uses, so its decoder
+    gets no loss and no gradient (e.g. a curriculum stage training det + mot on the det and
+    track sets). ``pseudo``: a pseudo-label family (``vtd pseudo-label`` output) joined to every
+    sample read (:mod:`data_pipeline.pseudo`): a frame takes a pseudo task where it lacks the
+    real label, marked :attr:`~data_pipeline.structures.LabelSource.PSEUDO`. ``require_tasks``
+    selects key frames by their real labels; ``tasks`` applies to pseudo tasks too.
     """
 
     batch_size: int = 2
@@ -149,6 +166,8 @@ class LoaderConfig:
     pin_memory: bool = False
     prefetch_factor: int = 2
     handoff_batches: int = 8
+    tasks: tuple[str, ...] | None = None
+    pseudo: str | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -163,6 +182,10 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if self.ref_range < 1:
             raise ValueError(f"LoaderConfig.ref_range must be >= 1, got {self.ref_range}")
+        if self.tasks is not None:
+            bad = [t for t in self.tasks if t not in bdd100k.TASKS]
+            if bad or not self.tasks:
+                raise ValueError(f"LoaderConfig.tasks must be a non-empty list of {bdd100k.TASKS}, got {list(self.tasks)}")
 
 
 def iter_shard(url: str, offset: int = 0) -> Iterator[dict]:
@@ -209,6 +232,8 @@ class MultiSetDataset(IterableDataset):
 
     def __init__(self, families: list[ShardFamily], cfg: LoaderConfig, *, rank: int | None = None, world_size: int | None = None):
         self.cfg = cfg
+        if cfg.pseudo is not None:
+            families = attach_pseudo(families, cfg.pseudo)
         self.families = {f.set_name: f for f in families}
         if len(self.families) != len(families):
             raise ValueError(f"duplicate image sets in {[f.set_name for f in families]}")
@@ -268,9 +293,10 @@ class MultiSetDataset(IterableDataset):
             for k, r in pairs:
                 yield frames[k], (None if r is None else frames[r])
 
+        tasks = None if cfg.tasks is None else frozenset(cfg.tasks)
         buffer: list[tuple] = []
         for shard, start, stop in part:
-            for item in _shard_part(fam, shard, start, stop, require):
+            for item in _shard_part(fam, shard, start, stop, require, tasks):
                 buffer.append(item)
                 if len(buffer) >= max(1, cfg.shuffle_buffer):
                     j = int(rng.integers(len(buffer)))
@@ -374,12 +400,17 @@ class MultiSetDataset(IterableDataset):
             yield e
 
 
-def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tuple[str, ...]) -> Iterator[tuple]:
+def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tuple[str, ...],
+                tasks: frozenset[str] | None = None) -> Iterator[tuple]:
     """The samples of shard ``shard`` that hold its eligible frames ``start..stop - 1`` (counted
     from the shard's start, in order), as ``(clip, members, where, key frame indices)``; reading
     stops after the last. Reading starts at the sample that holds frame ``start`` where the
     shard's sample sizes and offsets are known; else, or with required tasks (which only a
-    sample's record tells), the samples before are read but not decoded."""
+    sample's record tells), the samples before are read but not decoded.
+
+    With pseudo shards (``fam.pseudo``) the shard's pseudo shard is read in lockstep, sample for
+    sample, and joined (:func:`~data_pipeline.pseudo.join_pseudo`); then only the labels of
+    ``tasks`` are kept (:func:`select_tasks`). Eligibility is decided by the real labels."""
     url = fam.urls[shard]
     pos = skip = 0  # eligible frames of this shard passed, samples not read
     if not require and fam.shard_sample_offsets:
@@ -388,22 +419,55 @@ def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tu
                 break
             pos, skip = pos + n, skip + 1
     samples = iter_shard(url, fam.shard_sample_offsets[shard][skip] if skip else 0)
+    pseudo = None
+    if fam.pseudo is not None:
+        pseudo = iter_pseudo_shard(fam.pseudo.urls[shard], fam.pseudo.sample_offsets[shard][skip] if skip else 0)
     try:
         for sample in samples:
+            key = sample.get("__key__", "?")
+            psample = None
+            if pseudo is not None:
+                psample = next(pseudo, None)
+                if psample is None:
+                    raise DataError(fam.pseudo.urls[shard], f"pseudo shard ends before sample {key!r} of image shard {url}")
+                check_key(psample, key, url)
             clip, members = split_members(sample)
             keys = [k for k, rec in enumerate(clip["frames"]) if all(t in (rec.get("tasks") or {}) for t in require)]
             mine = [k for i, k in enumerate(keys) if start <= pos + i < stop]
             pos += len(keys)
             if mine:
-                yield clip, members, f"{url}:{sample.get('__key__', '?')}", mine
+                if psample is not None:
+                    join_pseudo(clip, members, psample, image_key=key, image_url=url)
+                if tasks is not None:
+                    select_tasks(clip, members, tasks)
+                yield clip, members, f"{url}:{key}", mine
             if pos >= stop:
                 return  # before reading the next sample (the next worker's)
     finally:
         samples.close()  # closes the shard's file when stopping early
+        if pseudo is not None:
+            pseudo.close()
     if pos < stop:
         what = f"frames labelled for {' and '.join(map(repr, require))}" if require else "frames"
         raise DataError(url, f"shard ends after {pos} {what}, the manifest counts {fam.shard_eligible(require)[shard]}: "
                              "the manifest does not describe these shards (convert again)")
+
+
+#: The tasks whose labels each label-map member carries.
+_MEMBER_TASKS = {LABEL_MEMBER["sem"]: ("sem",), LABEL_MEMBER["drivable"]: ("drivable",),
+                 LABEL_MEMBER["lane"]: ("lane",), INSTANCE_MEMBER: ("ins", "mots")}
+
+
+def select_tasks(clip: dict, members: dict[int, dict[str, bytes]], tasks: frozenset[str]) -> None:
+    """Keep only the labels of ``tasks`` in a clip (``clip``, ``members`` from
+    :func:`~data_pipeline.decode.split_members`), in place: every other task leaves each frame
+    record's ``tasks`` as if unlabelled, and a label map that only such tasks use is dropped."""
+    for i, rec in enumerate(clip["frames"]):
+        rec["tasks"] = {t: v for t, v in (rec.get("tasks") or {}).items() if t in tasks}
+        frame = members.get(i)
+        if frame:
+            for suffix in [m for m, used_by in _MEMBER_TASKS.items() if m in frame and tasks.isdisjoint(used_by)]:
+                del frame[suffix]
 
 
 def handoff_steps(steps: int, worker: int, workers: int, size: int) -> Iterator[range]:
@@ -514,4 +578,5 @@ __all__ = [
     "handoff_steps",
     "iter_frames",
     "iter_shard",
+    "select_tasks",
 ]

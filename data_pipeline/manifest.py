@@ -56,6 +56,7 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
                                        for sh in shards),
                 shard_clip_frames=tuple(tuple(sh["clip_frames"]) for sh in shards),
                 shard_sample_offsets=tuple(tuple(sh["sample_offsets"]) for sh in shards),
+                root=str(uri),
             )
         )
     return out

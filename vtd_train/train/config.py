@@ -15,7 +15,8 @@ epochs, global_batch_size, max_steps
                        the schedule length; the global batch is split evenly over the workers
 resources              ``num_workers``, ``use_gpu``, ``cpus_per_worker``
 data                   shard root URI (``vtd data convert`` output), split, image sets, loader
-                       settings (sampling mode, scales, flips, ``require_tasks``, workers)
+                       settings (sampling mode, scales, flips, ``require_tasks``, workers), the
+                       tasks whose labels are used and a pseudo-label family to join
 model                  ``preset`` (``tiny``, ``vtdnet``, ``mt``, ``single:<task>``, optionally
                        ``tiny:<variant>``) + any :class:`VTDNetConfig` field as an override
 optimizer              AdamW: lr 1e-4, betas (0.9, 0.999), weight decay 0.05 (paper §5 / I);
@@ -85,6 +86,10 @@ class DataConfig:
     ``require_tasks``: ``{set: [task, ...]}`` keeps only key frames labelled for those tasks.
     ``loader_workers``: DataLoader worker processes per rank; ``handoff_batches``: consecutive
     batches a worker hands over at once; ``prefetch_factor``: hand-offs each worker keeps ready.
+    ``tasks``: the tasks whose labels the run uses (default: all); the others are read as
+    unlabelled, so their decoders get no loss. ``pseudo``: a pseudo-label family (``vtd
+    pseudo-label`` output) joined to the shards: frames lacking a real sem / pose label take the
+    pseudo one (``tasks`` applies to them too).
     """
 
     uri: str
@@ -101,6 +106,8 @@ class DataConfig:
     augment_in_loader: bool = False
     prefetch_factor: int = 2
     handoff_batches: int = 8
+    tasks: tuple[str, ...] | None = None
+    pseudo: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "uri must name the shard root written by `vtd data convert`")
@@ -125,6 +132,10 @@ class DataConfig:
             _check(not bad, f"require_tasks.{s}: unknown task(s) {bad}; tasks are {TASKS}")
             norm[s] = tuple(tasks)
         object.__setattr__(self, "require_tasks", norm)
+        if self.tasks is not None:
+            bad = [t for t in self.tasks if t not in TASKS]
+            _check(not bad and len(self.tasks) > 0, f"tasks: unknown or empty {bad or list(self.tasks)}; tasks are {TASKS}")
+        _check(self.pseudo is None or bool(self.pseudo), "pseudo must name the `vtd pseudo-label` output, or be null")
         # scales / flip_prob are range-checked by AugmentConfig
         AugmentConfig(scales=self.scales, flip_prob=self.flip_prob)
 
@@ -144,6 +155,8 @@ class DataConfig:
             pin_memory=pin_memory,
             prefetch_factor=self.prefetch_factor,
             handoff_batches=self.handoff_batches,
+            tasks=self.tasks,
+            pseudo=self.pseudo,
         )
 
 
@@ -393,10 +406,11 @@ def _absolute(uri: str) -> str:
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with local ``storage_path``, ``data.uri``, ``init_checkpoint`` made absolute."""
+    """``cfg`` with local ``storage_path``, ``data.uri``, ``data.pseudo``, ``init_checkpoint`` made absolute."""
     return dataclasses.replace(
         cfg,
         storage_path=_absolute(cfg.storage_path),
-        data=dataclasses.replace(cfg.data, uri=_absolute(cfg.data.uri)),
+        data=dataclasses.replace(cfg.data, uri=_absolute(cfg.data.uri),
+                                 pseudo=None if cfg.data.pseudo is None else _absolute(cfg.data.pseudo)),
         init_checkpoint=None if cfg.init_checkpoint is None else _absolute(cfg.init_checkpoint),
     )
