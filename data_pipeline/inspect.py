@@ -8,6 +8,11 @@ converter uses the same functions for its manifest, so the two reports are compa
 * ``samples`` of a task: frames whose ``tasks`` include it;
 * ``instances``: ``len(instances)`` for det / ins / mot / mots, ``len(pose)`` for pose, and 0 for
   the pixel and image-level tasks (tag, sem, drivable, lane, flow).
+
+Pseudo-labels (:mod:`data_pipeline.pseudo`) are counted by the same rule: a pseudo family's root
+on its own (its shards read, per set and task the frames and instances labelled), or joined to
+the image shards (``pseudo=``: the real counts as above, and per set the pseudo labels the
+training loader's join gives, read from both families in lockstep).
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ from data_pipeline import fsio
 from data_pipeline import shard_format as SF
 from data_pipeline.bdd100k import SET_TASKS, TASKS
 from data_pipeline.errors import DataError
+from data_pipeline.pseudo import (
+    check_source,
+    is_pseudo_family,
+    iter_pseudo_frames,
+    iter_pseudo_shard,
+    join_pseudo,
+    pseudo_frame_instances,
+    read_pseudo_manifest,
+)
 
 #: Tasks whose instance count is the number of ``instances`` of the frame.
 INSTANCE_TASKS = ("det", "ins", "mot", "mots")
@@ -84,8 +98,9 @@ def list_shards(uri: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def _read_shard(uri: str, set_name: str, split: str) -> dict[str, Any]:
-    """Counts of one shard; raises DataError on a corrupt or inconsistent shard."""
+def _read_shard(uri: str, set_name: str, split: str, pseudo_url: str | None = None) -> dict[str, Any]:
+    """Counts of one shard (with ``pseudo_url``, also of the pseudo-labels joined from that
+    pseudo shard, under ``pseudo``); raises DataError on a corrupt or inconsistent shard."""
     counts: dict[str, dict[str, int]] = {}
     frames = clips = 0
     clip_json: dict[str, dict] = {}
@@ -123,38 +138,134 @@ def _read_shard(uri: str, set_name: str, split: str) -> dict[str, Any]:
             add_frame_counts(counts, frame)
             frames += 1
         clips += 1
-    return {"samples": frames, "clips": clips, "tasks": counts}
+    out = {"samples": frames, "clips": clips, "tasks": counts}
+    if pseudo_url is not None:
+        out["pseudo"] = _joined_pseudo(uri, clip_json, pseudo_url)
+    return out
 
 
-def inspect_shards(uri: str) -> dict[str, Any]:
+def _joined_pseudo(uri: str, clips: dict[str, dict], pseudo_url: str) -> dict[str, dict[str, int]]:
+    """The pseudo-labels the loader's join gives the clips of image shard ``uri`` (``{key: clip}``
+    in shard order), read from ``pseudo_url`` in lockstep: ``{task: {"samples", "instances"}}``."""
+    counts: dict[str, dict[str, int]] = {}
+    pseudo = iter_pseudo_shard(pseudo_url)
+    try:
+        for key, clip in clips.items():
+            psample = next(pseudo, None)
+            if psample is None:
+                raise DataError(pseudo_url, f"pseudo shard ends before sample {key!r} of image shard {uri}")
+            real = [dict(r.get("tasks") or {}) for r in clip.get("frames") or ()]
+            join_pseudo(clip, {}, psample, image_key=key, image_url=uri)
+            for before, frame in zip(real, clip["frames"]):
+                for task, n in frame_task_instances(frame).items():
+                    if task not in before:
+                        c = counts.setdefault(task, {"samples": 0, "instances": 0})
+                        c["samples"] += 1
+                        c["instances"] += n
+        if next(pseudo, None) is not None:
+            raise DataError(pseudo_url, f"pseudo shard holds more samples than image shard {uri} ({len(clips)})")
+    finally:
+        pseudo.close()
+    return sort_task_counts(counts)
+
+
+def inspect_shards(uri: str, pseudo: str | None = None) -> dict[str, Any]:
     """Read every shard under ``uri`` (a converter output root) and count what is inside.
 
     Returns ``{"uri", "sets": {"<set>/<split>": {"shards", "bytes", "samples" (frames), "clips",
     "tasks": {task: {"samples", "instances"}}}}, "totals": {same keys, summed}}``.
+    With ``pseudo`` (a pseudo family made from these shards), the sets it covers also get
+    ``"pseudo": {task: {"samples", "instances"}}``, the pseudo-labels joined (frames lacking the
+    real label), and the totals too; ``"pseudo_uri"`` names it. A pseudo family's own root is
+    counted by :func:`inspect_pseudo`.
     Raises ``FileNotFoundError`` when ``uri`` holds no shards and :class:`DataError` naming the
-    shard when one is corrupt.
+    shard when one is corrupt (or, with ``pseudo``, when the pseudo family does not match).
     """
+    if pseudo is None and is_pseudo_family(uri):
+        return inspect_pseudo(uri)
     shards = list_shards(uri)
     if not shards:
         raise FileNotFoundError(f"no shards ({{set}}/{{split}}/{{set}}-{{split}}-NNNNNN.tar) under {uri}")
+    pseudo_paths: dict[str, set[str]] = {}
+    if pseudo is not None:
+        doc = read_pseudo_manifest(pseudo)
+        check_source(pseudo, doc, uri)
+        pseudo_paths = {key: {sh["path"] for sh in entry["shards"]} for key, entry in doc["sets"].items()}
     sets: dict[str, dict[str, Any]] = {}
     for set_name, split, rel in shards:
         shard_uri = fsio.join(uri, rel)
+        key = f"{set_name}/{split}"
         entry = sets.setdefault(
-            f"{set_name}/{split}",
+            key,
             {"shards": 0, "bytes": 0, "samples": 0, "clips": 0, "tasks": empty_task_counts(set_name)},
         )
-        got = _read_shard(shard_uri, set_name, split)
+        pseudo_url = None
+        if key in pseudo_paths:
+            if rel not in pseudo_paths[key]:
+                raise DataError(fsio.join(pseudo, SF.MANIFEST_NAME), f"lists no pseudo shard for image shard {shard_uri}",
+                                field=f"sets.{key}")
+            pseudo_url = fsio.join(pseudo, rel)
+            entry.setdefault("pseudo", {})
+        got = _read_shard(shard_uri, set_name, split, pseudo_url)
         entry["shards"] += 1
         entry["bytes"] += fsio.size(shard_uri)
         entry["samples"] += got["samples"]
         entry["clips"] += got["clips"]
         merge_task_counts(entry["tasks"], got["tasks"])
+        if pseudo_url is not None:
+            merge_task_counts(entry["pseudo"], got["pseudo"])
     totals: dict[str, Any] = {"shards": 0, "bytes": 0, "samples": 0, "clips": 0, "tasks": {}}
+    if pseudo is not None:
+        totals["pseudo"] = {}
     for entry in sets.values():
         entry["tasks"] = sort_task_counts(entry["tasks"])
         for k in ("shards", "bytes", "samples", "clips"):
             totals[k] += entry[k]
         merge_task_counts(totals["tasks"], entry["tasks"])
+        if "pseudo" in entry:
+            entry["pseudo"] = sort_task_counts(entry["pseudo"])
+            merge_task_counts(totals["pseudo"], entry["pseudo"])
     totals["tasks"] = sort_task_counts(totals["tasks"])
-    return {"uri": uri, "sets": sets, "totals": totals}
+    out = {"uri": uri, "sets": sets, "totals": totals}
+    if pseudo is not None:
+        totals["pseudo"] = sort_task_counts(totals["pseudo"])
+        out["pseudo_uri"] = pseudo
+    return out
+
+
+def inspect_pseudo(uri: str) -> dict[str, Any]:
+    """Read every shard of the pseudo family at ``uri`` (``vtd pseudo-label`` output) and count,
+    per set and task, the frames and instances that carry pseudo-labels.
+
+    Returns ``{"uri", "kind": "pseudo", "source", "sets": {"<set>/<split>": {"shards", "bytes",
+    "samples" (frames), "clips", "tasks": {task: {"samples", "instances"}}}}, "totals"}``; raises
+    :class:`DataError` naming the shard when one is missing, corrupt or not what the manifest says.
+    """
+    doc = read_pseudo_manifest(uri)
+    sets: dict[str, dict[str, Any]] = {}
+    totals: dict[str, Any] = {"shards": 0, "bytes": 0, "samples": 0, "clips": 0, "tasks": {}}
+    for key, fam in doc["sets"].items():
+        entry: dict[str, Any] = {"shards": 0, "bytes": 0, "samples": 0, "clips": 0, "tasks": {}}
+        for sh in fam["shards"]:
+            url = fsio.join(uri, sh["path"])
+            clips = 0
+            for _, frames in iter_pseudo_frames(url):
+                clips += 1
+                entry["samples"] += len(frames)
+                for frame in frames:
+                    for task, n in pseudo_frame_instances(frame).items():
+                        c = entry["tasks"].setdefault(task, {"samples": 0, "instances": 0})
+                        c["samples"] += 1
+                        c["instances"] += n
+            if clips != sh["clips"]:
+                raise DataError(url, f"holds {clips} samples, the pseudo manifest says {sh['clips']}")
+            entry["shards"] += 1
+            entry["clips"] += clips
+            entry["bytes"] += fsio.size(url)
+        entry["tasks"] = sort_task_counts(entry["tasks"])
+        sets[key] = entry
+        for k in ("shards", "bytes", "samples", "clips"):
+            totals[k] += entry[k]
+        merge_task_counts(totals["tasks"], entry["tasks"])
+    totals["tasks"] = sort_task_counts(totals["tasks"])
+    return {"uri": uri, "kind": "pseudo", "source": doc["source"], "sets": sets, "totals": totals}

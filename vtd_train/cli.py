@@ -52,7 +52,8 @@ def _cmd_data_inspect(a: argparse.Namespace) -> int:
             tasks = ", ".join(f"{t}: {v['samples']} samples / {v['instances']} inst" for t, v in sorted(s["tasks"].items()))
             print(f"{key}: {s['samples']} frames ({s['clips']} clips) — {kind}{tasks}")
             if "pseudo" in s:
-                print("  pseudo — " + ", ".join(f"{t}: {v['samples']} samples / {v['instances']} inst" for t, v in s["pseudo"].items()))
+                pseudo = ", ".join(f"{t}: {v['samples']} samples / {v['instances']} inst" for t, v in s["pseudo"].items())
+                print(f"  pseudo — {pseudo}")
     return 0
 
 
