@@ -209,14 +209,16 @@ def test_checkpoint_is_atomic_and_partial_directories_are_rejected(tmp_path, mon
         write_checkpoint(str(tmp_path / "interrupted"), **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
 
-    # Partial directories (as a crash during a copy would leave them) are rejected by name.
+    # Partial directories (as a crash during a copy would leave them) are rejected, naming the
+    # missing file (tests/test_checkpoint_integrity.py: truncated and changed files).
     import shutil
 
-    for missing in CHECKPOINT_FILES:
+    for missing in (*CHECKPOINT_FILES, "checksums.json"):
         d = tmp_path / f"partial-{missing}"
         shutil.copytree(good, d)
         (d / missing).unlink()
-        with pytest.raises(CheckpointError, match=f"not a complete training checkpoint.*{missing}"):
+        expected = "not a complete checkpoint" if missing == "checksums.json" else f"{missing}: missing"
+        with pytest.raises(CheckpointError, match=expected):
             load_checkpoint(str(d))
     with pytest.raises(FileExistsError):
         write_checkpoint(good, **kw)

@@ -9,7 +9,8 @@ A training checkpoint directory holds:
 ``train_state.json``   progress (epoch, batch index within it, global step, counters, per-epoch
                        losses), world size, optimizer implementation, the run config
 ``model.pt``           model weights (:func:`vtd_train.checkpoint.save_model`)
-``model.json``         model config — written last: a directory without it is incomplete
+``model.json``         model config
+``checksums.json``     size and SHA-256 of the four files above, as stored — written last
 =====================  =========================================================================
 
 It is usable by ``vtd evaluate`` as is (the model part). The lr schedule has no state of its
@@ -17,9 +18,12 @@ own: the learning rate is a function of the global step (:func:`vtd_train.train.
 
 Atomicity: :func:`write_checkpoint` builds the directory under a ``.partial-<uuid>`` name and
 renames it into place only when every file is written, so a crash mid-save leaves no directory
-under the final name; Ray Train then copies the finished directory to ``storage_path`` and
-registers it only after the copy completed. :func:`load_checkpoint` rejects a directory that lacks
-any of the four files.
+under the final name; Ray Train then copies the finished directory to ``storage_path`` (in no
+particular order, and a failed copy can leave a partial directory under the final name) and
+registers it only after the copy completed. So the order of writing proves nothing where the
+checkpoint is stored: :func:`load_checkpoint` and :func:`load_weights` verify every file against
+``checksums.json`` (:mod:`vtd_train.checkpoint`) and reject a directory with any file missing,
+truncated or changed, naming it.
 
 Resume position: ``(epoch, batch_index)`` — the loader is deterministic in (seed, epoch, rank,
 world size), so a resumed run rebuilds epoch ``epoch``'s loader, draws and drops its first
@@ -30,7 +34,6 @@ base seed), which makes the continuation bit-identical on CPU.
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import shutil
@@ -43,12 +46,25 @@ import torch
 from torch import nn
 
 from data_pipeline import fsio
-from vtd_train.checkpoint import MODEL_JSON, MODEL_WEIGHTS, CheckpointError, read_versioned_json, save_model
+from vtd_train.checkpoint import (
+    CHECKSUMS,
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    CheckpointError,
+    load_tensors,
+    parse_versioned_json,
+    read_checksums,
+    read_verified,
+    save_model,
+    verify_checkpoint,
+    write_checksums,
+)
 from vtd_train.model.vtdnet import VTDNetConfig
 
 TRAIN_STATE_PT = "train_state.pt"
 TRAIN_STATE_JSON = "train_state.json"
 FORMAT_VERSION = 1
+#: The files ``checksums.json`` of a training checkpoint must list.
 CHECKPOINT_FILES = (TRAIN_STATE_PT, TRAIN_STATE_JSON, MODEL_WEIGHTS, MODEL_JSON)
 
 
@@ -133,7 +149,8 @@ def write_checkpoint(
         doc = {"format_version": FORMAT_VERSION, "progress": asdict(progress), **meta}
         fsio.write_json_atomic(os.path.join(tmp, TRAIN_STATE_JSON), doc)
         save_model(tmp, model, model_cfg, meta={"step": progress.global_step, "epoch": progress.epoch,
-                                                "run": meta.get("run"), "stage": meta.get("stage")})
+                                                "run": meta.get("run"), "stage": meta.get("stage")}, checksums=False)
+        write_checksums(tmp, CHECKPOINT_FILES)
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,46 +176,48 @@ class TrainCheckpoint:
     rank_states: list[dict[str, Any]]
 
 
-def _read_torch(uri: str) -> Any:
-    return torch.load(io.BytesIO(fsio.read_bytes(uri)), map_location="cpu", weights_only=True)
-
-
 def check_complete(uri: str) -> None:
-    """Raise :class:`CheckpointError` unless ``uri`` holds every checkpoint file."""
-    missing = [f for f in CHECKPOINT_FILES if not fsio.exists(fsio.join(uri, f))]
-    if missing:
-        raise CheckpointError(f"{uri}: not a complete training checkpoint (missing {', '.join(missing)})")
+    """Raise :class:`CheckpointError` unless ``uri`` is an intact training checkpoint: every file
+    of it present with the size and hash its ``checksums.json`` records (reads every file)."""
+    verify_checkpoint(uri, require=CHECKPOINT_FILES)
 
 
 def load_checkpoint(uri: str) -> TrainCheckpoint:
-    """Read a training checkpoint directory (local path or fsspec URI)."""
-    check_complete(uri)
+    """Read a training checkpoint directory (local path or fsspec URI), every file verified
+    against ``checksums.json`` as it is read (:class:`CheckpointError` naming the bad file)."""
+    files = read_checksums(uri)
+    missing = [f for f in CHECKPOINT_FILES if f not in files]
+    if missing:
+        raise CheckpointError(f"{uri}: not a complete training checkpoint (missing {', '.join(missing)} in {CHECKSUMS})")
     jpath = fsio.join(uri, TRAIN_STATE_JSON)
-    doc = read_versioned_json(jpath, FORMAT_VERSION)
-    try:
-        state = _read_torch(fsio.join(uri, TRAIN_STATE_PT))
-        weights = _read_torch(fsio.join(uri, MODEL_WEIGHTS))
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{uri}: unreadable checkpoint file: {e}") from None
+    doc = parse_versioned_json(read_verified(uri, TRAIN_STATE_JSON, files), jpath, FORMAT_VERSION)
+    state = load_tensors(read_verified(uri, TRAIN_STATE_PT, files), fsio.join(uri, TRAIN_STATE_PT))
+    weights = load_tensors(read_verified(uri, MODEL_WEIGHTS, files), fsio.join(uri, MODEL_WEIGHTS))
+    read_verified(uri, MODEL_JSON, files)  # unused here, but `vtd evaluate` of this checkpoint needs it
     meta = {k: v for k, v in doc.items() if k not in ("format_version", "progress")}
-    return TrainCheckpoint(
-        uri=uri, progress=Progress.from_dict(doc["progress"]), meta=meta, model_state=weights,
-        optimizer=state["optimizer"], scaler=state["scaler"], rank_states=list(state["ranks"]),
-    )
+    try:
+        return TrainCheckpoint(
+            uri=uri, progress=Progress.from_dict(doc["progress"]), meta=meta, model_state=weights,
+            optimizer=state["optimizer"], scaler=state["scaler"], rank_states=list(state["ranks"]),
+        )
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{uri}: training state lacks {e}: not a checkpoint this build wrote") from None
 
 
 def load_weights(model: nn.Module, uri: str) -> None:
-    """Load the model part of checkpoint ``uri`` into ``model`` (names and shapes must match)."""
-    if not fsio.exists(fsio.join(uri, MODEL_JSON)):
-        raise CheckpointError(f"{uri}: not a complete checkpoint (no {MODEL_JSON})")
-    state = _read_torch(fsio.join(uri, MODEL_WEIGHTS))
+    """Load the model part of checkpoint ``uri`` into ``model`` (names and shapes must match;
+    ``model.pt`` verified against ``checksums.json``)."""
+    files = read_checksums(uri)
+    read_verified(uri, MODEL_JSON, files)
+    state = load_tensors(read_verified(uri, MODEL_WEIGHTS, files), fsio.join(uri, MODEL_WEIGHTS))
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{uri}: weights do not fit this run's model: {e}") from None
 
 
 def read_progress(uri: str) -> Progress:
-    """Only the progress of a checkpoint (cheap; for tools and tests)."""
-    check_complete(uri)
-    return Progress.from_dict(json.loads(fsio.read_bytes(fsio.join(uri, TRAIN_STATE_JSON)))["progress"])
+    """Only the progress of a checkpoint (cheap: reads ``train_state.json`` alone, verified)."""
+    files = read_checksums(uri)
+    data = read_verified(uri, TRAIN_STATE_JSON, files)
+    return Progress.from_dict(parse_versioned_json(data, fsio.join(uri, TRAIN_STATE_JSON), FORMAT_VERSION)["progress"])

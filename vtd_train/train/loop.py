@@ -7,7 +7,9 @@
    optimizer (:mod:`~vtd_train.train.optim`), precision (:mod:`~vtd_train.train.amp`) and the
    presence-aware gradient averaging (:mod:`~vtd_train.train.grad_sync`, the DDP replacement);
 2. restore from ``ray.train.get_checkpoint()`` (weights, optimizer, scaler, position, this rank's
-   RNG) or start from ``init_checkpoint``; broadcast rank 0's weights;
+   RNG; every file verified against the checkpoint's ``checksums.json``: one that fails is
+   skipped with a warning for the newest intact checkpoint Ray registered for the run, the same
+   one on every rank) or start from ``init_checkpoint`` (verified too); broadcast rank 0's weights;
 3. for each epoch: ``dataset.set_epoch(e)``, skip the batches a resumed epoch already consumed,
    then per batch ``batch.to(device)`` → ``prepare_batch`` (on the device) →
    :class:`~vtd_train.train.step.TrainStep` → monitor (every rank, every step) → at the steps
@@ -29,6 +31,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -120,8 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     epoch_acc = [0.0, 0.0]  # this rank's (sum, count) of the total loss of updated steps this epoch
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            tc = load_checkpoint(d)
+        tc = _load_resume_checkpoint(checkpoint, rank=rank, run=cfg.name)
         try:
             model.load_state_dict(tc.model_state, strict=True)
             optimizer.load_state_dict(tc.optimizer)
@@ -234,6 +236,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     break
     finally:
         monitor.close()
+
+
+def _resume_candidates(latest: Any) -> Iterator[Any]:
+    """Ray's latest checkpoint, then (asked only if it fails) the others Ray registered for the
+    run, newest first."""
+    import ray.train
+
+    yield latest
+    reported = ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                                      timeout_s=60)
+    for r in reversed(reported):
+        if r.checkpoint.path != latest.path:
+            yield r.checkpoint
+
+
+def _load_resume_checkpoint(latest: Any, *, rank: int, run: str) -> Any:
+    """The newest intact registered checkpoint, loaded (and verified) on every rank; one warning
+    on rank 0 naming each one skipped. Every rank must have picked the same checkpoint."""
+    skipped: list[str] = []
+    for ckpt in _resume_candidates(latest):
+        d = None
+        try:
+            with ckpt.as_directory() as d:
+                tc = load_checkpoint(d)
+            break
+        except CheckpointError as e:  # named by its stored path, not a download directory
+            skipped.append(str(e).replace(d, ckpt.path) if d else str(e))
+    else:
+        raise CheckpointError(f"run {run!r}: no intact checkpoint to resume from: " + "; ".join(skipped))
+    picked = all_gather_objects(ckpt.path)
+    if len(set(picked)) != 1:  # a read failed on some ranks only: let Ray restart the workers
+        raise RuntimeError(f"ranks picked different checkpoints to resume from: {picked}")
+    if skipped and rank == 0:
+        log.warning(f"[{run}] resume: skipped {len(skipped)} checkpoint(s) that failed verification: "
+                    + "; ".join(skipped) + f"; resuming from {ckpt.path}")
+    return tc
 
 
 def _advance(p: Progress, out: StepOutput, *, images: int) -> None:
