@@ -97,6 +97,13 @@ BASE = "data: {uri: /nowhere}\n"
         (BASE + "faults: {kill_rank: 0}\n", ["faults", "kill_marker"]),
         (BASE + "freeze: backbone\n", ["freeze", "expected a list", "'backbone'"]),
         (BASE + "epochs: [1\n", ["invalid YAML", "line"]),
+        (BASE + "name: ..\n", ["name must be a run name", "'..'"]),
+        (BASE + "name: .\n", ["name must be a run name", "'.'"]),
+        (BASE + "name: a b\n", ["name must be a run name", "'a b'"]),
+        (BASE + "name: runs/x\n", ["name must be a run name", "'runs/x'"]),
+        (BASE + "storage_path: foo://bucket/runs\n", ["storage_path 'foo://bucket/runs'", "unknown URI scheme 'foo'"]),
+        ("data: {uri: 'bar://x'}\n", ["data.uri 'bar://x'", "unknown URI scheme 'bar'"]),
+        (BASE + "init_checkpoint: 's3x://b/c'\n", ["init_checkpoint 's3x://b/c'", "unknown URI scheme 's3x'"]),
     ],
 )
 def test_config_errors_name_file_key_and_value(tmp_path, text, fragments):

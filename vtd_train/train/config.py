@@ -6,9 +6,10 @@ A run config (``configs/tiny.yaml`` is the annotated example) composes:
 =====================  ========================================================================
 key                    what
 =====================  ========================================================================
-name, stage            run name (``RunConfig.name``: reuse it to resume) and stage label
+name, stage            run name (``RunConfig.name``: reuse it to resume; letters, digits, ``.``,
+                       ``_``, ``-``, not ``.`` or ``..``: it names a directory) and stage label
 storage_path           where Ray Train persists checkpoints: a local path or any pyarrow/fsspec
-                       URI (``s3://bucket/runs``)
+                       URI (``s3://bucket/runs``; every URI's scheme is checked at load time)
 seed, precision        seed of model init, per-rank RNGs and the loader; ``fp16`` (paper, with a
                        GradScaler), ``bf16`` (autocast, no scaler) or ``fp32``
 epochs, global_batch_size, max_steps
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,9 +62,34 @@ MODEL_PRESETS = ("tiny", "vtdnet", "mt", "single:<task>", "tiny:<variant>")
 IMAGE_SETS = ("det", "seg", "track")
 
 
+#: A run name: it becomes a directory under ``storage_path`` (and Ray Train's run name).
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise VTDInputError(message)
+
+
+def check_uri(key: str, uri: str) -> None:
+    """A local path, or a URI whose scheme fsspec can open here (chained ``a::b://`` URIs: each
+    part); :class:`VTDInputError` naming ``key`` and the value otherwise."""
+    import fsspec
+
+    for part in str(uri).split("::"):
+        m = _SCHEME.match(part)
+        if m is None:
+            continue
+        scheme = m.group(1).lower()
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except ValueError:
+            raise VTDInputError(f"{key} {uri!r}: unknown URI scheme {scheme!r} (a local path, or a scheme fsspec knows: "
+                                f"s3, gs, abfs, hdfs, file, memory, ...)") from None
+        except ImportError as e:
+            raise VTDInputError(f"{key} {uri!r}: scheme {scheme!r} needs a package that is not installed "
+                                f"({str(e).strip().splitlines()[0]})") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,9 +321,21 @@ class TrainConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, f"name must be a non-empty run name without '/', got {self.name!r}")
+        _check(
+            isinstance(self.name, str) and RUN_NAME.fullmatch(self.name) is not None,
+            f"name must be a run name of letters, digits, '.', '_', '-' starting with a letter or digit "
+            f"(no '.', '..', blanks or separators: it names a directory under storage_path), got {self.name!r}",
+        )
         _check(bool(self.stage), f"stage must be non-empty, got {self.stage!r}")
         _check(bool(self.storage_path), "storage_path must be a path or URI")
+        check_uri("storage_path", self.storage_path)
+        check_uri("data.uri", self.data.uri)
+        if self.init_checkpoint is not None:
+            check_uri("init_checkpoint", self.init_checkpoint)
+        if self.data.pseudo is not None:
+            check_uri("data.pseudo", self.data.pseudo)
+        if self.model.backbone.pretrained is not None:
+            check_uri("model.backbone.pretrained", self.model.backbone.pretrained)
         _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.global_batch_size >= 1, f"global_batch_size must be >= 1, got {self.global_batch_size}")
