@@ -33,9 +33,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import numpy as np
@@ -191,6 +192,15 @@ class PseudoLabelOptions:
     @property
     def thresholds(self) -> dict[str, float]:
         return {"sem": self.sem_threshold, "pose_joint": self.pose_threshold, "pose_person": self.person_threshold}
+
+    def absolute(self) -> PseudoLabelOptions:
+        """These options with local paths made absolute (Ray workers need not share this
+        process's working directory)."""
+        def norm(uri: str) -> str:
+            return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+        return replace(self, data=norm(self.data), out=norm(self.out),
+                       checkpoints={t: norm(u) for t, u in self.checkpoints.items()})
 
 
 @dataclass(frozen=True)
@@ -411,6 +421,7 @@ def generate_pseudo_labels(opts: PseudoLabelOptions, *, address: str | None = No
     when ``opts.out`` holds a manifest and ``opts.overwrite`` is False.
     """
     t_start = time.perf_counter()
+    opts = opts.absolute()
     read_manifest(opts.data)  # the image family, checked for its format version
     source_sha = manifest_sha256(opts.data)
     families = families_from_manifest(opts.data, opts.split, opts.sets)
