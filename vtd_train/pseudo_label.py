@@ -411,7 +411,8 @@ def _complete_sidecar(unit: ShardUnit) -> dict[str, Any] | None:
 def generate_pseudo_labels(opts: PseudoLabelOptions, *, address: str | None = None, workers: int | None = None,
                            distributed: bool = True, gpus_per_worker: float | None = None) -> dict[str, Any]:
     """Label the frames of ``opts.data`` that lack sem / pose labels with the checkpoints' models
-    and write the pseudo family under ``opts.out``; returns its manifest.
+    and write the pseudo family under ``opts.out``; returns its manifest, plus ``info`` (runner,
+    seconds) that the file leaves out so that the same inputs give the same bytes.
 
     Runs on ``workers`` Ray actors (default: one per shard, at most 8 and at most the cluster's
     GPUs, or CPUs / ``opts.threads`` without GPUs) of the cluster at ``address`` (``None``: the
@@ -468,9 +469,8 @@ def generate_pseudo_labels(opts: PseudoLabelOptions, *, address: str | None = No
         runner.close()
 
     manifest = _manifest(opts, source_sha, ckpts, units, sidecars)
-    manifest["info"] = {"runner": mode, "seconds": round(time.perf_counter() - t_start, 3)}
-    fsio.write_json_atomic(manifest_uri, manifest)
-    return manifest
+    fsio.write_json_atomic(manifest_uri, manifest)  # the same bytes for the same inputs (pipelines hash it)
+    return manifest | {"info": {"runner": mode, "seconds": round(time.perf_counter() - t_start, 3)}}
 
 
 def _manifest(opts: PseudoLabelOptions, source_sha: str, ckpts: tuple[CheckpointInfo, ...], units: list[ShardUnit],
