@@ -6,8 +6,11 @@
   (:func:`cluster.local.connect`), with ``--address`` (``auto``, ``host:port``, ``ray://...``) it
   joins that cluster;
 * checkpoints go to ``<storage>/<name>/checkpoint_step*``; relaunching with the same storage and
-  name resumes from the run's latest checkpoint (Ray Train restores the run's snapshot), and a
-  worker failure restarts all workers from it, up to ``failures.max_failures`` times;
+  name resumes from the run's newest intact checkpoint (Ray Train restores the run's snapshot;
+  :mod:`~vtd_train.train.recovery` first sets aside what a crash left), and a worker failure
+  restarts all workers from it, up to ``failures.max_failures`` times;
+* one process owns a run: a second ``vtd train`` of it stops at once naming the holder
+  (:mod:`~vtd_train.train.lease`; ``--takeover`` takes the lease);
 * progress lines (rank 0, one per reporting interval) show up in the terminal through Ray's log
   forwarding; the command ends with a summary line and exits 0, or 1 when the run failed.
 """
@@ -25,6 +28,7 @@ from data_pipeline.errors import VTDInputError
 from data_pipeline.manifest import families_from_manifest
 from vtd_train.train.checkpointing import TRAIN_STATE_JSON, Progress
 from vtd_train.train.config import TrainConfig, load_train_config, resolve_paths
+from vtd_train.train.recovery import owned_run
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -88,11 +92,13 @@ def build_trainer(cfg: TrainConfig):
     )
 
 
-def run_training(cfg: TrainConfig):
-    """Check, build and fit; returns Ray's ``Result`` (raises ``TrainingFailedError``)."""
+def run_training(cfg: TrainConfig, *, takeover: bool = False):
+    """Check, take the run's lease and clean its directory up (:func:`~vtd_train.train.recovery.owned_run`),
+    build and fit; returns Ray's ``Result`` (raises ``TrainingFailedError``)."""
     cfg = resolve_paths(cfg)
     check_config(cfg)
-    return build_trainer(cfg).fit()
+    with owned_run(cfg, takeover=takeover):
+        return build_trainer(cfg).fit()
 
 
 def _check_resources(cfg: TrainConfig, info) -> None:
@@ -108,14 +114,24 @@ def _check_resources(cfg: TrainConfig, info) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """``vtd train``: load + validate the config, connect, fit, print a summary."""
+    """``vtd train``: load + validate the config, take the run's lease, clean its directory up,
+    connect, fit, print a summary."""
+    cfg = load_train_config(args.config, storage_path=args.storage, name=args.name)
+    cfg = resolve_paths(cfg)
+    check_config(cfg)
+    with owned_run(cfg, takeover=getattr(args, "takeover", False)) as run:
+        rc = _fit_command(cfg, args)
+    if run.lease.lost:
+        print(f"vtd: error: run {cfg.name!r} stopped: another process took its lease", file=sys.stderr)
+        return 1
+    return rc
+
+
+def _fit_command(cfg: TrainConfig, args: argparse.Namespace) -> int:
     from ray.train import TrainingFailedError
 
     from cluster.local import connect
 
-    cfg = load_train_config(args.config, storage_path=args.storage, name=args.name)
-    cfg = resolve_paths(cfg)
-    check_config(cfg)
     info = connect(args.address)
     _check_resources(cfg, info)
     where = "embedded local Ray cluster" if info.embedded else f"Ray cluster {info.address}"
