@@ -408,3 +408,76 @@ def test_workers_fall_back_when_rays_latest_checkpoint_fails_verification(ray_cl
     result = build_trainer(cfg).fit()
     assert result.metrics["resumed_from_step"] == 2 and result.metrics["step"] == 5, result.metrics
 
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic errors are not retried; one line for the terminal
+# ---------------------------------------------------------------------------------------------
+
+
+def test_deterministic_worker_errors_are_raised_at_once_and_worker_loss_is_retried():
+    """The policy the controller runs (Ray's own behind ours): a bad shard, a bad checkpoint, a
+    full disk on any rank end the run at once; a lost worker or a collective error is retried up
+    to max_failures."""
+    import errno
+
+    from ray.exceptions import ActorDiedError
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from data_pipeline.errors import DataError
+    from vtd_train.train.failures import FailFastPolicy, describe_failure
+
+    def err(**failures):
+        return WorkerGroupError("failed", {int(k[1:]): v for k, v in failures.items()})
+
+    def policy():
+        return FailFastPolicy(DefaultFailurePolicy(FailureConfig(max_failures=2)))
+
+    wrapped = RuntimeError("in the loader")
+    wrapped.__cause__ = DataError("/s/det/train/000003.tar", "truncated: 2 of 3 samples", field="tar")
+    deterministic = [
+        err(r1=DataError("/s/det/train/000003.tar", "truncated: 2 of 3 samples")),
+        err(r0=CheckpointError("/runs/r/checkpoint_step00000004_000004/model.pt: truncated: 10 bytes, checksums.json records 20")),
+        err(r0=RuntimeError("gloo: connection reset"), r1=wrapped),
+        err(r0=OSError(errno.ENOSPC, "No space left on device", "/runs/r/checkpoint_step00000006_x/model.pt")),
+    ]
+    for e in deterministic:
+        assert policy().make_decision(e) == FailureDecision.RAISE, e
+    assert describe_failure("r", deterministic[0]) == "run 'r': /s/det/train/000003.tar: truncated: 2 of 3 samples"
+    assert describe_failure("r", deterministic[2]) == "run 'r': /s/det/train/000003.tar: tar: truncated: 2 of 3 samples"
+    assert describe_failure("r", deterministic[3]) == "run 'r': /runs/r/checkpoint_step00000006_x/model.pt: No space left on device"
+    p = policy()
+    lost = err(r1=ActorDiedError())
+    assert [p.make_decision(lost) for _ in range(3)] == [FailureDecision.RETRY, FailureDecision.RETRY, FailureDecision.RAISE]
+    p = policy()
+    assert p.make_decision(err(r0=RuntimeError("gloo: connection reset"))) == FailureDecision.RETRY
+    msg = describe_failure("r", err(r0=RuntimeError("gloo: connection reset\n  more")))
+    assert msg == "run 'r' failed (retries used up): rank 0: RuntimeError: gloo: connection reset"
+
+
+@pytest.mark.ray
+def test_a_bad_checkpoint_in_the_workers_fails_the_run_once_in_one_line(ray_cluster, tiny_shards, tmp_path, monkeypatch):
+    """Every registered checkpoint fails verification (seen by the workers: the driver's clean-up
+    is bypassed): one attempt although max_failures is 2, and one line naming the files."""
+    import ray
+    from ray.train import TrainingFailedError
+    from ray.train.v2._internal.state.state_actor import get_state_actor
+
+    from vtd_train.train.failures import describe_failure
+    from vtd_train.train.launch import build_trainer
+
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Ray records every attempt of a run
+    cfg = _tiny_cfg(tmp_path / "runs", tiny_shards, name="all-bad", max_steps=5, failures={"max_failures": 2})
+    run = _make_run(cfg, steps=(2, 4))
+    _truncate(run / _ckpt_name(4) / MODEL_WEIGHTS)
+    _flip(run / _ckpt_name(2) / TRAIN_STATE_PT)
+    with pytest.raises(TrainingFailedError) as e:
+        build_trainer(cfg).fit()
+    line = describe_failure(cfg.name, e.value)
+    assert line.startswith("run 'all-bad': no intact checkpoint to resume from: ") and "\n" not in line, line
+    assert f"{_ckpt_name(4)}/model.pt: truncated" in line and f"{_ckpt_name(2)}/train_state.pt: corrupt" in line, line
+    actor = get_state_actor()
+    runs = {rid: r for rid, r in ray.get(actor.get_train_runs.remote()).items() if r.name == "all-bad"}
+    attempts = ray.get(actor.get_train_run_attempts.remote())
+    assert len(runs) == 1 and len(attempts[next(iter(runs))]) == 1, attempts

@@ -8,7 +8,9 @@
 * checkpoints go to ``<storage>/<name>/checkpoint_step*``; relaunching with the same storage and
   name resumes from the run's newest intact checkpoint (Ray Train restores the run's snapshot;
   :mod:`~vtd_train.train.recovery` first sets aside what a crash left), and a worker failure
-  restarts all workers from it, up to ``failures.max_failures`` times;
+  restarts all workers from it, up to ``failures.max_failures`` times — but a deterministic error
+  (bad data, checkpoint or config, storage full) ends the run at once
+  (:mod:`~vtd_train.train.failures`), printed as one ``vtd: error:`` line;
 * one process owns a run: a second ``vtd train`` of it stops at once naming the holder
   (:mod:`~vtd_train.train.lease`; ``--takeover`` takes the lease);
 * progress lines (rank 0, one per reporting interval) show up in the terminal through Ray's log
@@ -68,8 +70,9 @@ def _storage(uri: str) -> tuple[str, Any]:
 def build_trainer(cfg: TrainConfig):
     """The ``TorchTrainer`` of a run (Ray Train V2): gloo on CPU, NCCL on GPUs."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from vtd_train.train.failures import TorchTrainer  # deterministic errors are not retried
     from vtd_train.train.loop import train_loop_per_worker
 
     res = cfg.resources
@@ -131,6 +134,7 @@ def _fit_command(cfg: TrainConfig, args: argparse.Namespace) -> int:
     from ray.train import TrainingFailedError
 
     from cluster.local import connect
+    from vtd_train.train.failures import describe_failure
 
     info = connect(args.address)
     _check_resources(cfg, info)
@@ -143,7 +147,9 @@ def _fit_command(cfg: TrainConfig, args: argparse.Namespace) -> int:
     try:
         result = build_trainer(cfg).fit()
     except TrainingFailedError as e:
-        print(f"vtd: error: training run {cfg.name!r} failed: {e}", file=sys.stderr)
+        print(f"vtd: error: {describe_failure(cfg.name, e)}", file=sys.stderr)
+        if getattr(args, "verbose", False):
+            print(str(e), file=sys.stderr)
         return 1
     if result.checkpoint is None:
         print(f"vtd train: run {cfg.name!r} finished without a checkpoint", flush=True)

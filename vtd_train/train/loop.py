@@ -81,6 +81,21 @@ def _quiet_ray_report_log() -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The training function Ray Train runs on every rank (see the module docstring)."""
+    try:
+        _train_loop(config)
+    except Exception as e:
+        from vtd_train.train.failures import deterministic_cause
+
+        if deterministic_cause(e) is not None:
+            # Ray logs every error of a training function with its traceback, on every rank; a
+            # deterministic error is said once, in one line, by the controller and the CLI
+            # (vtd_train.train.failures) and its trace stays in the error Ray hands back.
+            logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
+        raise
+
+
+def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
@@ -264,7 +279,7 @@ def _load_resume_checkpoint(latest: Any, *, rank: int, run: str) -> Any:
         except CheckpointError as e:  # named by its stored path, not a download directory
             skipped.append(str(e).replace(d, ckpt.path) if d else str(e))
     else:
-        raise CheckpointError(f"run {run!r}: no intact checkpoint to resume from: " + "; ".join(skipped))
+        raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(skipped))
     picked = all_gather_objects(ckpt.path)
     if len(set(picked)) != 1:  # a read failed on some ranks only: let Ray restart the workers
         raise RuntimeError(f"ranks picked different checkpoints to resume from: {picked}")
