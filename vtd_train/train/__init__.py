@@ -9,7 +9,10 @@ Module map (one concern each):
 - :mod:`~vtd_train.train.grad_sync` — presence-aware gradient averaging across ranks (the DDP replacement)
 - :mod:`~vtd_train.train.amp` — autocast + GradScaler
 - :mod:`~vtd_train.train.optim` — AdamW / apex, the step-decay schedule, freezing
-- :mod:`~vtd_train.train.checkpointing` — training checkpoints (atomic), RNG capture/restore
+- :mod:`~vtd_train.train.checkpointing` — training checkpoints (atomic, verified at load), RNG capture/restore
+- :mod:`~vtd_train.train.recovery` — a run's checkpoints in storage: which one a resume uses, clean-up after a crash
+- :mod:`~vtd_train.train.lease` — one owner per run: the lease in the run's storage directory
+- :mod:`~vtd_train.train.failures` — deterministic errors are not retried; the one-line cause of a failed run
 - :mod:`~vtd_train.train.reporting` — the one ``ray.train.report`` call and the progress line
 - :mod:`~vtd_train.train.monitoring` — Prometheus metrics per rank
 - :mod:`~vtd_train.train.faults` — fault injection for drills and tests
@@ -31,6 +34,8 @@ _EXPORTS = {
     "train_loop_per_worker": "loop",
     "NonFiniteLossError": "step",
     "load_checkpoint": "checkpointing",
+    "resume_checkpoint": "recovery",
+    "hold_lease": "lease",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -44,6 +49,8 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # pragma: no cover
     from vtd_train.train.checkpointing import load_checkpoint
+    from vtd_train.train.lease import hold_lease
+    from vtd_train.train.recovery import resume_checkpoint
     from vtd_train.train.config import TrainConfig, load_train_config, train_config_from_dict
     from vtd_train.train.launch import run_training, train_command
     from vtd_train.train.loop import train_loop_per_worker

@@ -310,7 +310,8 @@ def format_run_report(report: dict[str, Any]) -> str:
 
 
 def _interrupt_main(holder: Any) -> None:
-    """Stop this driver's training run (Ray Train's SIGINT handler aborts it gracefully)."""
+    """Stop this driver's training run: Ray Train's SIGINT handler (``fit()`` installs it in the
+    main thread) aborts the run gracefully."""
     import _thread
 
     _thread.interrupt_main()
@@ -318,15 +319,22 @@ def _interrupt_main(holder: Any) -> None:
 
 @contextmanager
 def owned_run(cfg: Any, *, takeover: bool = False, say: Callable[[str], None] = print,
-              on_lost: Callable[[Any], None] | None = _interrupt_main) -> Iterator[ResumePlan]:
+              on_lost: Callable[[Any], None] | None = None) -> Iterator[ResumePlan]:
     """For the ``with`` block: hold the lease of run ``cfg`` (a :class:`TrainConfig` with
     resolved paths; :class:`~vtd_train.train.lease.LeaseHeldError` when another process holds it),
     make its directory consistent (:func:`prepare_resume`) and, for a fresh start from
     ``init_checkpoint``, verify that checkpoint. Yields the :class:`ResumePlan`, whose ``lease``
-    tells afterwards whether the lease was lost (taken over) during the block."""
+    tells afterwards whether the lease was lost (taken over) during the block.
+
+    ``on_lost`` (default: when entered from the main thread, abort the run there as Ctrl-C would;
+    from another thread, only log) is called if another process takes the lease meanwhile."""
+    import threading
+
     from vtd_train.checkpoint import MODEL_JSON, MODEL_WEIGHTS
     from vtd_train.train.lease import hold_lease
 
+    if on_lost is None and threading.current_thread() is threading.main_thread():
+        on_lost = _interrupt_main
     uri = run_uri(cfg.storage_path, cfg.name)
     with hold_lease(uri, owner=f"vtd train (stage {cfg.stage})", takeover=takeover, say=say, on_lost=on_lost) as lease:
         plan = prepare_resume(cfg.storage_path, cfg.name, say=say)
