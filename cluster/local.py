@@ -9,8 +9,10 @@ agent exporting Prometheus metrics on ``metrics_export_port`` (the same port Kub
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ray
@@ -65,10 +67,11 @@ def connect(
         address = os.environ["RAY_ADDRESS"]
     if address is None:
         port = metrics_export_port if metrics_export_port is not None else free_port()
-        ctx = ray.init(
-            num_cpus=num_cpus, include_dashboard=include_dashboard, _metrics_export_port=port,
-            logging_level="warning", log_to_driver=True,
-        )
+        with _free_agent_port():
+            ctx = ray.init(
+                num_cpus=num_cpus, include_dashboard=include_dashboard, _metrics_export_port=port,
+                logging_level="warning", log_to_driver=True,
+            )
         embedded = True
     else:
         try:
@@ -82,6 +85,34 @@ def connect(
         metrics_export_port=port if embedded else _metrics_port(),
         num_cpus=res.get("CPU", 0.0), num_gpus=res.get("GPU", 0.0),
     )
+
+
+@contextlib.contextmanager
+def _free_agent_port() -> Iterator[None]:
+    """Start the embedded cluster's dashboard agent on a free port.
+
+    ``ray.init`` has no argument for it and the agent's default port (52365) is fixed, so a
+    second Ray cluster on one machine (a test run beside the demo, two users' demos) gets an
+    agent without its HTTP server, and the Jobs API then answers every submission with "No
+    available agent to submit job". ``ray start --dashboard-agent-listen-port`` is the
+    supported way; for ``ray.init`` the default of Ray's node parameters is replaced while the
+    cluster starts."""
+    try:
+        from ray._private import parameter
+    except ImportError:  # pragma: no cover - a Ray without this module: keep its default
+        yield
+        return
+    original = parameter.RayParams.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", free_port())
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
 
 
 def _metrics_port() -> int | None:

@@ -36,6 +36,6 @@ def ray_cluster():
 
     from cluster.local import connect
 
-    info = connect(num_cpus=4, include_dashboard=False)  # faster start; tests need no dashboard
+    info = connect(num_cpus=4)  # with the dashboard: its Jobs API runs the pipeline tests' stage jobs
     yield info
     ray.shutdown()
