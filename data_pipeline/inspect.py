@@ -1,9 +1,15 @@
-"""``vtd data inspect``: count frames, clips and labels by reading the shards themselves.
+"""``vtd data inspect``: count frames, clips and labels by reading the shards themselves, and
+check them against the manifest.
 
-The manifest says what the converter meant to write; this module reads what is there. Shards
-are opened as plain tar streams over fsspec and only ``clip.json`` members are decoded (as JSON):
-nothing is unpickled and no image is decoded. The per-task counting rule lives here and the
-converter uses the same functions for its manifest, so the two reports are comparable:
+The manifest says what the converter meant to write, and it is what training plans its epochs
+from; this module reads what is there, with the training loader's own reader and decoders
+(:mod:`data_pipeline.tar_reader`, :mod:`data_pipeline.decode`: JSON, JPEG headers and run-length
+label maps; nothing is unpickled and no JPEG body is decoded), and stops at the first shard that
+is not what the manifest says (:func:`check_shard`: a missing or unlisted shard; a truncated one,
+said as ``truncated: N of M frames``; a corrupt tar; a member training would reject; other
+frame, sample, offset, label or byte counts; bytes after the end-of-archive blocks). The per-task
+counting rule lives here and the converter uses the same functions for its manifest, so the two
+reports are comparable:
 
 * ``samples`` of a task: frames whose ``tasks`` include it;
 * ``instances``: ``len(instances)`` for det / ins / mot / mots, ``len(pose)`` for pose, and 0 for
@@ -17,9 +23,8 @@ training loader's join gives, read from both families in lockstep).
 
 from __future__ import annotations
 
-import json
 import re
-import tarfile
+from collections.abc import Iterator
 from typing import Any
 
 from data_pipeline import fsio
@@ -35,6 +40,7 @@ from data_pipeline.pseudo import (
     pseudo_frame_instances,
     read_pseudo_manifest,
 )
+from data_pipeline.tar_reader import BLOCK, TarEntry, TruncatedTarError, group_samples, iter_members
 
 #: Tasks whose instance count is the number of ``instances`` of the frame.
 INSTANCE_TASKS = ("det", "ins", "mot", "mots")
@@ -98,50 +104,134 @@ def list_shards(uri: str) -> list[tuple[str, str, str]]:
     return out
 
 
+#: Zero bytes that end a tar archive: two zero blocks (writers pad them to a 10 KiB record).
+END_OF_ARCHIVE = 2 * BLOCK
+
+
+class _Cut:
+    """Ends a member stream where the data runs out (:class:`TruncatedTarError`), keeping the
+    error, so that the samples read before are still grouped and checked."""
+
+    def __init__(self, entries: Iterator[TarEntry]):
+        self.entries, self.error = entries, None
+
+    def __iter__(self) -> Iterator[TarEntry]:
+        try:
+            yield from self.entries
+        except TruncatedTarError as e:
+            self.error = e
+
+
+def _check_sample(uri: str, sample: dict[str, Any], set_name: str, split: str) -> dict[str, Any]:
+    """What the training loader does with a sample, short of decoding its JPEGs: its members
+    split and decoded (:mod:`data_pipeline.decode`: JSON, JPEG headers, run-length maps), plus
+    the label maps its records' tasks need present. Returns the clip; raises :class:`DataError`."""
+    from data_pipeline.decode import decode_frames, split_members
+
+    key = sample["__key__"]
+    clip, members = split_members(sample)
+    if clip.get("set") != set_name or clip.get("split") != split:
+        raise DataError(uri, f"clip is {clip.get('set')}/{clip.get('split')}, shard is {set_name}/{split}", frame=key)
+    for i, frame in enumerate(clip["frames"]):
+        need = {"jpg"} | {_TASK_MEMBER[t] for t in frame.get("tasks", {}) if t in _TASK_MEMBER}
+        missing = sorted(SF.frame_member(i, m) for m in need - set(members.get(i, {})))
+        if missing:
+            raise DataError(uri, f"missing members {missing}", frame=f"{key}[{i}] {frame.get('name')}")
+    decode_frames(clip, members, f"{uri}:{key}", compact=True)
+    return clip
+
+
 def _read_shard(uri: str, set_name: str, split: str, pseudo_url: str | None = None) -> dict[str, Any]:
-    """Counts of one shard (with ``pseudo_url``, also of the pseudo-labels joined from that
-    pseudo shard, under ``pseudo``); raises DataError on a corrupt or inconsistent shard."""
+    """Read one shard as the training loader would and count what it holds: ``{"samples"
+    (frames), "clips", "clip_frames", "sample_offsets", "label_sets", "tasks", "end", "cut"}``
+    (``end``: the byte after the last complete sample; ``cut``: the :class:`TruncatedTarError`
+    when the data ends inside a member — the sample it cut is not counted). With
+    ``pseudo_url``, also the pseudo-labels joined from that pseudo shard, under ``pseudo``.
+    Raises :class:`DataError` on a corrupt sample or a member training would reject."""
     counts: dict[str, dict[str, int]] = {}
-    frames = clips = 0
-    clip_json: dict[str, dict] = {}
-    members: dict[str, set[str]] = {}
-    try:
-        with fsio.open_read(uri) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for m in tar:
-                if not m.isfile():
-                    raise DataError(uri, f"unexpected tar entry {m.name!r} (not a regular file)")
-                key, dot, suffix = m.name.partition(".")
-                if not dot or "/" in key:
-                    raise DataError(uri, f"member {m.name!r} is not KEY.suffix")
-                members.setdefault(key, set()).add(suffix)
-                if suffix == SF.CLIP_MEMBER:
-                    raw = tar.extractfile(m).read()
-                    try:
-                        clip_json[key] = json.loads(raw.decode("utf-8"))
-                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                        raise DataError(uri, f"malformed JSON: {e}", frame=key, field=SF.CLIP_MEMBER) from None
-    except tarfile.TarError as e:
-        raise DataError(uri, f"corrupt tar: {e}") from None
-    for key, suffixes in members.items():
-        clip = clip_json.get(key)
-        if clip is None:
-            raise DataError(uri, f"sample has no {SF.CLIP_MEMBER}", frame=key)
-        if clip.get("set") != set_name or clip.get("split") != split:
-            raise DataError(uri, f"clip is {clip.get('set')}/{clip.get('split')}, shard is {set_name}/{split}", frame=key)
-        for i, frame in enumerate(clip.get("frames") or ()):
-            need = {SF.frame_member(i, "jpg")} | {
-                SF.frame_member(i, _TASK_MEMBER[t]) for t in frame.get("tasks", {}) if t in _TASK_MEMBER
-            }
-            missing = sorted(need - suffixes)
-            if missing:
-                raise DataError(uri, f"missing members {missing}", frame=f"{key}[{i}] {frame.get('name')}")
-            add_frame_counts(counts, frame)
-            frames += 1
-        clips += 1
-    out = {"samples": frames, "clips": clips, "tasks": counts}
-    if pseudo_url is not None:
-        out["pseudo"] = _joined_pseudo(uri, clip_json, pseudo_url)
+    clip_frames: list[int] = []
+    offsets: list[int] = []
+    label_sets: dict[str, int] = {}
+    clips: dict[str, dict] = {}
+    end = 0
+    with fsio.open_read(uri) as f:
+        entries = _Cut(iter_members(f, uri))
+        for start, stop, sample in group_samples(entries, uri):
+            try:
+                clip = _check_sample(uri, sample, set_name, split)
+            except DataError:
+                if entries.error is not None:  # the last sample, cut short by the truncation
+                    break
+                raise
+            clips[sample["__key__"]] = clip
+            for frame in clip["frames"]:
+                add_frame_counts(counts, frame)
+                k = label_set_key(frame)
+                label_sets[k] = label_sets.get(k, 0) + 1
+            clip_frames.append(len(clip["frames"]))
+            offsets.append(start)
+            end = stop
+    out = {"samples": sum(clip_frames), "clips": len(clip_frames), "clip_frames": clip_frames, "sample_offsets": offsets,
+           "label_sets": dict(sorted(label_sets.items())), "tasks": counts, "end": end, "cut": entries.error}
+    if pseudo_url is not None and entries.error is None:
+        out["pseudo"] = _joined_pseudo(uri, clips, pseudo_url)
     return out
+
+
+def _trailer(uri: str, end: int, size: int) -> tuple[bool, str | None]:
+    """The bytes of shard ``uri`` after its last sample (byte ``end`` of ``size``): ``(cut, problem)``
+    — ``cut``: the data stops before the end-of-archive blocks are complete (a truncated shard);
+    ``problem``: anything else than zero bytes there."""
+    n = size - end
+    if n > (1 << 20):
+        return False, f"{n} bytes after the last sample (byte {end}) are not the tar's end-of-archive blocks"
+    with fsio.open_read(uri) as f:
+        f.seek(end)
+        rest = f.read(n)
+    if rest.strip(b"\0"):
+        at = end + next(i for i, b in enumerate(rest) if b)
+        return False, f"non-zero bytes at byte {at}, after the last sample (byte {end}): not the tar's end-of-archive blocks"
+    return len(rest) < END_OF_ARCHIVE, None
+
+
+def check_shard(uri: str, set_name: str, split: str, entry: dict[str, Any], pseudo_url: str | None = None) -> dict[str, Any]:
+    """Read shard ``uri`` (:func:`_read_shard`) and check it against its manifest ``entry``: size,
+    frames, clips, each sample's frames and byte offset, the per-task and per-label-set counts and
+    the tar's end-of-archive blocks. Returns :func:`_read_shard`'s counts; raises
+    :class:`DataError` naming the shard, in one line — a truncated shard as ``truncated: N of M
+    frames`` (frames of the samples intact before the cut, of the manifest's)."""
+    try:
+        size = fsio.size(uri)
+    except FileNotFoundError:
+        raise DataError(uri, "missing: the manifest lists this shard") from None
+    got = _read_shard(uri, set_name, split, pseudo_url)
+    frames, want = got["samples"], entry["samples"]
+    cut, problem = (True, None) if got["cut"] is not None else _trailer(uri, got["end"], size)
+    if cut:
+        how = (f"the data ends inside a member at byte {got['cut'].at}" if got["cut"] is not None
+               else "the data ends after a complete sample, without the end-of-archive blocks"
+               if size == got["end"] else "the end-of-archive blocks are cut short")
+        of = f" of {entry['bytes']}" if "bytes" in entry else ""
+        raise DataError(uri, f"truncated: {frames} of {want} frames ({size}{of} bytes; {how})")
+    if got["clip_frames"] != entry["clip_frames"]:
+        raise DataError(uri, f"holds {frames} frames in {got['clips']} samples, the manifest records {want} in "
+                             f"{len(entry['clip_frames'])}: not the shard the manifest describes (convert again)")
+    bad = [k for k, (a, b) in enumerate(zip(got["sample_offsets"], entry["sample_offsets"])) if a != b]
+    if bad:
+        k = bad[0]
+        raise DataError(uri, f"sample {k} begins at byte {got['sample_offsets'][k]}, the manifest records "
+                             f"{entry['sample_offsets'][k]}: not the shard the manifest describes (convert again)")
+    def labelled(tasks: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        return {t: c for t, c in tasks.items() if c["samples"]}
+
+    if got["label_sets"] != entry["label_sets"] or labelled(got["tasks"]) != labelled(entry["tasks"]):
+        raise DataError(uri, "the frames' labels differ from the manifest's counts: not the shard the manifest "
+                             "describes (convert again)")
+    if problem is not None:
+        raise DataError(uri, problem)
+    if size != entry.get("bytes", size):
+        raise DataError(uri, f"{size} bytes, the manifest records {entry['bytes']} (all {frames} frames intact)")
+    return got
 
 
 def _joined_pseudo(uri: str, clips: dict[str, dict], pseudo_url: str) -> dict[str, dict[str, int]]:
@@ -170,7 +260,8 @@ def _joined_pseudo(uri: str, clips: dict[str, dict], pseudo_url: str) -> dict[st
 
 
 def inspect_shards(uri: str, pseudo: str | None = None) -> dict[str, Any]:
-    """Read every shard under ``uri`` (a converter output root) and count what is inside.
+    """Read every shard the manifest at ``uri`` (a converter output root) lists, count what is
+    inside and check it against the manifest (:func:`check_shard`).
 
     Returns ``{"uri", "sets": {"<set>/<split>": {"shards", "bytes", "samples" (frames), "clips",
     "tasks": {task: {"samples", "instances"}}}}, "totals": {same keys, summed}}``.
@@ -178,21 +269,33 @@ def inspect_shards(uri: str, pseudo: str | None = None) -> dict[str, Any]:
     ``"pseudo": {task: {"samples", "instances"}}``, the pseudo-labels joined (frames lacking the
     real label), and the totals too; ``"pseudo_uri"`` names it. A pseudo family's own root is
     counted by :func:`inspect_pseudo`.
-    Raises ``FileNotFoundError`` when ``uri`` holds no shards and :class:`DataError` naming the
-    shard when one is corrupt (or, with ``pseudo``, when the pseudo family does not match).
+    Raises ``FileNotFoundError`` when ``uri`` holds no manifest and :class:`DataError` naming the
+    shard when one is missing, truncated, corrupt, holds a member training would reject or is
+    not what the manifest says, or names a shard the manifest does not list (or, with
+    ``pseudo``, when the pseudo family does not match).
     """
+    from data_pipeline.manifest import check_shard_entry, read_manifest
+
     if pseudo is None and is_pseudo_family(uri):
         return inspect_pseudo(uri)
-    shards = list_shards(uri)
-    if not shards:
-        raise FileNotFoundError(f"no shards ({{set}}/{{split}}/{{set}}-{{split}}-NNNNNN.tar) under {uri}")
+    manifest = read_manifest(uri)
+    mpath = fsio.join(uri, SF.MANIFEST_NAME)
+    listed: dict[str, tuple[str, str, dict[str, Any]]] = {}
+    for key, fam in manifest["sets"].items():
+        for sh in fam["shards"]:
+            check_shard_entry(sh, mpath, f"sets.{key}.shards")
+            listed[sh["path"]] = (fam["set"], fam["split"], sh)
+    unlisted = [rel for _, _, rel in list_shards(uri) if rel not in listed]
+    if unlisted:
+        raise DataError(fsio.join(uri, unlisted[0]), f"not listed in {mpath} (left by another conversion? training "
+                                                     f"reads only the shards the manifest lists)")
     pseudo_paths: dict[str, set[str]] = {}
     if pseudo is not None:
         doc = read_pseudo_manifest(pseudo)
         check_source(pseudo, doc, uri)
         pseudo_paths = {key: {sh["path"] for sh in entry["shards"]} for key, entry in doc["sets"].items()}
     sets: dict[str, dict[str, Any]] = {}
-    for set_name, split, rel in shards:
+    for rel, (set_name, split, sh) in sorted(listed.items()):
         shard_uri = fsio.join(uri, rel)
         key = f"{set_name}/{split}"
         entry = sets.setdefault(
@@ -206,9 +309,9 @@ def inspect_shards(uri: str, pseudo: str | None = None) -> dict[str, Any]:
                                 field=f"sets.{key}")
             pseudo_url = fsio.join(pseudo, rel)
             entry.setdefault("pseudo", {})
-        got = _read_shard(shard_uri, set_name, split, pseudo_url)
+        got = check_shard(shard_uri, set_name, split, sh, pseudo_url)
         entry["shards"] += 1
-        entry["bytes"] += fsio.size(shard_uri)
+        entry["bytes"] += sh.get("bytes", 0)
         entry["samples"] += got["samples"]
         entry["clips"] += got["clips"]
         merge_task_counts(entry["tasks"], got["tasks"])

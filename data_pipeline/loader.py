@@ -52,7 +52,7 @@ from data_pipeline.shard_format import INSTANCE_MEMBER, LABEL_MEMBER
 from data_pipeline.shm_pool import BufferPool
 from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
 from data_pipeline.transfer import PackedBatch, PackedBatches, decode_images, pack_batch, pack_batches
-from data_pipeline.tar_reader import iter_samples
+from data_pipeline.tar_reader import TruncatedTarError, iter_samples
 from data_pipeline.transforms import AugmentConfig, prepare_batch
 
 
@@ -423,7 +423,7 @@ def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tu
     if fam.pseudo is not None:
         pseudo = iter_pseudo_shard(fam.pseudo.urls[shard], fam.pseudo.sample_offsets[shard][skip] if skip else 0)
     try:
-        for sample in samples:
+        for sample in _until_cut(samples, fam, shard):
             key = sample.get("__key__", "?")
             psample = None
             if pseudo is not None:
@@ -449,8 +449,26 @@ def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tu
             pseudo.close()
     if pos < stop:
         what = f"frames labelled for {' and '.join(map(repr, require))}" if require else "frames"
-        raise DataError(url, f"shard ends after {pos} {what}, the manifest counts {fam.shard_eligible(require)[shard]}: "
-                             "the manifest does not describe these shards (convert again)")
+        raise DataError(url, f"truncated: {pos} of {fam.shard_eligible(require)[shard]} {what} (the shard ends after a "
+                             "complete sample; or the manifest does not describe it: `vtd data inspect` checks)")
+
+
+def _until_cut(samples: Iterator[dict], fam: ShardFamily, shard: int) -> Iterator[dict]:
+    """``samples`` of shard ``shard``; a shard whose data ends inside a member is said as
+    ``truncated: N of M frames``: the frames of the samples before the cut (from the manifest's
+    sample offsets), of the shard's."""
+    try:
+        yield from samples
+    except TruncatedTarError as e:
+        if e.file != fam.urls[shard]:
+            raise
+        if fam.shard_sample_offsets:
+            starts = fam.shard_sample_offsets[shard][1:]
+            before = f"{sum(n for n, nxt in zip(fam.shard_clip_frames[shard], starts) if nxt <= e.at)} of "
+        else:
+            before = ""
+        raise DataError(e.file, f"truncated: {before}{fam.shard_frames[shard]} frames (the data ends inside a member "
+                                f"at byte {e.at})") from None
 
 
 #: The tasks whose labels each label-map member carries.

@@ -42,7 +42,7 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
         if entry is None:
             raise DataError(fsio.join(uri, MANIFEST_NAME), f"no image set {s!r} for split {split!r}", field="sets")
         for sh in entry["shards"]:
-            _check_shard_entry(sh, fsio.join(uri, MANIFEST_NAME), f"sets.{s}/{split}.shards")
+            check_shard_entry(sh, fsio.join(uri, MANIFEST_NAME), f"sets.{s}/{split}.shards")
         shards = [sh for sh in entry["shards"] if sh["samples"] > 0]
         if not shards:
             continue
@@ -62,7 +62,7 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
     return out
 
 
-def _check_shard_entry(sh: object, path: str, where: str) -> None:
+def check_shard_entry(sh: object, path: str, where: str) -> None:
     """A manifest's shard entry has the fields the loader reads, consistent with each other."""
     keys = ("path", "samples", "tasks", "label_sets", "clip_frames", "sample_offsets")
     if not isinstance(sh, dict) or not all(k in sh for k in keys):

@@ -10,16 +10,20 @@ where each begins).
 
 Supported: POSIX ustar and GNU headers (``typeflag`` 0/7 regular files), PAX extended headers
 (``path`` and ``size`` records; global headers are ignored) and GNU long names. Directories,
-links and other special members are skipped, as webdataset does. A corrupt header, a bad
-checksum or a truncated member raises :class:`~data_pipeline.errors.DataError` naming the shard
-and the byte offset.
+links and other special members are skipped, as webdataset does. A corrupt header or a bad
+checksum raises :class:`~data_pipeline.errors.DataError` naming the shard and the byte offset; an
+archive whose data ends inside a member raises its subclass :class:`TruncatedTarError`, which
+also says where the data ended. The archive's end is its first zero block (or, leniently, the end
+of the data after a complete member, or inside the end-of-archive blocks): whether the blocks are
+all there is ``vtd data inspect``'s check (:mod:`data_pipeline.inspect`), not the loader's, which
+stops reading a shard after its last sample.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import IO, Any
+from collections.abc import Iterable, Iterator
+from typing import IO, Any, NamedTuple
 
 from data_pipeline.errors import DataError
 
@@ -28,6 +32,29 @@ _ZERO = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
 #: ``key.suffix``: the key is everything up to the first dot of the base name (webdataset).
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+class TruncatedTarError(DataError):
+    """A tar archive whose data ends inside a member (its header, data or padding); ``at``: the
+    archive's byte where the data ended."""
+
+    def __init__(self, file: str, message: str, *, at: int = -1):
+        super().__init__(file, message)
+        self.at = at
+
+    def __reduce__(self):
+        return (TruncatedTarError, (self.file, self.message), {"at": self.at})
+
+
+class TarEntry(NamedTuple):
+    """A regular file of a tar archive: ``start``, the archive's byte where its headers begin (a
+    PAX or GNU long-name header before its own included), ``end``, the byte after its data's
+    padding, ``name`` and ``data``."""
+
+    start: int
+    end: int
+    name: str
+    data: bytearray
 
 
 def _number(field: bytes, where: str, offset: int) -> int:
@@ -73,31 +100,35 @@ def _read(stream: IO[bytes], n: int, where: str, offset: int, what: str) -> byte
     while got < n:
         k = stream.readinto(view[got:])
         if not k:
-            raise DataError(where, f"truncated tar: {what} at byte {offset} needs {n} bytes, {got} left")
+            raise TruncatedTarError(where, f"truncated tar: {what} at byte {offset} needs {n} bytes, {got} left",
+                                    at=offset + got)
         got += k
     return data
 
 
-def iter_members(stream: IO[bytes], where: str, offset: int = 0) -> Iterator[tuple[str, bytearray]]:
-    """``(name, data)`` of every regular file of the tar stream, in order (``data`` a fresh
+def iter_members(stream: IO[bytes], where: str, offset: int = 0) -> Iterator[TarEntry]:
+    """Every regular file of the tar stream, in order, as a :class:`TarEntry` (``data`` a fresh
     ``bytearray``: equal to the member's bytes, writable, owned by the caller). ``offset``: the
-    byte of the archive the stream stands at, a member's header (for error messages)."""
+    byte of the archive the stream stands at, a member's header."""
     long_name: str | None = None
     pax: dict[str, str] = {}
+    start = offset  # where the current member's headers begin
     while True:
         header = stream.read(BLOCK)
-        if not header or header == _ZERO:  # end of archive (tar ends with zero blocks)
+        if not header.strip(b"\0"):  # end of archive (zero blocks; or no more data)
             return
         if len(header) != BLOCK:
-            raise DataError(where, f"truncated tar: header at byte {offset} has {len(header)} of {BLOCK} bytes")
+            raise TruncatedTarError(where, f"truncated tar: header at byte {offset} has {len(header)} of {BLOCK} bytes",
+                                    at=offset + len(header))
         if not _checksum_ok(header, _number(header[148:156], where, offset)):
             raise DataError(where, f"corrupt tar header at byte {offset}: checksum mismatch")
         typeflag = header[156:157]
         size = int(pax["size"]) if "size" in pax and typeflag in _REGULAR else _number(header[124:136], where, offset)
         data = _read(stream, size, where, offset + BLOCK, "member data")
         pad = -size % BLOCK
-        if pad and len(stream.read(pad)) != pad:
-            raise DataError(where, f"truncated tar: member padding at byte {offset + BLOCK + size} needs {pad} bytes")
+        if pad and (got := len(stream.read(pad))) != pad:
+            raise TruncatedTarError(where, f"truncated tar: member padding at byte {offset + BLOCK + size} needs {pad} bytes",
+                                    at=offset + BLOCK + size + got)
         member_offset, offset = offset, offset + BLOCK + size + pad
         if typeflag == b"x":
             pax = _pax_records(data, where, member_offset)
@@ -119,26 +150,36 @@ def iter_members(stream: IO[bytes], where: str, offset: int = 0) -> Iterator[tup
                     name = f"{prefix}/{name}"
         pax, long_name = {}, None
         if typeflag in _REGULAR:
-            yield name, data
+            yield TarEntry(start, offset, name, data)
+        start = offset
 
 
-def iter_samples(stream: IO[bytes], url: str, offset: int = 0) -> Iterator[dict[str, Any]]:
-    """Samples of a WebDataset tar: consecutive members sharing a key, as
-    ``{"__key__", "__url__", suffix: data}`` (suffixes lower-cased, as webdataset does; data
-    as a ``bytearray``). The stream may start at a later sample's first header, the archive's
-    byte ``offset`` (a loader worker whose part of a set begins inside the shard)."""
+def group_samples(entries: Iterable[TarEntry], url: str) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """Consecutive members sharing a key, as ``(start, end, sample)``: the archive's bytes where
+    the sample's first member begins and its last one ends, and ``{"__key__", "__url__", suffix:
+    data}`` (suffixes lower-cased, as webdataset does)."""
     sample: dict[str, Any] | None = None
-    for name, data in iter_members(stream, url, offset):
-        m = _KEY_RE.match(name)
+    start = end = 0
+    for entry in entries:
+        m = _KEY_RE.match(entry.name)
         if m is None:
-            raise DataError(url, f"tar member {name!r} is not named KEY.SUFFIX")
+            raise DataError(url, f"tar member {entry.name!r} is not named KEY.SUFFIX")
         key, suffix = m.group(1), m.group(2).lower()
         if sample is None or key != sample["__key__"]:
             if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": url}
+                yield start, end, sample
+            sample, start = {"__key__": key, "__url__": url}, entry.start
         elif suffix in sample:
             raise DataError(url, f"sample {key!r} holds {suffix!r} twice")
-        sample[suffix] = data
+        sample[suffix] = entry.data
+        end = entry.end
     if sample is not None:
+        yield start, end, sample
+
+
+def iter_samples(stream: IO[bytes], url: str, offset: int = 0) -> Iterator[dict[str, Any]]:
+    """Samples of a WebDataset tar (:func:`group_samples`; data as a ``bytearray``). The stream
+    may start at a later sample's first header, the archive's byte ``offset`` (a loader worker
+    whose part of a set begins inside the shard)."""
+    for _, _, sample in group_samples(iter_members(stream, url, offset), url):
         yield sample
