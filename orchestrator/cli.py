@@ -50,6 +50,8 @@ def add_jobs_commands(sub) -> None:
                        help="python on the cluster's nodes that runs the stage entrypoints (default: this interpreter "
                             "for a local cluster, else `python`)")
         p.add_argument("--metrics-port", type=int, default=None, help="serve the orchestrator's Prometheus metrics here")
+        p.add_argument("--takeover", action="store_true",
+                       help="take the run over from a live orchestrator (which then stops)")
         p.set_defaults(func=_cmd_run)
 
     st = jobs.add_parser("status", help="where a run stands")
@@ -112,7 +114,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
         client = JobsClient(address)
     python = a.python or (sys.executable if _local(address) or os.environ.get("RAY_ADDRESS") else "python")
     orch = Orchestrator(spec, run=run, data=a.data or spec.profile.data, storage=a.storage or spec.profile.storage,
-                        client=client, python=python, metrics=PipelineMetrics(a.metrics_port))
+                        client=client, python=python, metrics=PipelineMetrics(a.metrics_port), takeover=a.takeover)
     return orch.run()
 
 

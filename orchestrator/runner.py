@@ -135,8 +135,9 @@ class Orchestrator:
     """Runs one pipeline run (see the module docstring)."""
 
     def __init__(self, spec: PipelineSpec, *, run: str, data: str, storage: str, client: JobsClient,
-                 python: str, metrics: PipelineMetrics | None = None, log: Callable[[str], None] | None = None) -> None:
-        self.spec, self.run_name, self.client = spec, run, client
+                 python: str, metrics: PipelineMetrics | None = None, log: Callable[[str], None] | None = None,
+                 takeover: bool = False) -> None:
+        self.spec, self.run_name, self.client, self.takeover = spec, run, client, takeover
         self.data = data if "://" in data else os.path.abspath(data)
         storage = storage if "://" in storage else os.path.abspath(storage)
         self.run_dir = fsio.join(storage, run)
@@ -245,6 +246,7 @@ class Orchestrator:
                 self.log(f"[{self.run_name}] {st.name}: running (job {rec.job_id}, attempt {rec.attempt})")
                 self.metrics.stage(self.run_name, st.name, rec)
             return
+        self._job_times(rec)
         if rec.started_at is None:
             rec.started_at = now
         if status == "SUCCEEDED":
@@ -253,7 +255,12 @@ class Orchestrator:
             except (FileNotFoundError, VTDInputError, OSError, KeyError, ValueError) as e:
                 self._attempt_failed(st, rec, f"finished, but its outputs are unusable: {e}")
                 return
-            rec.ended_at, rec.state, rec.error = now, "succeeded", None
+            rec.ended_at = rec.ended_at or now
+            rec.state, rec.error = "succeeded", None
+            first = rec.outputs.get("first_step_at")
+            if first is not None:
+                ends = [self.manifest.stages[d].ended_at for d in st.needs if self.manifest.stages[d].ended_at]
+                rec.metrics["first_step_gap_s"] = first - max(ends) if ends else None
             rec.close_attempt("succeeded")
             self._verified.add(st.name)
             extra = ""
@@ -270,6 +277,17 @@ class Orchestrator:
         except Exception:  # noqa: BLE001 - the logs only improve the message
             logs = ""
         self._attempt_failed(st, rec, _error_line(logs, f"job {rec.job_id} ended {status}"))
+
+    def _job_times(self, rec: StageRecord) -> None:
+        """The job's own start and end times from the Jobs API (the poll only sees them late)."""
+        try:
+            info = self.client.info(rec.job_id)
+        except Exception:  # noqa: BLE001 - the times only sharpen the figures
+            return
+        if getattr(info, "start_time", None):
+            rec.metrics["job_started_at"] = info.start_time / 1000.0
+        if getattr(info, "end_time", None):
+            rec.ended_at = info.end_time / 1000.0
 
     def _gap(self, st: Stage, rec: StageRecord) -> None:
         assert self.manifest is not None
@@ -361,8 +379,17 @@ class Orchestrator:
                 active += 1
 
     def run(self) -> int:
-        """Run the pipeline to its end; 0 when every stage succeeded, 1 when one failed for
-        good, 130 when cancelled."""
+        """Run the pipeline to its end, holding the run's lease (one orchestrator per run; a
+        second one stops at once naming the holder); 0 when every stage succeeded, 1 when one
+        failed for good (or the run was taken over), 130 when cancelled."""
+        from vtd_train.train.lease import hold_lease
+
+        lost: list[str] = []
+        with hold_lease(self.run_dir, owner=f"vtd jobs run ({self.spec.name})", takeover=self.takeover,
+                        on_lost=lambda holder: lost.append(holder.describe() if holder else "?"), say=self.log):
+            return self._run(lost)
+
+    def _run(self, lost: list[str]) -> int:
         self.manifest = m = self._open()
         self.log(f"[{self.run_name}] pipeline {self.spec.name!r} (profile {self.spec.profile.name}): {len(self.stages)} stages, "
                  f"run directory {self.run_dir}, Ray Jobs API {self.client.address}")
@@ -374,6 +401,10 @@ class Orchestrator:
         old = signal.signal(signal.SIGTERM, on_signal) if sys.platform != "win32" else None
         try:
             while True:
+                if lost:
+                    self.log(f"[{self.run_name}] another orchestrator took this run over ({lost[0]}); stopping here, "
+                             "its stage jobs keep running under the new owner")
+                    return 1
                 if self._cancel_requested() or stop["signal"] is not None:
                     return self._cancel()
                 for name, rec in list(m.stages.items()):
@@ -388,7 +419,8 @@ class Orchestrator:
                     from orchestrator.report import write_report
 
                     report = write_report(self.spec, m, self.run_dir)
-                    self.log(report.table)
+                    for line in report.table.splitlines():
+                        self.log(line)
                     self.log(f"[{self.run_name}] done in {time.time() - self._t0:.0f} s; report: {report.html}")
                     return 0
                 failed = [n for n, s in states.items() if s == "failed"]

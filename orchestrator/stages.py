@@ -146,7 +146,7 @@ class StageExecutor:
             result = json.loads(fsio.read_bytes(rpath))
             ck = result["checkpoint"]
             return {"checkpoint": ck, "hash": checkpoint_hash(ck), "global_step": result.get("global_step"),
-                    "epoch_losses": result.get("epoch_losses")}
+                    "epoch_losses": result.get("epoch_losses"), "first_step_at": result.get("first_step_at")}
         if st.kind == "pseudo_label":
             root = fsio.join(d, "pseudo")
             return {"pseudo": root, "hash": hash_files([fsio.join(root, "manifest.json")])}
@@ -175,6 +175,6 @@ class StageExecutor:
                 return hash_files([fsio.join(outputs["pseudo"], "manifest.json")]) == outputs["hash"]
             if "metrics_file" in outputs:
                 return hash_files([outputs["metrics_file"]]) == outputs["hash"]
-        except (FileNotFoundError, OSError):
+        except (FileNotFoundError, OSError, VTDInputError):
             return False
         return False

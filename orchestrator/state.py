@@ -57,14 +57,11 @@ def hash_files(uris: list[str]) -> str:
 
 
 def checkpoint_hash(uri: str) -> str:
-    """Content hash of a checkpoint's model part (weights + config)."""
-    from vtd_train.checkpoint import MODEL_JSON, MODEL_WEIGHTS
+    """Content hash of a checkpoint, after verifying every file against its ``checksums.json``
+    (:func:`vtd_train.checkpoint.checkpoint_hash`): a stage's input is used only intact."""
+    from vtd_train.checkpoint import checkpoint_hash as verified_hash
 
-    files = [fsio.join(uri, MODEL_WEIGHTS), fsio.join(uri, MODEL_JSON)]
-    missing = [f for f in files if not fsio.exists(f)]
-    if missing:
-        raise FileNotFoundError(f"{uri}: not a complete checkpoint (missing {', '.join(missing)})")
-    return hash_files(files)
+    return verified_hash(uri)
 
 
 _code_version: str | None = None

@@ -35,14 +35,18 @@ from vtd_train.train.recovery import owned_run
 
 def check_config(cfg: TrainConfig) -> None:
     """Checks that need more than the YAML, done before any worker starts: the manifest is
-    readable, the requested sets exist, the freeze prefixes match parameters of the model (built
+    readable, the requested sets exist, a pseudo-label family matches them, the freeze prefixes match parameters of the model (built
     on the meta device, no memory), the storage is shared."""
     import torch
 
     from vtd_train.model.vtdnet import VTDNet
     from vtd_train.train.optim import freeze
 
-    families_from_manifest(cfg.data.uri, cfg.data.split, cfg.data.sets)
+    families = families_from_manifest(cfg.data.uri, cfg.data.split, cfg.data.sets)
+    if cfg.data.pseudo is not None:
+        from data_pipeline.pseudo import attach_pseudo
+
+        attach_pseudo(families, cfg.data.pseudo)  # the pseudo family matches these shards
     with torch.device("meta"):
         model = VTDNet(cfg.model)
     freeze(model, cfg.freeze)
@@ -177,10 +181,13 @@ def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
 def write_result(uri: str, cfg: TrainConfig, checkpoint, progress: Progress) -> None:
     """``--result-json``: where a finished run's final checkpoint is, for whoever launched it (a
     pipeline stage reads its output from here); written atomically."""
+    import json
+
+    state = json.loads(fsio.read_bytes(fsio.join(checkpoint_uri(cfg, checkpoint), TRAIN_STATE_JSON)))
     fsio.write_json_atomic(uri, {
         "run": cfg.name, "stage": cfg.stage, "checkpoint": checkpoint_uri(cfg, checkpoint),
         "global_step": progress.global_step, "epoch_losses": list(progress.epoch_losses),
-        "skipped_steps": progress.skipped_steps,
+        "skipped_steps": progress.skipped_steps, "first_step_at": state.get("first_step_at"),
     })
 
 

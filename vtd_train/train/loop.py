@@ -222,6 +222,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                 t2 = time.perf_counter()
                 n = len(batch)
                 _advance(progress, out, images=n * world)
+                # when this attempt's first step finished (a pipeline measures the gap since its inputs)
+                meta.setdefault("first_step_at", time.time())
                 if not out.skipped:
                     epoch_acc[0] += out.total
                     epoch_acc[1] += 1
