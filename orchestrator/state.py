@@ -178,6 +178,15 @@ class RunManifest:
             self.superseded.append({"stage": stage, **asdict(old)})
 
 
+def _own_submission_id() -> str | None:
+    """The Ray job submission id of this process when it is a Ray job's driver (the job
+    supervisor passes the job's metadata to its driver in ``RAY_JOB_CONFIG_JSON_ENV_VAR``)."""
+    try:
+        return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))["metadata"]["job_submission_id"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
 def whoami() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(),
-            "ray_job_id": os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID")}
+    """The orchestrator process: ``vtd jobs cancel`` also stops it when it runs as a Ray job."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(), "ray_job_id": _own_submission_id()}
