@@ -111,10 +111,13 @@ class JobsClient:
         return self.client.get_job_logs(submission_id)
 
     def stop(self, submission_id: str) -> bool:
+        """Stop a job; ``False`` when it was not running (finished, or unknown to the cluster)."""
         try:
             return bool(self.client.stop_job(submission_id))
         except RuntimeError:
-            return False
+            if self.status(submission_id) in (None, "SUCCEEDED", "FAILED", "STOPPED"):
+                return False
+            raise
 
 
 def _error_line(logs: str, fallback: str) -> str:
