@@ -198,13 +198,21 @@ def _cmd_cancel(a: argparse.Namespace) -> int:
     spec, m, run_dir = _manifest(a)
     fsio.write_bytes_atomic(fsio.join(run_dir, CANCEL_MARKER), f"cancel requested at {time.time()}\n".encode())
     client = _client_for(a, m)
-    stopped = []
-    for name, rec in m.stages.items():
-        if rec.state in ACTIVE and rec.job_id and client.stop(rec.job_id):
-            stopped.append(f"{name} ({rec.job_id})")
+    # The marker goes first: a live orchestrator that saw a job stopped without it would retry
+    # it. It may also stop the jobs itself before we do, so what counts is the state they end in.
+    jobs = {name: rec.job_id for name, rec in m.stages.items() if rec.state in ACTIVE and rec.job_id}
     orch_job = (m.orchestrator or {}).get("ray_job_id")
     if orch_job and client.status(orch_job) in ("PENDING", "RUNNING"):
-        client.stop(orch_job)
-        stopped.append(f"the orchestrator ({orch_job})")
+        jobs["the orchestrator"] = orch_job
+    for job in jobs.values():
+        client.stop(job)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(client.status(j) in ("PENDING", "RUNNING") for j in jobs.values()):
+        time.sleep(0.5)
+    stopped = [f"{name} ({job})" for name, job in jobs.items() if client.status(job) == "STOPPED"]
+    still = [f"{name} ({job})" for name, job in jobs.items() if client.status(job) in ("PENDING", "RUNNING")]
+    if still:
+        print(f"run {m.run}: cancel requested; still running after 30 s: {', '.join(still)}", file=sys.stderr)
+        return 1
     print(f"run {m.run}: cancel requested; stopped {', '.join(stopped) if stopped else 'no running job'}")
     return 0
