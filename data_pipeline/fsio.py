@@ -4,12 +4,15 @@ laptop, on a cluster's object store and in tests.
 
 Writes that other processes may observe go through :func:`atomic_open`: the bytes land in
 ``<path>.tmp-<uuid>`` first and are moved onto ``<path>`` only once complete, so a reader (or a
-resumed conversion) never sees half a file under the final name.
+resumed conversion) never sees half a file under the final name. A write that fails (a full
+disk, a quota, a denied permission) raises an ``OSError`` naming the file (:func:`naming`:
+``write()`` and ``close()`` errors name none by themselves).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,6 +126,18 @@ def list_dirs(uri: str) -> list[str]:
 
 
 @contextmanager
+def naming(uri: str) -> Iterator[None]:
+    """Within the block, an ``OSError`` that names no file (``write()``, ``flush()``, ``close()``:
+    "No space left on device") is raised again naming ``uri``, same errno and type."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or not e.errno:
+            raise
+        raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(uri)) from e
+
+
+@contextmanager
 def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO]:
     """Open ``<uri>.tmp-<uuid>`` for writing; on a clean exit move it onto ``uri``.
 
@@ -137,9 +152,10 @@ def atomic_open(uri: str, mode: str = "wb") -> Iterator[IO]:
         fs.makedirs(parent, exist_ok=True)
     tmp = f"{path}{TMP_MARKER}{uuid.uuid4().hex}"
     try:
-        with fs.open(tmp, mode) as f:
-            yield f
-        fs.mv(tmp, path)
+        with naming(uri):
+            with fs.open(tmp, mode) as f:
+                yield f
+            fs.mv(tmp, path)
     except BaseException:
         try:
             fs.rm_file(tmp)

@@ -352,6 +352,113 @@ def test_runs_verify_lists_integrity_and_the_resume_choice(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# Storage that fails writes: full, truncating, changing bytes, refusing deletes (tests/faulty_fs.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_full_storage_during_the_copy_leaves_nothing_and_names_the_file(good_checkpoint, tmp_path, monkeypatch):
+    """The copy into the run's storage runs out of space inside model.pt: one ``OSError`` line
+    naming the stored file, deterministic (not retried), and the partial directory is gone at
+    once. Where the store refuses the delete, what stays fails verification and the next resume
+    moves it aside: nothing partial ever counts as a checkpoint."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from faulty_fs import install
+    from vtd_train.train.checkpointing import persist_checkpoint
+    from vtd_train.train.failures import deterministic_cause, describe_failure
+
+    cfg = _tiny_cfg(tmp_path / "runs", name="r")
+    run = _make_run(cfg, steps=(2,))
+    dest = run / _ckpt_name(4)
+    before = sum((good_checkpoint / n).stat().st_size for n in (MODEL_JSON,))  # copied first (sorted)
+    fs = install(monkeypatch, str(run), space=before + 1000)
+    with pytest.raises(OSError) as e:
+        persist_checkpoint(str(good_checkpoint), str(dest))
+    assert e.value.errno == 28 and e.value.filename == str(dest / MODEL_WEIGHTS), e.value
+    assert deterministic_cause(e.value) is e.value
+    line = describe_failure("r", WorkerGroupError("failed", {0: e.value}))
+    assert line == f"run 'r': {dest / MODEL_WEIGHTS}: No space left on device", line
+    assert fs.written == [str(dest / MODEL_JSON), str(dest / MODEL_WEIGHTS)] and not dest.exists()  # cleaned up at once
+
+    fs.space, fs.refuse_rm = before + 1000, True  # the same, on a store that refuses the clean-up
+    with pytest.raises(OSError):
+        persist_checkpoint(str(good_checkpoint), str(dest))
+    assert dest.exists()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        verify_checkpoint(str(dest))
+    monkeypatch.undo()
+    plan = prepare_resume(cfg.storage_path, "r", say=lambda _: None)
+    assert plan.checkpoint == str(run / _ckpt_name(2)) and [q[0] for q in plan.quarantined] == [_ckpt_name(4)]
+
+
+@pytest.mark.parametrize("fault, name, pattern", [
+    ("truncate", MODEL_WEIGHTS, r"model\.pt: truncated: \d+ bytes, checksums\.json records \d+"),
+    ("corrupt", TRAIN_STATE_PT, r"train_state\.pt: corrupt: sha256 .* \(same size"),
+    ("truncate", CHECKSUMS, r"checksums\.json: malformed JSON"),
+])
+def test_a_store_that_loses_or_changes_bytes_fails_the_copy_before_registration(good_checkpoint, tmp_path, monkeypatch,
+                                                                                fault, name, pattern):
+    """Bytes that do not read back as written (no error from the store): the verification after
+    the copy names the file, and the directory is removed, so Ray never registers it."""
+    from faulty_fs import install
+    from vtd_train.train.checkpointing import persist_checkpoint
+
+    dest = tmp_path / "runs" / "r" / _ckpt_name(4)
+    install(monkeypatch, str(tmp_path / "runs"), **{fault: (name,)})
+    with pytest.raises(CheckpointError, match=pattern) as e:
+        persist_checkpoint(str(good_checkpoint), str(dest))
+    assert str(e.value).startswith(str(dest)) and "\n" not in str(e.value)
+    assert not dest.exists()
+    monkeypatch.undo()
+    persist_checkpoint(str(good_checkpoint), str(dest))  # a healthy store: intact
+    assert sorted(verify_checkpoint(str(dest))) == sorted(CHECKPOINT_FILES)
+
+
+def test_a_full_disk_while_writing_the_local_checkpoint(tmp_path, monkeypatch):
+    """The worker's own temp directory fills up during ``write_checkpoint``: one ``OSError``
+    naming the file being written, and no directory left, partial or final."""
+    from faulty_fs import install
+
+    writer = _Writer(_tiny_cfg(tmp_path))
+    install(monkeypatch, str(tmp_path / "tmp"), space=3000)
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(OSError) as e:
+        writer.write(tmp_path / "tmp" / "ckpt", 4)
+    assert e.value.errno == 28 and e.value.filename.startswith(str(tmp_path / "tmp" / "ckpt.partial-")), e.value
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_the_ray_upload_copies_verifies_and_cleans_up(good_checkpoint, tmp_path, monkeypatch):
+    """``upload_checkpoint`` (Ray's ``checkpoint_upload_fn``): the local copy is removed whether
+    the upload succeeded or not; a full store leaves no directory; the checkpoint Ray registers
+    is the verified one in the run's storage."""
+    import ray.train
+
+    from faulty_fs import install
+    from vtd_train.train.reporting import upload_checkpoint
+
+    class Storage:
+        storage_filesystem = None
+
+        def build_checkpoint_path_from_name(self, name: str) -> str:
+            return str(run / name)
+
+    run = tmp_path / "runs" / "r"
+    monkeypatch.setattr(ray.train, "get_context", lambda: type("Ctx", (), {"get_storage": lambda self: Storage()})())
+    upload = upload_checkpoint(str(run))
+    local = _copy(good_checkpoint, tmp_path / "local")
+    fs = install(monkeypatch, str(run), space=1000)
+    with pytest.raises(OSError, match=f"No space left on device: '{run / _ckpt_name(4)}/"):
+        upload(ray.train.Checkpoint.from_directory(str(local)), _ckpt_name(4))
+    assert not local.exists() and not (run / _ckpt_name(4)).exists()
+    fs.space = None
+    local = _copy(good_checkpoint, tmp_path / "local")
+    persisted = upload(ray.train.Checkpoint.from_directory(str(local)), _ckpt_name(4))
+    assert persisted.path == str(run / _ckpt_name(4)) and not local.exists()
+    assert load_checkpoint(persisted.path).progress.global_step == 4
+
+
+# ---------------------------------------------------------------------------------------------
 # Ray fits on the shared cluster
 # ---------------------------------------------------------------------------------------------
 

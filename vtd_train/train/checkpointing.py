@@ -18,10 +18,15 @@ own: the learning rate is a function of the global step (:func:`vtd_train.train.
 
 Atomicity: :func:`write_checkpoint` builds the directory under a ``.partial-<uuid>`` name and
 renames it into place only when every file is written, so a crash mid-save leaves no directory
-under the final name; Ray Train then copies the finished directory to ``storage_path`` (in no
-particular order, and a failed copy can leave a partial directory under the final name) and
-registers it only after the copy completed. So the order of writing proves nothing where the
-checkpoint is stored: :func:`load_checkpoint` and :func:`load_weights` verify every file against
+under the final name. :func:`persist_checkpoint` (Ray Train's upload, through
+:func:`vtd_train.train.reporting.upload_checkpoint`) then copies the finished directory into the
+run's storage under its final name, ``checksums.json`` last, and verifies every file *as stored*
+before it returns; Ray registers the checkpoint (commits it) only after that. A copy that fails
+— a full disk, a quota, a denied write, bytes that do not read back as written — removes what
+it wrote and raises one error naming the file; a directory it could not remove, or one left by a
+killed process, is never registered, fails verification, and is moved aside at the next resume
+(:mod:`~vtd_train.train.recovery`). So the order of writing proves nothing where the checkpoint
+is stored: :func:`load_checkpoint` and :func:`load_weights` verify every file against
 ``checksums.json`` (:mod:`vtd_train.checkpoint`) and reject a directory with any file missing,
 truncated or changed, naming it.
 
@@ -156,6 +161,35 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def persist_checkpoint(local: str, dest: str) -> dict[str, dict[str, Any]]:
+    """Copy the finished local checkpoint directory ``local`` (:func:`write_checkpoint`) to
+    ``dest`` (a local path or fsspec URI: the checkpoint's directory in the run's storage), its
+    other files first and ``checksums.json`` last, then verify every file as stored (read back).
+    Returns the verified ``checksums.json`` entries.
+
+    On any failure ``dest`` is removed (best effort: what stays behind fails verification and is
+    never registered) and the error names the file: an ``OSError`` (no space, quota, permission)
+    with its path, or a :class:`CheckpointError` for bytes that did not read back as written."""
+    names = sorted(os.listdir(local))
+    if CHECKSUMS not in names:
+        raise CheckpointError(f"{local}: no {CHECKSUMS}: not a finished checkpoint")
+    fs, root = fsio.resolve(dest)
+    try:
+        with fsio.naming(dest):
+            fs.makedirs(root, exist_ok=True)
+        for name in [n for n in names if n != CHECKSUMS] + [CHECKSUMS]:
+            target = fsio.join(dest, name)
+            with fsio.naming(target), open(os.path.join(local, name), "rb") as src, fs.open(fsio.resolve(target)[1], "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        return verify_checkpoint(dest, require=CHECKPOINT_FILES)
+    except BaseException:
+        try:
+            fs.rm(root, recursive=True)
+        except Exception:  # noqa: BLE001 - the error that matters is the one being raised
+            pass
+        raise
 
 
 # ---------------------------------------------------------------------------------------------

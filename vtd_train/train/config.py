@@ -67,6 +67,9 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
+CHECKPOINT_UPLOADS = ("sync", "async")
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise VTDInputError(message)
@@ -243,15 +246,20 @@ class LRScheduleConfig:
 class CheckpointPolicy:
     """When to checkpoint: every ``every_steps`` steps (0: never mid-epoch), at each epoch end
     (``at_epoch_end``) and always at the end of the run. ``num_to_keep``: Ray's
-    ``CheckpointConfig(num_to_keep)`` (``null``: keep all)."""
+    ``CheckpointConfig(num_to_keep)`` (``null``: keep all). ``upload``: ``sync`` — training
+    waits while the checkpoint is copied to storage and verified there —, or ``async`` — Ray
+    Train copies and verifies it in the background while training goes on (its
+    ``checkpoint_upload_mode``); either way it is registered only once verified."""
 
     every_steps: int = 0
     at_epoch_end: bool = True
     num_to_keep: int | None = 3
+    upload: str = "sync"
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")
         _check(self.num_to_keep is None or self.num_to_keep >= 1, f"num_to_keep must be >= 1 or null, got {self.num_to_keep}")
+        _check(self.upload in CHECKPOINT_UPLOADS, f"upload must be one of {CHECKPOINT_UPLOADS}, got {self.upload!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,6 +31,7 @@ import random
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,7 +51,8 @@ from vtd_train.train.config import TrainConfig
 from vtd_train.train.faults import FaultInjector
 from vtd_train.train.grad_sync import GradSync, all_gather_objects, broadcast_state, mutable_buffers, replica_divergence
 from vtd_train.train.optim import build_optimizer, freeze, lr_at
-from vtd_train.train.reporting import Reporter
+from vtd_train.train.recovery import run_uri
+from vtd_train.train.reporting import Reporter, upload_checkpoint
 from vtd_train.train.step import NonFiniteGuard, StepOutput, TrainStep
 
 log = logging.getLogger(__name__)
@@ -163,7 +165,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     step_fn = TrainStep(model, optimizer, precision, sync, grad_clip=cfg.optimizer.grad_clip, loss_hook=faults.loss_hook, rank=rank)
     static = {"optimizer": optimizer_name, "precision": cfg.precision, "world_size": world, "stage": cfg.stage}
     reporter = Reporter(run=cfg.name, stage=cfg.stage, rank=rank, world_size=world, epochs=cfg.epochs,
-                        steps_per_epoch=steps_per_epoch, total_steps=total_steps, static=static)
+                        steps_per_epoch=steps_per_epoch, total_steps=total_steps, static=static,
+                        upload_fn=upload_checkpoint(run_uri(cfg.storage_path, cfg.name)), upload_mode=cfg.checkpoint.upload)
     meta = {"run": cfg.name, "stage": cfg.stage, "world_size": world, "optimizer": optimizer_name,
             "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict()}
     if rank == 0:
@@ -177,24 +180,25 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     def emit(*, with_checkpoint: bool) -> None:
         """Checkpoint (optional) + the report. Called at the same steps on every rank."""
-        ckpt_dir, tmp, write_s = None, None, 0.0
+        ckpt_dir, write_s = None, 0.0
         divergence = replica_divergence(model)
         if with_checkpoint:
             t = time.perf_counter()
             states = all_gather_objects({"rng": capture_rng(device), "epoch_acc": list(epoch_acc)})
             if rank == 0:
-                tmp = tempfile.mkdtemp(prefix="vtd-ckpt-")
                 ckpt_dir = write_checkpoint(
-                    os.path.join(tmp, "checkpoint"), model=model, model_cfg=cfg.model, optimizer=optimizer,
-                    scaler=precision.scaler, progress=progress, rank_states=states, meta={**meta, "replica_divergence": divergence},
+                    os.path.join(tempfile.gettempdir(), f"vtd-ckpt-{uuid.uuid4().hex}"), model=model, model_cfg=cfg.model,
+                    optimizer=optimizer, scaler=precision.scaler, progress=progress, rank_states=states,
+                    meta={**meta, "replica_divergence": divergence},
                 )
             write_s = time.perf_counter() - t
-        try:
+        try:  # the upload removes the local directory once it has copied it (in the background if async)
             reporter.report(progress, divergence=divergence, checkpoint_dir=ckpt_dir, checkpoint_write_s=write_s,
                             extra={"resumed_from_step": resumed_from})
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            if ckpt_dir is not None:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            raise
 
     guard = NonFiniteGuard(cfg.failures.max_consecutive_nonfinite, streak=progress.nonfinite_streak)
     model.train()

@@ -9,7 +9,9 @@ end), which is the same on every rank. Each report:
 2. carries the replicas' agreement check (:func:`~vtd_train.train.grad_sync.replica_divergence`,
    computed by the caller: 0.0 when every rank holds the same weights);
 3. prints one progress line on rank 0 (images/s, losses per task, lr, skips);
-4. calls ``ray.train.report(metrics, checkpoint=...)`` (rank 0 passes the checkpoint).
+4. calls ``ray.train.report(metrics, checkpoint=...)`` (rank 0 passes the checkpoint, which
+   :func:`upload_checkpoint` copies into the run's storage and verifies there before Ray
+   registers it; in the background with ``checkpoint.upload: async``).
 
 Metric keys: ``epoch``, ``step``, ``batch``, ``steps_per_epoch``, ``total_steps``,
 ``images_seen``, ``loss`` (interval mean of the total), ``loss/<task>/<term>`` (interval means),
@@ -55,6 +57,8 @@ class Reporter:
         static: dict[str, Any],
         report_fn: Callable[..., None] | None = None,
         printer: Callable[[str], None] | None = None,
+        upload_fn: Callable[[Any, str], Any] | None = None,
+        upload_mode: str = "sync",
     ):
         self.run, self.stage, self.rank, self.world = run, stage, rank, world_size
         self.epochs, self.steps_per_epoch, self.total_steps = epochs, steps_per_epoch, total_steps
@@ -67,6 +71,7 @@ class Reporter:
 
             report_fn = ray.train.report
         self._report_fn = report_fn
+        self._upload_fn, self._upload_mode = upload_fn, upload_mode
         self.times = dict.fromkeys(TIME_KEYS, 0.0)  # cumulative, this rank
         self._reset()
 
@@ -110,7 +115,8 @@ class Reporter:
 
         ``divergence``: :func:`replica_divergence` of this report (the caller computes it, so the
         checkpoint records it too). ``checkpoint_dir``: a finished local checkpoint directory
-        (rank 0) — uploaded by Ray. Returns the metrics as this rank sent them (rank 0's are kept).
+        (rank 0) — uploaded by Ray through the reporter's ``upload_fn``, which then owns it
+        (removes it once copied). Returns the metrics as this rank sent them (rank 0's are kept).
         """
         t_start = time.perf_counter()
         self.times["checkpoint"] += checkpoint_write_s
@@ -163,10 +169,15 @@ class Reporter:
 
             kw = dict(checkpoint=Checkpoint.from_directory(checkpoint_dir),
                       checkpoint_dir_name=f"checkpoint_step{step:08d}_{uuid.uuid4().hex[:6]}")
+            if self._upload_fn is not None:
+                from ray.train import CheckpointUploadMode
+
+                kw.update(checkpoint_upload_fn=self._upload_fn, delete_local_checkpoint_after_upload=False,
+                          checkpoint_upload_mode=CheckpointUploadMode[self._upload_mode.upper()])
         t_call = time.perf_counter()
         self._report_fn(metrics, **kw)
         t_end = time.perf_counter()
-        # the upload (inside the report call) is checkpoint time; the rest is reporting time
+        # the upload (inside the report call unless asynchronous) is checkpoint time; the rest is reporting time
         if checkpoint_dir is not None:
             self.times["checkpoint"] += t_end - t_call
             self.times["report"] += t_call - t_start
@@ -191,3 +202,49 @@ class Reporter:
             f"{m['images_per_s']:.1f} img/s | loss {m['loss']:.4f} | {tasks} | lr {m['lr']:.2e} | "
             f"wait {m['data_wait_frac']:.0%}{skipped}{ckpt}"
         )
+
+
+def upload_checkpoint(run: str) -> Callable[[Any, str], Any]:
+    """Ray Train's ``checkpoint_upload_fn`` for run directory ``run`` (its storage URI): copy the
+    local checkpoint into ``<run>/<checkpoint_dir_name>`` and verify it there
+    (:func:`~vtd_train.train.checkpointing.persist_checkpoint`), then remove the local copy; Ray
+    registers the checkpoint only once this returns. A failure (no space, a denied write, bytes
+    that do not read back) has removed the partial directory and raises one error naming the
+    file; a deterministic one is not logged with Ray's traceback (``vtd train`` prints it as one
+    line)."""
+
+    def upload(checkpoint: Any, dir_name: str) -> Any:
+        import shutil
+
+        import ray.train
+
+        from data_pipeline import fsio
+        from vtd_train.train.checkpointing import persist_checkpoint
+        from vtd_train.train.failures import deterministic_cause
+
+        storage = ray.train.get_context().get_storage()
+        check = getattr(storage, "_check_validation_file", None)  # Ray's "is the storage reachable from this node"
+        if check is not None:
+            check()
+        try:
+            persist_checkpoint(checkpoint.path, fsio.join(run, dir_name))
+        except Exception as e:
+            if deterministic_cause(e) is not None:
+                _quiet_ray_error_logs()
+            raise
+        finally:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+        return ray.train.Checkpoint(filesystem=storage.storage_filesystem, path=storage.build_checkpoint_path_from_name(dir_name))
+
+    return upload
+
+
+def _quiet_ray_error_logs() -> None:
+    """Ray logs a failed upload (and every error of a training function) with its traceback on
+    the worker; a deterministic error is said once, in one line, by the CLI."""
+    logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
+    try:
+        from ray.train.v2._internal.execution import context as ray_ctx
+    except ImportError:  # pragma: no cover - other Ray versions
+        return
+    logging.getLogger(ray_ctx.__file__).setLevel(logging.CRITICAL)
