@@ -468,6 +468,26 @@ def test_model_info_counts_params_and_macs():
     assert info["proposals"] > 0 and info["detections"] > 0
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["model", "info", "--height", "-5"], "vtd model info: argument --height: expected a number of pixels from 1 to 16384, got '-5'"),
+    (["model", "info", "--width", "wide"], "argument --width: expected a number of pixels from 1 to 16384, got 'wide'"),
+    (["model", "info", "--backbone", "resnet5"], "unknown backbone 'resnet5'"),
+    (["model", "info", "--variant", "single:xyz"], "unknown task 'xyz'"),
+    (["data", "synth", "--out", "/nowhere", "--seed", "-1"], "argument --seed: expected a non-negative integer, got '-1'"),
+    (["train"], "vtd train: the following arguments are required: --config"),
+])
+def test_bad_cli_values_stop_in_one_line_naming_the_value(argv, fragment, capsys):
+    from vtd_train.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's usage errors exit
+        rc = e.code
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("vtd: error: ") and fragment in lines[0], captured
+
+
 def test_config_from_dict_validates_keys_and_values():
     from vtd_train.model.config import config_from_dict
 

@@ -67,8 +67,15 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(workdir=a.workdir, seed=a.seed, size=a.size)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (a bad or missing argument) as one line, like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"vtd: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vtd", description="VTDNet training service (BDD100K, ten tasks).")
+    p = _Parser(prog="vtd", description="VTDNet training service (BDD100K, ten tasks).")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="dataset generation, conversion to shards, inspection").add_subparsers(
@@ -76,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = data.add_parser("synth", help="generate a BDD100K-format mini dataset")
     s.add_argument("--out", required=True, help="output directory (a BDD100K root)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--size", choices=("tiny", "small", "full"), default="tiny")
     s.set_defaults(func=_cmd_data_synth)
 
@@ -101,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: synth → shards → loader (→ train → evaluate)")
     d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--size", choices=("tiny", "small"), default="tiny")
     d.set_defaults(func=_cmd_demo)
 
@@ -118,8 +125,8 @@ def _add_optional_commands(sub) -> None:
     info = m.add_parser("info", help="parameter count and GMACs of a model variant")
     info.add_argument("--backbone", default="resnet50")
     info.add_argument("--variant", default="vtdnet", help="vtdnet | mt | single:TASK")
-    info.add_argument("--height", type=int, default=720)
-    info.add_argument("--width", type=int, default=1280)
+    info.add_argument("--height", type=_pixels, default=720)
+    info.add_argument("--width", type=_pixels, default=1280)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_model_info)
     mi = m.add_parser("init", help="an untrained checkpoint of a training config's model (seeded as `vtd train` seeds)")
@@ -227,6 +234,30 @@ def _cmd_model_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+#: The largest image side the CLI accepts (the shard format's label-map limit).
+MAX_PIXELS = 16384
+
+
+def _pixels(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_PIXELS:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels from 1 to {MAX_PIXELS}, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def _height(text: str) -> int | str:
     if text == "native":
         return text
@@ -280,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     except (VTDInputError, FileNotFoundError, FileExistsError, ConnectionError) as e:
         # User-facing errors (bad input, missing files): one clear line, no traceback.
         print(f"vtd: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno is None:  # not the operating system's: a bug, with its traceback
+            raise
+        # the machine's (a full disk, a denied permission): one line naming the file
+        print(f"vtd: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
 
 
