@@ -46,11 +46,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from data_pipeline import fsio
 from data_pipeline.bdd100k import TASKS
 from data_pipeline.errors import VTDInputError
+from vtd_train.model.config import read_yaml_mapping
 from vtd_train.train.config import IMAGE_SETS, TrainConfig, train_config_from_dict
 
 STAGE_KINDS = ("init", "train", "pseudo_label", "merge")
@@ -495,14 +493,4 @@ def pipeline_from_dict(raw: Any, *, profile: str, source: str = "<pipeline>") ->
 
 def load_pipeline(path: str, *, profile: str) -> PipelineSpec:
     """Read and validate a pipeline file (local path or URI) for ``profile``."""
-    try:
-        text = fsio.read_bytes(path).decode("utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such pipeline file") from None
-    except UnicodeDecodeError as e:
-        raise VTDInputError(f"{path}: not UTF-8 text: {e}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise VTDInputError(f"{path}: invalid YAML: {e}") from None
-    return pipeline_from_dict(raw, profile=profile, source=path)
+    return pipeline_from_dict(read_yaml_mapping(path, what="pipeline"), profile=profile, source=path)

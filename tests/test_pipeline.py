@@ -206,6 +206,8 @@ def test_killed_orchestrator_adopts_its_running_stage_and_a_changed_stage_reruns
     for name in ("a", "b", "final"):
         assert checkpoint_hash(m.stages[name].outputs["checkpoint"]) == m.stages[name].outputs["hash"]
     assert m.stages["b"].inputs["a"]["hash"] == m.stages["a"].outputs["hash"]
+    # b's first training step came after a ended, and the gap is on record
+    assert 0 < m.stages["b"].metrics["first_step_gap_s"] < 600
 
     # fine-tuning only the ins decoder left every other tensor bit-identical; the merge holds it
     wa, wb, wf = (weights(m.stages[s].outputs["checkpoint"]) for s in ("a", "b", "final"))
@@ -233,6 +235,7 @@ def test_killed_orchestrator_adopts_its_running_stage_and_a_changed_stage_reruns
 
 @pytest.mark.ray
 def test_a_failing_stage_is_retried_and_its_error_recorded(jobs_api, tiny_shards, tmp_path):
+    from orchestrator.metrics import PipelineMetrics
     from orchestrator.runner import JobsClient, Orchestrator
 
     marker = tmp_path / "killed-once"
@@ -242,9 +245,17 @@ def test_a_failing_stage_is_retried_and_its_error_recorded(jobs_api, tiny_shards
     pipe = write_pipeline(tmp_path / "p.yaml", stages, tiny_shards, tmp_path / "runs", retries=1)
     spec = load_pipeline(pipe, profile="t")
     lines: list[str] = []
+    metrics = PipelineMetrics(None)
     orch = Orchestrator(spec, run="p-t", data=tiny_shards, storage=str(tmp_path / "runs"), client=JobsClient(jobs_api),
-                        python=sys.executable, log=lines.append)
+                        python=sys.executable, log=lines.append, metrics=metrics)
     assert orch.run() == 0, "\n".join(lines)
+    # the orchestrator's Prometheus series say the same
+    value = metrics.registry.get_sample_value
+    assert value("vtd_pipeline_stage_state", {"run": "p-t", "stage": "a", "state": "succeeded"}) == 1.0
+    assert value("vtd_pipeline_stage_state", {"run": "p-t", "stage": "a", "state": "failed"}) == 0.0
+    assert value("vtd_pipeline_stage_attempt", {"run": "p-t", "stage": "a"}) == 2.0
+    assert value("vtd_pipeline_stage_duration_seconds", {"run": "p-t", "stage": "a"}) > 0
+    assert value("vtd_pipeline_submit_latency_seconds_count", {"run": "p-t"}) == 2.0
     rec = manifest(tmp_path / "runs").stages["a"]
     assert marker.exists()
     assert rec.attempt == 2 and [h["state"] for h in rec.history] == ["failed", "succeeded"]
@@ -252,6 +263,7 @@ def test_a_failing_stage_is_retried_and_its_error_recorded(jobs_api, tiny_shards
     assert any("retry 1 of 1" in ln for ln in lines), lines
     # the second attempt ran to the end (in the same stage directory: one key, one directory)
     assert rec.outputs["global_step"] == 3
+    assert rec.metrics["first_step_gap_s"] is None  # a stage without inputs has no gap
 
 
 @pytest.mark.ray

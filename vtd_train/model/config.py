@@ -90,3 +90,25 @@ def config_from_dict(cls: type[T], data: dict, *, source: str = "<config>") -> T
         return _build(cls, data, "")
     except VTDInputError as e:
         raise VTDInputError(f"{source}: {e}") from e
+
+
+def read_yaml_mapping(path: str, *, what: str = "config") -> dict:
+    """A YAML file (local path or fsspec URI) whose top level is a mapping; a missing file, a
+    non-UTF-8 one, invalid YAML or another top level is one error naming ``path``."""
+    import yaml
+
+    from data_pipeline import fsio
+
+    try:
+        text = fsio.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what} file") from None
+    except UnicodeDecodeError as e:
+        raise VTDInputError(f"{path}: not UTF-8 text: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise VTDInputError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise VTDInputError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
