@@ -46,14 +46,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 
 from data_pipeline import fsio
 from data_pipeline.errors import VTDInputError
 from data_pipeline.loader import LoaderConfig
 from data_pipeline.sampler import SAMPLING_MODES
 from data_pipeline.transforms import PAPER_SCALES, AugmentConfig
-from vtd_train.model.config import config_from_dict
+from vtd_train.model.config import config_from_dict, read_yaml_mapping
 from vtd_train.model.vtdnet import VTDNetConfig
 
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -429,18 +428,7 @@ def train_config_from_dict(data: Any, *, source: str = "<config>") -> TrainConfi
 def load_train_config(path: str, **overrides: Any) -> TrainConfig:
     """Read a YAML run config (local path or fsspec URI); ``overrides`` replace top-level keys
     (``None`` values are ignored), e.g. the CLI's ``--storage`` and ``--name``."""
-    try:
-        text = fsio.read_bytes(path).decode("utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such config file") from None
-    except UnicodeDecodeError as e:
-        raise VTDInputError(f"{path}: not UTF-8 text: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise VTDInputError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise VTDInputError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = read_yaml_mapping(path, what="config")
     data.update({k: v for k, v in overrides.items() if v is not None})
     return train_config_from_dict(data, source=path)
 
