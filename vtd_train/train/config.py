@@ -46,7 +46,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from data_pipeline import fsio
 from data_pipeline.errors import VTDInputError
 from data_pipeline.loader import LoaderConfig
