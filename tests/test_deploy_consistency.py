@@ -14,13 +14,14 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from functools import cache
 from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
 from test_deploy_manifests import kustomize, one
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
