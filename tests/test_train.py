@@ -1,9 +1,10 @@
 """The training shell, cheap to expensive: config validation, lr schedule, optimizer choice,
 checkpoint atomicity, mixed-precision steps (no Ray); partial-task batches under data parallelism (two gloo processes
 holding different image sets in the same step, freezing, a NaN on one rank); then 2-worker gloo runs of the tiny
-VTDNet on the shared Ray cluster: a CLI run whose loss falls, a run whose worker is killed
-mid-epoch and that ends bit-identical to the uninterrupted one (both with a NaN step skipped on
-all ranks).
+VTDNet on the shared Ray cluster: a CLI run whose loss falls, and a chaos run whose driver and
+workers are SIGKILLed at random points, restarted each time, that ends bit-identical to the
+uninterrupted one (both with a NaN step skipped on all ranks). (A worker killed by the
+``faults:`` drill is tested by tests/test_pipeline.py.)
 
 Every Ray fit costs a fixed worker start-up (tens of seconds on 2 cores), so the runs are few and
 each is checked for several things.
@@ -15,7 +16,9 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -470,28 +473,84 @@ def test_cli_run_loss_falls_and_checkpoints(reference_run):
     model, _, meta = load_model(str(latest))
     assert meta["step"] == 27
 
+_STEP_LINE = re.compile(r"\] epoch \d+/\d+ step (\d+)/\d+ \|")
+
+
+def _train_worker_pids(since: float) -> list[int]:
+    """Ray Train worker processes started since ``since`` (those of the current driver's run)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        cmd = " ".join(p.info["cmdline"] or ())
+        if "RayTrainWorker" in cmd and (p.info["create_time"] or 0) >= since:
+            pids.append(p.pid)
+    return sorted(pids)
+
 
 @pytest.mark.ray
-def test_killed_worker_resumes_from_checkpoint_bit_identical(reference_run, tiny_shards, tmp_path):
-    """Rank 1 is SIGKILLed before step 14 (mid-epoch 1; last checkpoint at step 12) on the first
-    attempt only: Ray restarts both workers, the loop restores weights, optimizer, position and
-    RNG, and at step 18 (``max_steps``) the weights are exactly the reference run's at step 18."""
-    from vtd_train.train.launch import run_training
+def test_chaos_killed_drivers_and_workers_end_bit_identical(reference_run, ray_cluster, tmp_path):
+    """``vtd train`` (a subprocess driver on the shared cluster) with checkpoints every 2 steps,
+    uploaded in the background, SIGKILLed three times at seeded random points — the driver twice
+    (each time restarted with the same name: it takes the dead driver's lease and sets the run
+    directory right), a worker once (Ray restarts the workers) — ends at step 18 with weights,
+    optimizer state and progress bit-identical to the uninterrupted reference run's at step 18,
+    and only intact checkpoints registered."""
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
 
-    marker = tmp_path / "killed-once"
-    cfg = load_train_config(reference_run["config"], storage_path=str(tmp_path / "runs"), name="killed")
-    cfg = config_with(cfg, failures={"max_failures": 1}, max_steps=18,
-                      faults={"kill_rank": 1, "kill_step": 14, "kill_marker": str(marker)})
-    result = run_training(cfg)
-    assert marker.exists(), "the fault was never injected"
-    m = result.metrics
-    assert m["resumed_from_step"] == 12 and m["step"] == 18, m
-    ref_18 = [d for d in reference_run["run_dir"].glob("checkpoint_step*") if read_progress(str(d)).global_step == 18]
-    ref = load_checkpoint(str(ref_18[0]))
-    got = load_checkpoint(result.checkpoint.path)
-    assert got.progress.epoch_losses == ref.progress.epoch_losses
+    from vtd_train.train.recovery import inspect_run, resume_checkpoint
+
+    rng = random.Random(24)
+    doc = yaml.safe_load(Path(reference_run["config"]).read_text())
+    doc.update(max_steps=18, report_every_steps=1, failures={**doc["failures"], "max_failures": 3},
+               checkpoint={"every_steps": 2, "at_epoch_end": True, "num_to_keep": 2, "upload": "async"})
+    (tmp_path / "chaos.yaml").write_text(yaml.safe_dump(doc))
+    storage = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "vtd_train.cli", "train", "--config", str(tmp_path / "chaos.yaml"),
+           "--address", ray_cluster.address, "--storage", str(storage), "--name", "chaos"]
+    kills = list(zip(sorted(rng.sample(range(3, 16), 3)), ["driver", "worker", "driver"]))
+    drivers, done = [], []
+    while True:
+        started = time.time()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout] + [lines.put(None)], daemon=True).start()
+        out: list[str] = []
+        drivers.append(out)
+        killed = False
+        while (line := lines.get(timeout=300)) is not None:
+            out.append(line)
+            m = _STEP_LINE.search(line)
+            if m and kills and int(m[1]) >= kills[0][0]:
+                step, kind = kills.pop(0)
+                time.sleep(rng.uniform(0.0, 1.5))  # somewhere in the next step or its checkpoint
+                if kind == "driver":
+                    proc.send_signal(signal.SIGKILL)
+                    killed = True
+                else:
+                    pids = _train_worker_pids(started)
+                    assert len(pids) == 2, pids
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                done.append((step, kind))
+        rc = proc.wait(timeout=60)
+        if not killed:
+            break
+    text = "".join(drivers[-1])
+    assert [k for _, k in done] == ["driver", "worker", "driver"] and len(drivers) == 3, done
+    assert rc == 0 and "run 'chaos' done at step 18" in text, text[-3000:]
+    assert all("took over the lease" in "".join(d) for d in drivers[1:]), [d[:5] for d in drivers]
+    report = inspect_run(str(storage / "chaos"))
+    assert report["error"] is None and all(c["intact"] for c in report["checkpoints"] if c["registered"]), report
+    ref = load_checkpoint(str(next(d for d in reference_run["run_dir"].glob("checkpoint_step*")
+                                   if read_progress(str(d)).global_step == 18)))
+    got = load_checkpoint(resume_checkpoint(str(storage), "chaos"))
+    assert got.progress == ref.progress
     diff = [k for k in ref.model_state if not torch.equal(ref.model_state[k], got.model_state[k])]
     assert diff == [], f"weights differ from the uninterrupted run: {diff[:5]}"
-    assert got.progress == ref.progress  # position, counters (the NaN skip of step 2), epoch losses
-    exp_avg = [(a["exp_avg"], b["exp_avg"]) for a, b in zip(ref.optimizer["state"].values(), got.optimizer["state"].values())]
-    assert all(torch.equal(a, b) for a, b in exp_avg)
+    for a, b in zip(ref.optimizer["state"].values(), got.optimizer["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
