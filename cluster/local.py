@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ def connect(
         with _free_agent_port():
             ctx = ray.init(
                 num_cpus=num_cpus, include_dashboard=include_dashboard, _metrics_export_port=port,
-                logging_level="warning", log_to_driver=True,
+                logging_level="warning", log_to_driver=True, _temp_dir=_own_temp_dir(),
             )
         embedded = True
     else:
@@ -85,6 +86,19 @@ def connect(
         metrics_export_port=port if embedded else _metrics_port(),
         num_cpus=res.get("CPU", 0.0), num_gpus=res.get("GPU", 0.0),
     )
+
+
+def _own_temp_dir() -> str | None:
+    """A temp root of the embedded cluster's own (``RAY_TMPDIR`` wins when set).
+
+    Ray resolves the address ``auto`` through ``<temp root>/ray_current_cluster``, the file the
+    latest cluster started on the machine wrote. Ray's job supervisor gives every job's driver
+    that ``auto`` address, and ``ray.init()`` without an address joins that cluster: with a shared
+    root, a stage job of our cluster would join (or hang on) whichever cluster started last on
+    the machine, and the embedded cluster itself would join someone's ``ray start``."""
+    if os.environ.get("RAY_TMPDIR"):
+        return None
+    return tempfile.mkdtemp(prefix="vtd-ray-")
 
 
 @contextlib.contextmanager
