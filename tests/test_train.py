@@ -96,6 +96,7 @@ BASE = "data: {uri: /nowhere}\n"
         ("data: {uri: /x, handoff_batches: 0}\n", ["data", "handoff_batches must be >= 1", "0"]),
         ("epochs: 3\n", ["missing key 'data'"]),
         (BASE + "checkpoint: {every_steps: -2}\n", ["checkpoint", "every_steps", "-2"]),
+        (BASE + "checkpoint: {upload: later}\n", ["checkpoint", "upload must be one of ('async', 'sync')", "'later'"]),
         (BASE + "failures: {max_consecutive_nonfinite: 0}\n", ["failures", "max_consecutive_nonfinite", "0"]),
         (BASE + "faults: {kill_rank: 0}\n", ["faults", "kill_marker"]),
         (BASE + "freeze: backbone\n", ["freeze", "expected a list", "'backbone'"]),

@@ -24,7 +24,9 @@ optimizer              AdamW: lr 1e-4, betas (0.9, 0.999), weight decay 0.05 (pa
                        ``implementation`` auto | torch | apex_adam | apex_lamb; ``grad_clip``
 lr_schedule            ``milestones`` in epochs (×``gamma`` at each; paper: 8 and 11 of 12),
                        optional linear warm-up in steps
-checkpoint             ``every_steps`` (0: epoch ends only), ``at_epoch_end``, ``num_to_keep``
+checkpoint             ``every_steps`` (0: epoch ends only), ``at_epoch_end``, ``num_to_keep``,
+                       ``upload`` (``async`` | ``sync``: the copy to storage in Ray Train's
+                       background thread or in the report call)
 failures               ``max_failures`` (Ray FailureConfig) and ``max_consecutive_nonfinite``
 report_every_steps     the reporting interval (a ``ray.train.report`` and a progress line)
 freeze                 module-name prefixes whose parameters are frozen (fine-tuning stage)
@@ -65,7 +67,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-CHECKPOINT_UPLOADS = ("sync", "async")
+CHECKPOINT_UPLOADS = ("async", "sync")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -244,15 +246,17 @@ class LRScheduleConfig:
 class CheckpointPolicy:
     """When to checkpoint: every ``every_steps`` steps (0: never mid-epoch), at each epoch end
     (``at_epoch_end``) and always at the end of the run. ``num_to_keep``: Ray's
-    ``CheckpointConfig(num_to_keep)`` (``null``: keep all). ``upload``: ``sync`` — training
-    waits while the checkpoint is copied to storage and verified there —, or ``async`` — Ray
-    Train copies and verifies it in the background while training goes on (its
-    ``checkpoint_upload_mode``); either way it is registered only once verified."""
+    ``CheckpointConfig(num_to_keep)`` (``null``: keep all). ``upload``: ``async`` — Ray Train
+    copies the checkpoint to storage and verifies it there in a background thread while
+    training goes on (its ``checkpoint_upload_mode``; a third to a quarter of the step-time spike
+    of ``sync`` even on 2 CPU cores, benchmarks/RESULTS.md) — or ``sync``: the report call
+    waits for the copy. Either way a checkpoint is registered only once verified where it is
+    stored."""
 
     every_steps: int = 0
     at_epoch_end: bool = True
     num_to_keep: int | None = 3
-    upload: str = "sync"
+    upload: str = "async"
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")

@@ -71,8 +71,9 @@ def _storage(uri: str) -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def build_trainer(cfg: TrainConfig):
-    """The ``TorchTrainer`` of a run (Ray Train V2): gloo on CPU, NCCL on GPUs."""
+def build_trainer(cfg: TrainConfig, *, callbacks: tuple = ()):
+    """The ``TorchTrainer`` of a run (Ray Train V2): gloo on CPU, NCCL on GPUs. ``callbacks``:
+    ``ray.train.UserCallback`` s run on Ray Train's controller (a benchmark's recorder)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
@@ -93,19 +94,20 @@ def build_trainer(cfg: TrainConfig):
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.failures.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            callbacks=list(callbacks) or None,
             # Ray Train's own INFO lines repeat every metric of every report; ours are the progress lines
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
 
-def run_training(cfg: TrainConfig, *, takeover: bool = False):
+def run_training(cfg: TrainConfig, *, takeover: bool = False, callbacks: tuple = ()):
     """Check, take the run's lease and clean its directory up (:func:`~vtd_train.train.recovery.owned_run`),
     build and fit; returns Ray's ``Result`` (raises ``TrainingFailedError``)."""
     cfg = resolve_paths(cfg)
     check_config(cfg)
     with owned_run(cfg, takeover=takeover):
-        return build_trainer(cfg).fit()
+        return build_trainer(cfg, callbacks=callbacks).fit()
 
 
 def _check_resources(cfg: TrainConfig, info) -> None:

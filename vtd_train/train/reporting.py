@@ -11,7 +11,7 @@ end), which is the same on every rank. Each report:
 3. prints one progress line on rank 0 (images/s, losses per task, lr, skips);
 4. calls ``ray.train.report(metrics, checkpoint=...)`` (rank 0 passes the checkpoint, which
    :func:`upload_checkpoint` copies into the run's storage and verifies there before Ray
-   registers it; in the background with ``checkpoint.upload: async``).
+   registers it; in Ray Train's background thread unless ``checkpoint.upload: sync``).
 
 Metric keys: ``epoch``, ``step``, ``batch``, ``steps_per_epoch``, ``total_steps``,
 ``images_seen``, ``loss`` (interval mean of the total), ``loss/<task>/<term>`` (interval means),
@@ -19,7 +19,8 @@ Metric keys: ``epoch``, ``step``, ``batch``, ``steps_per_epoch``, ``total_steps`
 ``overflow_steps``, ``epoch_losses``, ``replica_divergence``, ``optimizer``, ``precision``,
 ``world_size``, ``resumed_from_step``, ``checkpoint`` (bool) and rank 0's cumulative times
 ``time/{step,data_wait,agree,allreduce,monitor,report,checkpoint}_s`` since the (re)start of the workers
-(the overhead benchmark reads these).
+(the overhead benchmark reads these), and ``time/wall_s``, rank 0's wall time from then to this
+report's start (the checkpoint benchmark reads these).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Reporter:
         report_fn: Callable[..., None] | None = None,
         printer: Callable[[str], None] | None = None,
         upload_fn: Callable[[Any, str], Any] | None = None,
-        upload_mode: str = "sync",
+        upload_mode: str = "async",
     ):
         self.run, self.stage, self.rank, self.world = run, stage, rank, world_size
         self.epochs, self.steps_per_epoch, self.total_steps = epochs, steps_per_epoch, total_steps
@@ -73,6 +74,7 @@ class Reporter:
         self._report_fn = report_fn
         self._upload_fn, self._upload_mode = upload_fn, upload_mode
         self.times = dict.fromkeys(TIME_KEYS, 0.0)  # cumulative, this rank
+        self._started = time.perf_counter()
         self._reset()
 
     def _reset(self) -> None:
@@ -159,6 +161,7 @@ class Reporter:
             "replica_divergence": divergence,
             "checkpoint": checkpoint_dir is not None,
             **{f"time/{k}_s": v for k, v in self.times.items()},  # rank 0's own, cumulative
+            "time/wall_s": t_start - self._started,
             **(extra or {}),
         }
         if self.rank == 0:
