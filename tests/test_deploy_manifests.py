@@ -38,7 +38,20 @@ K8S = ROOT / "k8s"
 OVERLAYS = ("dev", "gpu")
 #: The Kubernetes version the standard kinds are validated against (KubeRay 1.7 supports it).
 KUBERNETES_VERSION = "1.33.0"
-CRD_DIR = ROOT.parent / "shared" / "k8s-crds"
+
+
+def _crd_dir() -> Path:
+    """The CRD schemas: ``VTD_K8S_CRDS`` when set, else ``shared/k8s-crds`` beside the checkout or
+    beside one of its parents (a CI clone may sit deeper than the working copy)."""
+    if os.environ.get("VTD_K8S_CRDS"):
+        return Path(os.environ["VTD_K8S_CRDS"])
+    for base in ROOT.parents:
+        if (base / "shared" / "k8s-crds").is_dir():
+            return base / "shared" / "k8s-crds"
+    return ROOT.parent / "shared" / "k8s-crds"
+
+
+CRD_DIR = _crd_dir()
 CRD_FILES = {
     ("ray.io/v1", "RayCluster"): "raycluster.v1.json",
     ("ray.io/v1", "RayJob"): "rayjob.v1.json",
