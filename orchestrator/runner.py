@@ -156,7 +156,6 @@ class Orchestrator:
     # -- manifest ----------------------------------------------------------------------------
 
     def _open(self) -> RunManifest:
-        from data_pipeline.manifest import read_manifest  # noqa: F401  (checks the dataset exists)
         from data_pipeline.shard_format import MANIFEST_NAME
 
         data_manifest = fsio.join(self.data, MANIFEST_NAME)

@@ -63,7 +63,9 @@ _KIND_KEYS = {
 }
 _PROFILE_KEYS = {"data", "storage", "base", "stages", "retries", "retry_backoff_s", "poll_s", "max_parallel",
                  "eval_height", "eval_overlays", "description"}
-#: Placeholder data/storage while validating a stage config (the real ones come at run time).
+#: Data and storage URIs while validating a stage's training config at load: the real ones
+#: (the profile's, or --data / --storage) are filled in when the stage runs; a profile's own
+#: URIs may need a store package (s3fs) that the machine loading the file does not have.
 _PLACEHOLDER = "/nonexistent/vtd-pipeline-placeholder"
 
 
@@ -98,10 +100,6 @@ class Stage:
     evaluate: bool = False
     retries: int = 2
     resources: StageResources = field(default_factory=StageResources)
-
-    @property
-    def produces_checkpoint(self) -> bool:
-        return self.kind in ("init", "train", "merge")
 
     def describe(self) -> dict[str, Any]:
         """The stage as plain data: what its cache key hashes (with its inputs' hashes)."""
@@ -138,21 +136,6 @@ class PipelineSpec:
     name: str
     profile: Profile
     stages: dict[str, Stage]
-
-    def order(self) -> list[str]:
-        return list(self.stages)
-
-    def dependants(self, name: str) -> set[str]:
-        """Every stage that needs ``name``, directly or not."""
-        out: set[str] = set()
-        frontier = [name]
-        while frontier:
-            cur = frontier.pop()
-            for s in self.stages.values():
-                if cur in s.needs and s.name not in out:
-                    out.add(s.name)
-                    frontier.append(s.name)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
