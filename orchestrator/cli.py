@@ -15,7 +15,9 @@
 =====================================================  ==========================================
 
 Every command takes ``--profile`` (default ``tiny``), ``--run`` (default ``<pipeline>-<profile>``)
-and ``--storage`` / ``--data`` (default: the profile's) to find the run.
+and ``--storage`` / ``--data`` (default: the profile's) to find the run. ``run`` and ``submit``
+take ``--stages A,B``: only those stages (pipeline stages or ``eval-<stage>``) and what they
+need, e.g. ``--stages eval-untrained`` runs the ``untrained`` init stage and its evaluation.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def add_jobs_commands(sub) -> None:
         p.add_argument("--metrics-port", type=int, default=None, help="serve the orchestrator's Prometheus metrics here")
         p.add_argument("--takeover", action="store_true",
                        help="take the run over from a live orchestrator (which then stops)")
+        p.add_argument("--stages", default=None, type=_stage_list, metavar="STAGE[,STAGE...]",
+                       help="run only these stages and the stages they need, e.g. eval-untrained (default: all)")
         p.set_defaults(func=_cmd_run)
 
     st = jobs.add_parser("status", help="where a run stands")
@@ -69,6 +73,13 @@ def add_jobs_commands(sub) -> None:
     common(cn)
     cn.add_argument("--address", default=None, help="Jobs API (default: the one the run recorded)")
     cn.set_defaults(func=_cmd_cancel)
+
+
+def _stage_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected stage names separated by commas, got {text!r}")
+    return names
 
 
 def _spec(a: argparse.Namespace):
@@ -101,6 +112,10 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
     spec = _spec(a)
     run, run_dir = _run_dir(a, spec)
+    if a.stages is not None:  # a misspelt stage stops here, before any cluster is started
+        from orchestrator.stages import select_stages, with_evaluations
+
+        select_stages(with_evaluations(spec), a.stages)
     address = a.address
     if address is None and not os.environ.get("RAY_ADDRESS"):
         import ray
@@ -114,7 +129,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
         client = JobsClient(address)
     python = a.python or (sys.executable if _local(address) or os.environ.get("RAY_ADDRESS") else "python")
     orch = Orchestrator(spec, run=run, data=a.data or spec.profile.data, storage=a.storage or spec.profile.storage,
-                        client=client, python=python, metrics=PipelineMetrics(a.metrics_port), takeover=a.takeover)
+                        client=client, python=python, metrics=PipelineMetrics(a.metrics_port), takeover=a.takeover,
+                        only=a.stages)
     return orch.run()
 
 
@@ -156,7 +172,9 @@ def _cmd_status(a: argparse.Namespace) -> int:
 
         print(json.dumps({"run": m.run, "state": m.state, "stages": {k: asdict(v) for k, v in m.stages.items()}}, indent=2))
         return 0
-    print(f"run {m.run} ({m.pipeline}, profile {m.profile}): {m.state}; {run_dir}")
+    only = (m.orchestrator or {}).get("stages")
+    part = f" (--stages {','.join(only)}: {len(only)} of {len(with_evaluations(spec))} stages)" if only else ""
+    print(f"run {m.run} ({m.pipeline}, profile {m.profile}): {m.state}{part}; {run_dir}")
     for name in with_evaluations(spec):
         rec = m.stages.get(name)
         if rec is None:

@@ -33,7 +33,7 @@ from data_pipeline import fsio
 from data_pipeline.errors import VTDInputError
 from orchestrator.metrics import PipelineMetrics
 from orchestrator.spec import PipelineSpec, Stage
-from orchestrator.stages import StageExecutor, with_evaluations
+from orchestrator.stages import StageExecutor, select_stages, with_evaluations
 from orchestrator.state import (
     ACTIVE,
     CANCEL_MARKER,
@@ -139,12 +139,15 @@ class Orchestrator:
 
     def __init__(self, spec: PipelineSpec, *, run: str, data: str, storage: str, client: JobsClient,
                  python: str, metrics: PipelineMetrics | None = None, log: Callable[[str], None] | None = None,
-                 takeover: bool = False) -> None:
+                 takeover: bool = False, only: list[str] | None = None) -> None:
+        """``only``: run just these stages (pipeline or ``eval-`` stages) and the stages they need
+        (:func:`orchestrator.stages.select_stages`); the run then ends once those succeeded."""
         self.spec, self.run_name, self.client, self.takeover = spec, run, client, takeover
         self.data = data if "://" in data else os.path.abspath(data)
         storage = storage if "://" in storage else os.path.abspath(storage)
         self.run_dir = fsio.join(storage, run)
-        self.stages = with_evaluations(spec)
+        self.stages = select_stages(with_evaluations(spec), only)
+        self.only = None if only is None else list(self.stages)
         self.executor = StageExecutor(spec, self.run_dir, self.data, python)
         self.metrics = metrics or PipelineMetrics(None)
         self.log = log or (lambda s: print(s, flush=True))
@@ -167,7 +170,7 @@ class Orchestrator:
                             run=self.run_name)
         elif m.pipeline != self.spec.name:
             raise VTDInputError(f"{m.uri}: run {self.run_name!r} belongs to pipeline {m.pipeline!r}, not {self.spec.name!r}")
-        m.orchestrator = whoami()
+        m.orchestrator = {**whoami(), "stages": self.only}  # None: the whole pipeline
         m.cluster = {"jobs_api": self.client.address}
         m.data_hash = hash_files([data_manifest])
         m.code_version = code_version()
@@ -393,7 +396,8 @@ class Orchestrator:
 
     def _run(self, lost: list[str]) -> int:
         self.manifest = m = self._open()
-        self.log(f"[{self.run_name}] pipeline {self.spec.name!r} (profile {self.spec.profile.name}): {len(self.stages)} stages, "
+        part = "" if self.only is None else f" of {len(with_evaluations(self.spec))} (--stages: {', '.join(self.stages)})"
+        self.log(f"[{self.run_name}] pipeline {self.spec.name!r} (profile {self.spec.profile.name}): {len(self.stages)} stages{part}, "
                  f"run directory {self.run_dir}, Ray Jobs API {self.client.address}")
         stop = {"signal": None}
 

@@ -67,6 +67,27 @@ def with_evaluations(spec: PipelineSpec) -> dict[str, Stage]:
     return out
 
 
+def select_stages(stages: dict[str, Stage], names: list[str] | None, *, source: str = "--stages") -> dict[str, Stage]:
+    """``stages`` (in their order) cut down to ``names`` and every stage they need, directly or
+    not; all of them when ``names`` is ``None``. A name is a stage of the pipeline or an
+    evaluation stage (``eval-<stage>``); an unknown one is an error that lists the known ones."""
+    if names is None:
+        return dict(stages)
+    unknown = [n for n in names if n not in stages]
+    if unknown:
+        raise VTDInputError(f"{source}: unknown stage(s) {unknown}; stages: {', '.join(stages)}")
+    if not names:
+        raise VTDInputError(f"{source}: name at least one stage; stages: {', '.join(stages)}")
+    keep: set[str] = set()
+    todo = list(names)
+    while todo:
+        n = todo.pop()
+        if n not in keep:
+            keep.add(n)
+            todo.extend(stages[n].needs)
+    return {n: st for n, st in stages.items() if n in keep}
+
+
 def _plain(obj: Any) -> Any:
     """Dataclass dicts with tuples → YAML-safe lists."""
     return json.loads(json.dumps(obj))
