@@ -35,18 +35,22 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 # bash: KubeRay runs `ray start` through it; wget: KubeRay's default health probes on the Ray
-# containers; tini: PID 1 that reaps Ray's many child processes. Versions float with the pinned
-# base image's Ubuntu release (hadolint DL3008 is ignored for this reason: apt versions of a
-# point release disappear from the archive, which would break rebuilds of the same tag).
+# containers; tini: PID 1 that reaps Ray's many child processes; rsync and openssh-client: the
+# Ray cluster launcher (cluster/aws-gpu.yaml) copies its bootstrap files into the head's
+# container with rsync, and the autoscaler there reaches new nodes over SSH. Versions float with
+# the pinned base image's Ubuntu release (hadolint DL3008 is ignored for this reason: apt versions
+# of a point release disappear from the archive, which would break rebuilds of the same tag).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.12 python3.12-venv bash wget tini ca-certificates \
+      rsync openssh-client \
  && rm -rf /var/lib/apt/lists/* \
  && if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
  && useradd --create-home --uid 1000 --gid 100 --shell /bin/bash ray
 
 # ---------------------------------------------------------------------------------------------
-# deps: the locked third-party environment in /app/.venv (the project itself is not installed).
+# deps: the locked third-party environment in /app/.venv (the project itself is not installed);
+# extras: s3 (s3fs: shards and runs on S3), aws (boto3: the cluster launcher's AWS autoscaler).
 FROM base AS deps
 WORKDIR /app
 ENV UV_COMPILE_BYTECODE=1 \
@@ -57,7 +61,7 @@ RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
     --mount=type=cache,target=/root/.cache/uv \
     --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
     --mount=type=bind,source=uv.lock,target=uv.lock \
-    uv sync --frozen --no-dev --no-install-project --extra s3 --python /usr/bin/python3.12
+    uv sync --frozen --no-dev --no-install-project --extra s3 --extra aws --python /usr/bin/python3.12
 
 # ---------------------------------------------------------------------------------------------
 # apex (only with WITH_APEX=1): compiled with nvcc against the locked torch, into the same venv.

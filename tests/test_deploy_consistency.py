@@ -354,3 +354,190 @@ def test_the_locked_environment_installs_on_the_images_python_from_wheels():
             missing.append(f"{pkg['name']} {pkg['version']}" + (" (sdist only: compiled at build time)" if pkg.get("sdist") else ""))
     # an sdist would be built in the image with build dependencies resolved outside the lock
     assert not missing, f"no wheel for CPython {py} x86_64: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray cluster launcher config (cluster/aws-gpu.yaml): Ray's own schema, and the project
+
+
+LAUNCHER = ROOT / "cluster" / "aws-gpu.yaml"
+
+
+@cache
+def launcher() -> dict:
+    return yaml.safe_load(LAUNCHER.read_text())
+
+
+def ray_schema() -> dict:
+    """The cluster-config JSON schema shipped inside the installed ray package, made strict where
+    it is lax on purpose for other clouds: the provider section lists every key an AWS provider
+    takes, so a key outside the list is a typo here."""
+    import json
+
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    schema["properties"]["provider"]["additionalProperties"] = False
+    return schema
+
+
+def schema_errors(cfg: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(ray_schema())
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}" for e in validator.iter_errors(cfg)]
+
+
+def ray_start(command: str) -> dict:
+    """The options of the `ray start` inside a start command, parsed by Ray's own CLI."""
+    from ray.scripts.scripts import start
+
+    (part,) = [p.strip() for p in command.split(";") if p.strip().startswith("ray start")]
+    return start.make_context("ray start", shlex.split(part)[2:]).params
+
+
+def test_launcher_config_passes_rays_schema_and_unknown_keys_fail():
+    import copy
+
+    cfg = launcher()
+    assert not schema_errors(cfg), schema_errors(cfg)
+    # Ray's own checks after filling in its AWS defaults (`ray up` runs the same two)
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    # Ray's AWS defaults would pip-install into the image (which has no pip): every list is ours, empty
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert prepared[key] == [], f"{key}: {prepared[key]}"
+    # the validator is strict: a misspelt key anywhere is an error, naming where
+    for path, bad in ((("max_worker",), 4), (("docker", "shm_size"), "16g"), (("provider", "regoin"), "us-west-2"),
+                      (("available_node_types", "gpu", "min_worker"), 0), (("auth", "ssh_usr"), "ubuntu")):
+        broken = copy.deepcopy(cfg)
+        node = broken
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = bad
+        errors = schema_errors(broken)
+        assert errors and path[-1] in " ".join(errors), (path, errors)
+    broken = copy.deepcopy(cfg)
+    broken["available_node_types"]["gpu"]["resources"]["GPU"] = 0.5
+    assert schema_errors(broken), "fractional node resources must be rejected"
+
+
+def test_launcher_image_and_ray_ports_match_the_project():
+    cfg = launcher()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    title = re.search(r'org\.opencontainers\.image\.title="([^"]+)"', DOCKERFILE.read_text()).group(1)
+    image = cfg["docker"]["image"]
+    # the project's image, pushed to a registry the nodes pull from
+    assert re.fullmatch(rf"(?:[a-zA-Z0-9.-]+(?::\d+)?/)?(?:[a-z0-9._-]+/)*{re.escape(title)}:{re.escape(project['version'])}", image), image
+    assert not any(k in cfg["docker"] for k in ("head_image", "worker_image")), "one image for every node"
+    registry = image.split("/")[0]
+    assert any(registry in c for c in cfg["initialization_commands"]), "the hosts log in to the image's registry"
+
+    exposed = {int(p) for args in instructions("EXPOSE") for p in args.split()}
+    head_cmds, worker_cmds = cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]
+    assert head_cmds[0] == "ray stop" and worker_cmds[0] == "ray stop"
+    head, worker = ray_start(head_cmds[-1]), ray_start(worker_cmds[-1])
+    rc = one(kustomize("overlays/gpu"), "RayCluster")
+    k8s_head = {p["name"]: p["containerPort"] for p in rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert head["head"] and head["port"] == k8s_head["gcs"] == 6379
+    assert head["dashboard_port"] == k8s_head["dashboard"] == 8265
+    assert head["ray_client_server_port"] == k8s_head["client"] == 10001
+    assert head["metrics_export_port"] == worker["metrics_export_port"] == k8s_head["metrics"] == 8080
+    assert {head["port"], head["dashboard_port"], head["ray_client_server_port"], head["metrics_export_port"]} <= exposed
+    assert head["dashboard_host"] == "127.0.0.1", "the Jobs API runs code: reach it through `ray dashboard`'s tunnel only"
+    assert head["num_gpus"] == 0 and head["autoscaling_config"] == "~/ray_bootstrap_config.yaml"
+    assert worker["address"] == f"$RAY_HEAD_IP:{head['port']}" and not worker["head"]
+    # token authentication on every node, with the token the file mounts bring
+    assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
+    assert cfg["file_mounts"] == {"~/.ray": "~/.ray"}
+
+
+def test_the_image_has_what_the_launcher_runs_in_it():
+    """The launcher copies its bootstrap files into the head's container with rsync, the autoscaler
+    there starts nodes over SSH through AWS's API (boto3), and every command runs as the image's
+    user with `ray` and `vtd` on PATH."""
+    apt = " ".join(r for r in instructions("RUN") if "apt-get install" in r and "python3.12-venv" in r)
+    for package in ("rsync", "openssh-client", "bash"):
+        assert re.search(rf"\b{package}\b", apt), f"the runtime image lacks {package}"
+    (sync,) = [r for r in instructions("RUN") if "uv sync" in r]
+    extras = re.findall(r"--extra (\S+)", sync)
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("boto3") for extra in extras for dep in optional.get(extra, [])), (
+        f"the image syncs extras {extras}: none brings boto3 (the AWS autoscaler on the head)")
+    assert "ln -s /app/.venv/bin/ray /usr/local/bin/ray" in " ".join(instructions("RUN"))
+
+
+def test_launcher_gpu_nodes_fit_the_paper_profile_with_enough_shared_memory():
+    from orchestrator.spec import load_pipeline
+
+    cfg = launcher()
+    types = cfg["available_node_types"]
+    head, (gpu_type,) = types[cfg["head_node_type"]], [t for n, t in types.items() if n != cfg["head_node_type"]]
+    assert head["resources"]["GPU"] == 0, "no training worker on the head"
+    assert gpu_type["min_workers"] == 0 and gpu_type["max_workers"] == cfg["max_workers"] >= 1, "autoscaling from zero"
+    gpus, cpus = gpu_type["resources"]["GPU"], gpu_type["resources"]["CPU"]
+    assert gpus == 8
+    shm = [o for o in cfg["docker"]["worker_run_options"] if o.startswith("--shm-size=")]
+    assert len(shm) == 1, "size /dev/shm for the loader (Ray's guess is 30% of RAM)"
+    m = re.fullmatch(r"--shm-size=(\d+)([gm])", shm[0])
+    shm_mb = int(m.group(1)) * (1024 if m.group(2) == "g" else 1)
+    spec = load_pipeline(str(ROOT / "jobs" / "cpf.yaml"), profile="paper")
+    trains = [s for s in spec.stages.values() if s.train is not None]
+    assert trains
+    for stage in trains:
+        res, data = stage.train.resources, stage.train.data
+        assert res.use_gpu and res.num_workers <= gpus and res.num_workers * res.cpus_per_worker <= cpus, stage.name
+        # README "Shared memory": GPUs x loader workers x ((prefetch + 1) x handoff + 3) segments of up to 14 MB
+        need_mb = res.num_workers * data.loader_workers * ((data.prefetch_factor + 1) * data.handoff_batches + 3) * 14
+        assert shm_mb >= need_mb, f"{stage.name}: /dev/shm {shm_mb} MB < {need_mb} MB the loader may hold"
+
+
+def _documented_commands() -> list[list[str]]:
+    """The commands the launcher file's header tells the user to run."""
+    out = []
+    for line in LAUNCHER.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        m = re.match(r"#\s+((?:ray|vtd) .*?)(?:\s+#.*)?$", line)
+        if m and not m.group(1).startswith("ray get-auth-token"):
+            out.append(shlex.split(m.group(1)))
+    return out
+
+
+def test_launcher_documented_commands_are_real():
+    from orchestrator.spec import load_pipeline
+    from ray.dashboard.modules.job.cli import job_cli_group
+
+    commands = _documented_commands()
+    assert len(commands) >= 5, commands
+    vtd_argvs = []
+    for argv in commands:
+        if argv[:2] in (["ray", "up"], ["ray", "dashboard"], ["ray", "down"]):
+            assert (ROOT / argv[2]).resolve() == LAUNCHER, argv
+        elif argv[:3] == ["ray", "job", "submit"]:
+            params = job_cli_group.commands["submit"].make_context("ray job submit", argv[3:]).params
+            assert params["address"] == "http://127.0.0.1:8265"        # the `ray dashboard` tunnel
+            vtd_argvs.append(("image", list(params["entrypoint"])))
+        else:
+            assert argv[0] == "vtd", argv
+            vtd_argvs.append(("laptop", argv))
+    assert {where for where, _ in vtd_argvs} == {"image", "laptop"}
+    exposed = {int(p) for args in instructions("EXPOSE") for p in args.split()}
+    for where, argv in vtd_argvs:
+        args = parser().parse_args(argv[1:])                      # exits (SystemExit) on a bad option
+        assert args.command == "jobs"
+        pipeline = to_repo(args.pipeline) if where == "image" else ROOT / args.pipeline
+        assert pipeline.is_file(), f"{args.pipeline}: not in the {'image' if where == 'image' else 'repository'}"
+        spec = load_pipeline(str(pipeline), profile=args.profile)
+        assert args.profile == "paper" and spec.profile.name == "paper"
+        if args.jobs_command in ("run", "submit"):
+            # every stage job, on any node, reads and writes there: shared storage only
+            assert args.data.startswith("s3://") and args.storage.startswith("s3://"), argv
+            if args.jobs_command == "submit":
+                assert args.address == "http://127.0.0.1:8265"
+            if args.metrics_port is not None:
+                assert args.metrics_port in exposed
+        else:
+            assert args.storage.startswith("s3://"), argv
