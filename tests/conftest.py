@@ -17,6 +17,7 @@ from data_pipeline.convert import ConvertOptions, convert  # noqa: E402
 from data_pipeline.synth import generate  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """Every test on Ray (the ``ray`` mark, or the ``ray_cluster`` fixture, also through another
     fixture) joins the xdist group ``ray``: one worker runs them all on one shared cluster while
@@ -24,6 +25,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("ray") or "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """Under ``--dist loadgroup`` xdist marks a grouped test by suffixing its node id; if that did
+    not happen (pytest 9.2 with xdist 3.8), Ray tests would run on every worker, each starting a
+    cluster of its own: stop instead of running that way."""
+    if getattr(session.config.option, "loadgroup", False):
+        lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if lost:
+            raise pytest.UsageError(f"xdist --dist loadgroup did not group {len(lost)} test(s) (e.g. {lost[0]}): "
+                                    "this pytest / pytest-xdist pair breaks it (pytest-dev/pytest-xdist#1386)")
 
 
 @pytest.fixture(scope="session")
