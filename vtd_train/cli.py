@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator.cli import add_jobs_commands
 
     add_jobs_commands(sub)
+    from cluster.cli import add_cluster_commands
+
+    add_cluster_commands(sub)
     return p
 
 
