@@ -75,6 +75,7 @@ def connect(
             )
         embedded = True
     else:
+        use_local_token()
         try:
             ctx = ray.init(address=address, logging_level="warning")
         except ConnectionError as e:
@@ -86,6 +87,19 @@ def connect(
         metrics_export_port=port if embedded else _metrics_port(),
         num_cpus=res.get("CPU", 0.0), num_gpus=res.get("GPU", 0.0),
     )
+
+
+def use_local_token() -> None:
+    """Send this machine's Ray auth token to a cluster we join, as ``ray job submit`` does: Ray
+    2.60 turns token authentication on by default for new clusters, and a client process uses the
+    token file (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH``) or ``RAY_AUTH_TOKEN`` only once
+    token mode is enabled in it (``RAY_AUTH_MODE`` set explicitly is respected). Without it
+    ``ray.init(address=...)`` and the Jobs API of such a cluster refuse us."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:  # pragma: no cover - a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _own_temp_dir() -> str | None:
@@ -103,7 +117,8 @@ def _own_temp_dir() -> str | None:
 
 @contextlib.contextmanager
 def _free_agent_port() -> Iterator[None]:
-    """Start the embedded cluster's dashboard agent on a free port.
+    """Start the embedded cluster's dashboard agent on a free port (and its GCS on a known one,
+    named to the cluster's processes as ``RAY_ADDRESS``).
 
     ``ray.init`` has no argument for it and the agent's default port (52365) is fixed, so a
     second Ray cluster on one machine (a test run beside the demo, two users' demos) gets an
@@ -120,6 +135,16 @@ def _free_agent_port() -> Iterator[None]:
 
     def init(self, *args, **kwargs):
         kwargs.setdefault("dashboard_agent_listen_port", free_port())
+        if kwargs.get("gcs_server_port") is None:  # only the head of the embedded cluster
+            from ray._private.services import get_node_ip_address
+
+            kwargs["gcs_server_port"] = free_port()
+            ip = kwargs.get("node_ip_address") or get_node_ip_address()
+            # the cluster's own processes (and the workers the raylet starts) resolve the address
+            # "auto" to this cluster, not to whichever Ray runs beside it on the machine: Ray
+            # Train's placement-group cleaner asks the State API that way, and a trial Tune
+            # stops would otherwise leak its workers' placement group
+            kwargs["env_vars"] = {**(kwargs.get("env_vars") or {}), "RAY_ADDRESS": f"{ip}:{kwargs['gcs_server_port']}"}
         original(self, *args, **kwargs)
 
     parameter.RayParams.__init__ = init

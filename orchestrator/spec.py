@@ -6,12 +6,15 @@ File layout (``jobs/cpf.yaml`` is the annotated example)::
     pipeline: cpf                      # name; the default run name is <pipeline>-<profile>
     stages:
       <name>:
-        kind: init | train | pseudo_label | merge
+        kind: init | train | tune | pseudo_label | merge
         needs: [<stage>, ...]          # extra dependencies (init/inputs imply theirs)
         init: <stage>                  # train: start from that stage's checkpoint
         trainable: [<task>, ...]       # train: only these tasks' decoders train, the rest is frozen
         lr_scale: 0.1                  # train: × the profile's learning rate (fine-tuning)
         pseudo: <stage>                # train: join that pseudo_label stage's labels
+        search: {...}                  # tune: a loss-weight sweep of the stage's training
+                                       # (vtd_train/tune.py); its output is the best trial's
+                                       # checkpoint (init / trainable / pseudo as for train)
         train: {...}                   # train/init: training-config keys (configs/tiny.yaml schema)
         foreach: {<task>: {...}}       # expand into <name>_<task>, "{task}" substituted, the
                                        # mapping's value merged into the stage's train.data
@@ -23,14 +26,14 @@ File layout (``jobs/cpf.yaml`` is the annotated example)::
         evaluate: true                 # also evaluate the stage's checkpoint on validation
         retries: 2                     # attempts after the first failure (default: profile's)
         resources: {entrypoint_num_cpus: 0, entrypoint_num_gpus: 0}   # the Ray job's driver
-        enabled: true
+        enabled: true                  # false: not run (a profile's stages.<name>.enabled wins)
     profiles:
       <profile>:
         data: URI                      # shard root written by `vtd data convert`
         storage: URI                   # runs live under <storage>/<run>/
         base: {...}                    # training-config keys shared by every stage
         stages: {<stage>: {...}}       # per-stage training-config overrides (a foreach stage's
-                                       # name applies to all its expansions)
+                                       # name applies to all its expansions), and `enabled`
         retries, retry_backoff_s, poll_s, max_parallel, eval_height, eval_overlays
 
 A stage's training config is ``base`` ⊕ the stage's ``train`` ⊕ the profile's override for the
@@ -50,14 +53,16 @@ from data_pipeline.bdd100k import TASKS
 from data_pipeline.errors import VTDInputError
 from vtd_train.model.config import read_yaml_mapping
 from vtd_train.train.config import IMAGE_SETS, TrainConfig, train_config_from_dict
+from vtd_train.tune import SearchConfig, search_config_from_dict
 
-STAGE_KINDS = ("init", "train", "pseudo_label", "merge")
+STAGE_KINDS = ("init", "train", "tune", "pseudo_label", "merge")
 PSEUDO_TASKS = ("sem", "pose")
 #: Keys a stage may have, per kind (beyond the common ones).
 _COMMON = {"kind", "needs", "evaluate", "retries", "resources", "enabled", "foreach"}
 _KIND_KEYS = {
     "init": {"train"},
     "train": {"train", "init", "trainable", "lr_scale", "pseudo"},
+    "tune": {"train", "init", "trainable", "lr_scale", "pseudo", "search"},
     "pseudo_label": {"checkpoints", "sets", "require", "sem_threshold", "pose_threshold"},
     "merge": {"base", "decoders"},
 }
@@ -97,6 +102,7 @@ class Stage:
     pose_threshold: float = 0.2
     base: str | None = None
     decoders: tuple[str, ...] = ()
+    search: SearchConfig | None = None
     evaluate: bool = False
     retries: int = 2
     resources: StageResources = field(default_factory=StageResources)
@@ -288,6 +294,13 @@ def decoder_freeze(model_cfg, trainable: tuple[str, ...], where: str) -> tuple[s
     return tuple(frozen)
 
 
+def _stage_override(overrides: dict, name: str, template: str) -> dict:
+    """The profile's training-config override of stage ``name`` (its ``foreach`` template's,
+    then its own), without ``enabled``."""
+    over = _merge(overrides.get(template) or {}, overrides.get(name) or {}) if name != template else (overrides.get(name) or {})
+    return {k: v for k, v in over.items() if k != "enabled"}
+
+
 def _stage(name: str, st: dict, stages: dict[str, dict], base: dict, overrides: dict, profile: Profile,
            source: str, templates: dict[str, list[str]]) -> Stage:
     where = f"{source}: stages.{name}"
@@ -315,11 +328,11 @@ def _stage(name: str, st: dict, stages: dict[str, dict], base: dict, overrides: 
 
     needs = refs("needs", st.get("needs"))
     kw: dict[str, Any] = {}
-    if kind in ("init", "train"):
+    if kind in ("init", "train", "tune"):
         raw_train = st.get("train") or {}
         if not isinstance(raw_train, dict):
             raise VTDInputError(f"{where}.train: expected a mapping of training-config keys, got {raw_train!r}")
-        over = _merge(overrides.get(st["_template"]) or {}, overrides.get(name) or {}) if name != st["_template"] else (overrides.get(name) or {})
+        over = _stage_override(overrides, name, st["_template"])
         merged = _merge(_merge(base, raw_train), over)
         model = merged.get("model") or {}
         if "variant" in model:
@@ -359,7 +372,9 @@ def _stage(name: str, st: dict, stages: dict[str, dict], base: dict, overrides: 
                 raise VTDInputError(f"{where}.train.freeze: {e}") from None
         cfg = dataclasses.replace(cfg, freeze=freeze)
         kw.update(train=cfg, trainable=trainable, freeze=freeze)
-        if kind == "train":
+        if kind == "tune":
+            kw["search"] = search_config_from_dict(st.get("search"), source=f"{where}.search")
+        if kind in ("train", "tune"):
             if st.get("init") is not None:
                 kw["init"] = ref("init", st["init"])
                 needs.append(kw["init"])
@@ -462,6 +477,9 @@ def pipeline_from_dict(raw: Any, *, profile: str, source: str = "<pipeline>") ->
     enabled = {}
     for n, st in expanded.items():
         en = st.pop("enabled", True)
+        for key in (st["_template"], n):  # a profile turns a stage (or a foreach family) on or off
+            if isinstance(overrides.get(key), dict) and "enabled" in overrides[key]:
+                en = overrides[key]["enabled"]
         if not isinstance(en, bool):
             raise VTDInputError(f"{source}: stages.{n}.enabled: expected true/false, got {en!r}")
         if en:

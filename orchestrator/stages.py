@@ -12,6 +12,9 @@ train           ``vtd train --config config.yaml --result-json result.json``    
                 (config: the stage's training config, storage ``ray/``, the       checkpoint
                 input checkpoint as ``init_checkpoint``, pseudo-labels as
                 ``data.pseudo``)
+tune            ``vtd tune --config config.yaml --search search.yaml               the best trial's
+                --result-json result.json`` (trials under ``ray/``); a train      checkpoint and
+                stage initialised from it also takes its loss weights           loss weights
 pseudo_label    ``vtd pseudo-label --checkpoint sem=... --out pseudo ...``        ``pseudo/``
 merge           ``vtd model merge --base ... --decoder TASK=... --out checkpoint``  ``checkpoint/``
 evaluate        ``vtd evaluate --checkpoint ... --out eval``                      ``eval/metrics.json``
@@ -116,6 +119,10 @@ class StageExecutor:
                                      **({"pseudo": inputs[st.pseudo]["pseudo"]} if st.pseudo else {})),
             init_checkpoint=inputs[st.init]["checkpoint"] if st.init else None,
         )
+        if st.init and "loss_weights" in inputs[st.init]:  # from a sweep: its winning loss weights too
+            from vtd_train.model.losses import LossWeights
+
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss_weights=LossWeights(**inputs[st.init]["loss_weights"])))
         doc = _plain(cfg.to_dict())
         uri = fsio.join(directory, "config.yaml")
         fsio.write_bytes_atomic(uri, yaml.safe_dump(doc, sort_keys=False).encode())
@@ -127,6 +134,12 @@ class StageExecutor:
             cmd = self._cmd("model", "init", "--config", self._train_config(st, d, inputs), "--out", fsio.join(d, "checkpoint"))
         elif st.kind == "train":
             cmd = self._cmd("train", "--config", self._train_config(st, d, inputs), "--result-json", fsio.join(d, "result.json"))
+        elif st.kind == "tune":
+            assert st.search is not None
+            search = fsio.join(d, "search.yaml")
+            fsio.write_bytes_atomic(search, yaml.safe_dump(_plain(dataclasses.asdict(st.search)), sort_keys=False).encode())
+            cmd = self._cmd("tune", "--config", self._train_config(st, d, inputs), "--search", search,
+                            "--result-json", fsio.join(d, "result.json"))
         elif st.kind == "pseudo_label":
             args = ["pseudo-label", "--data", self.data, "--out", fsio.join(d, "pseudo"), "--split", "train",
                     "--sets", ",".join(st.sets), "--sem-threshold", str(st.sem_threshold),
@@ -160,6 +173,15 @@ class StageExecutor:
         if st.kind in ("init", "merge"):
             ck = fsio.join(d, "checkpoint")
             return {"checkpoint": ck, "hash": checkpoint_hash(ck)}
+        if st.kind == "tune":
+            rpath = fsio.join(d, "result.json")
+            if not fsio.exists(rpath):
+                raise FileNotFoundError(f"{rpath}: the sweep ended without writing its result")
+            result = json.loads(fsio.read_bytes(rpath))
+            ck = result["checkpoint"]
+            return {"checkpoint": ck, "hash": checkpoint_hash(ck), "trial": result["trial"], "vtda": result["vtda"],
+                    "loss_weights": result["loss_weights"],
+                    "trials": [{k: t[k] for k in ("name", "loss_weights", "vtda")} for t in result["trials"]]}
         if st.kind == "train":
             rpath = fsio.join(d, "result.json")
             if not fsio.exists(rpath):

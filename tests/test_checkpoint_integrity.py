@@ -588,3 +588,23 @@ def test_a_bad_checkpoint_in_the_workers_fails_the_run_once_in_one_line(ray_clus
     runs = {rid: r for rid, r in ray.get(actor.get_train_runs.remote()).items() if r.name == "all-bad"}
     attempts = ray.get(actor.get_train_run_attempts.remote())
     assert len(runs) == 1 and len(attempts[next(iter(runs))]) == 1, attempts
+
+
+def test_local_checkpoint_copies_of_dead_processes_are_swept_and_live_ones_kept(tmp_path):
+    """A worker killed between writing its local checkpoint and the upload leaves the copy in
+    the temp directory; the next worker on the node removes the copies of dead processes only."""
+    import subprocess
+    import sys
+
+    from vtd_train.train.checkpointing import local_checkpoint_dir, sweep_local_checkpoints
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    mine = local_checkpoint_dir(str(tmp_path))
+    theirs = str(tmp_path / f"vtd-ckpt-{int(dead.stdout)}-0123abcd")
+    other = str(tmp_path / "vtd-ckpt-bench")  # not ours to judge: no pid in the name
+    for d in (mine, theirs, other):
+        os.makedirs(os.path.join(d, "sub"))
+        Path(d, "model.pt").write_bytes(b"x" * 10)
+    assert os.path.basename(mine).startswith(f"vtd-ckpt-{os.getpid()}-")
+    assert sweep_local_checkpoints(str(tmp_path)) == [theirs]
+    assert not os.path.exists(theirs) and os.path.isdir(mine) and os.path.isdir(other)

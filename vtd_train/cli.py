@@ -169,6 +169,16 @@ def _add_optional_commands(sub) -> None:
     tr.add_argument("--verbose", action="store_true", help="on failure, print the full trace after the one-line error")
     tr.set_defaults(func=_cmd_train)
 
+    tu = sub.add_parser("tune", help="a loss-weight sweep with Ray Tune (ASHA, objective validation VTDA)")
+    tu.add_argument("--config", required=True, help="training config (YAML) of every trial")
+    tu.add_argument("--search", required=True, help="the sweep (YAML): loss_weights grid, max_concurrent, ASHA settings")
+    tu.add_argument("--address", default=None, help="Ray cluster address; default: RAY_ADDRESS inside a Ray job, else a local cluster")
+    tu.add_argument("--storage", default=None, help="checkpoint storage URI (overrides the config)")
+    tu.add_argument("--name", default=None, help="run name (overrides the config; trials are NAME-<hash>)")
+    tu.add_argument("--result-json", default=None, metavar="URI",
+                    help="write {checkpoint, loss_weights, vtda, trials} of the sweep here (for pipelines)")
+    tu.set_defaults(func=_cmd_tune)
+
     runs = sub.add_parser("runs", help="training runs in storage").add_subparsers(dest="runs_command", required=True)
     rv = runs.add_parser("verify", help="a run's checkpoints with their integrity, and the one a resume would use")
     rv.add_argument("run", help="the run's directory: STORAGE/NAME (local path or URI)")
@@ -198,6 +208,12 @@ def _add_optional_commands(sub) -> None:
     sc = sub.add_parser("score", help="VTDA from a metrics JSON file")
     sc.add_argument("metrics", help="JSON object with canonical metric keys")
     sc.set_defaults(func=_cmd_score)
+
+
+def _cmd_tune(a: argparse.Namespace) -> int:
+    from vtd_train.tune import tune_command
+
+    return tune_command(a)
 
 
 def _cmd_model_info(a: argparse.Namespace) -> int:

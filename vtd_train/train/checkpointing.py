@@ -130,6 +130,51 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Local checkpoint directories (rank 0 writes one, Ray's upload copies it to storage and removes
+#: it): ``<tmp>/vtd-ckpt-<pid>-<uuid>``, so a later worker can tell which ones a dead process left.
+LOCAL_CHECKPOINT_PREFIX = "vtd-ckpt-"
+
+
+def local_checkpoint_dir(root: str | None = None) -> str:
+    """A fresh local checkpoint directory name of this process (not created)."""
+    import tempfile
+
+    return os.path.join(root or tempfile.gettempdir(), f"{LOCAL_CHECKPOINT_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+
+
+def sweep_local_checkpoints(root: str | None = None) -> list[str]:
+    """Remove the local checkpoint directories left in ``root`` (default: the temp directory) by
+    processes that no longer run — a worker killed between writing a checkpoint and its upload
+    leaves its copy behind — and return them. Directories of live processes are kept."""
+    import tempfile
+
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(LOCAL_CHECKPOINT_PREFIX):
+            continue
+        pid = name[len(LOCAL_CHECKPOINT_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue  # another naming (not ours to judge) or a live process's
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed.append(os.path.join(root, name))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def write_checkpoint(
     directory: str,
     *,

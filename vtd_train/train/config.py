@@ -29,6 +29,9 @@ checkpoint             ``every_steps`` (0: epoch ends only), ``at_epoch_end``, `
                        background thread or in the report call)
 failures               ``max_failures`` (Ray FailureConfig) and ``max_consecutive_nonfinite``
 report_every_steps     the reporting interval (a ``ray.train.report`` and a progress line)
+validation             ``every_epochs`` (0: never), ``split``, ``height``: the model scored on
+                       validation during training (``val/vtda`` etc. in that epoch's report;
+                       Ray Tune's objective)
 freeze                 module-name prefixes whose parameters are frozen (fine-tuning stage)
 init_checkpoint        weights to start from when the run has no checkpoint of its own
 faults                 fault injection for drills and tests (NaN loss term, killed worker)
@@ -280,6 +283,30 @@ class FailurePolicy:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ValidationConfig:
+    """Validation during training: at the end of every ``every_epochs``-th epoch (and of the
+    last; 0: never) rank 0 scores the model on the ``split`` shards of the run's data with the
+    evaluation code (:func:`vtd_train.evaluation.evaluate.evaluate`: the VTD metrics and VTDA,
+    in the worker's process, no overlays) at test height ``height`` (null: the largest training
+    scale, as ``vtd evaluate`` tests a checkpoint). That epoch's report carries ``val/vtda``,
+    ``val/vtda_<group>`` and ``val/<metric>``: Ray Tune's objective (``vtd tune``) and the
+    progress line. Other ranks wait at the report's barrier meanwhile."""
+
+    every_epochs: int = 0
+    split: str = "val"
+    height: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.every_epochs >= 0, f"every_epochs must be >= 0, got {self.every_epochs}")
+        _check(bool(self.split), "split must name a split of the shards (val)")
+        _check(self.height is None or self.height >= 1, f"height must be >= 1 or null, got {self.height}")
+
+    def due(self, epochs_done: int, epochs: int) -> bool:
+        """Whether validation runs after ``epochs_done`` epochs of ``epochs``."""
+        return self.every_epochs > 0 and (epochs_done % self.every_epochs == 0 or epochs_done == epochs)
+
+
+@dataclass(frozen=True, kw_only=True)
 class FaultConfig:
     """Fault injection, for failure drills and the tests; everything off by default.
 
@@ -326,6 +353,7 @@ class TrainConfig:
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     failures: FailurePolicy = field(default_factory=FailurePolicy)
     report_every_steps: int = 50
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     freeze: tuple[str, ...] = ()
     init_checkpoint: str | None = None
     faults: FaultConfig = field(default_factory=FaultConfig)

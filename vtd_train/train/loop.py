@@ -26,12 +26,9 @@ Nothing here is model-specific beyond ``model(batch) -> {loss/<task>/<term>: ten
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,7 +43,16 @@ from data_pipeline.transforms import prepare_batch
 from vtd_train.checkpoint import CheckpointError
 from vtd_train.model.vtdnet import VTDNet
 from vtd_train.train.amp import Precision
-from vtd_train.train.checkpointing import Progress, capture_rng, load_checkpoint, load_weights, restore_rng, write_checkpoint
+from vtd_train.train.checkpointing import (
+    Progress,
+    capture_rng,
+    load_checkpoint,
+    load_weights,
+    local_checkpoint_dir,
+    restore_rng,
+    sweep_local_checkpoints,
+    write_checkpoint,
+)
 from vtd_train.train.config import TrainConfig
 from vtd_train.train.faults import FaultInjector
 from vtd_train.train.grad_sync import GradSync, all_gather_objects, broadcast_state, mutable_buffers, replica_divergence
@@ -108,6 +114,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     cfg: TrainConfig = config["train_config"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if ctx.get_local_rank() == 0:
+        for d in sweep_local_checkpoints():  # what killed workers on this node left behind
+            log.info(f"[{cfg.name}] removed a local checkpoint copy a dead process left: {d}")
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -178,8 +187,9 @@ def _train_loop(config: dict[str, Any]) -> None:
             + (f"; resumed at step {resumed_from} (epoch {progress.epoch}, batch {progress.batch_index})" if resumed_from is not None else "")
         )
 
-    def emit(*, with_checkpoint: bool) -> None:
-        """Checkpoint (optional) + the report. Called at the same steps on every rank."""
+    def emit(*, with_checkpoint: bool, validation: dict[str, float] | None = None) -> None:
+        """Checkpoint (optional) + the report (with validation metrics, when given). Called at
+        the same steps on every rank."""
         ckpt_dir, write_s = None, 0.0
         divergence = replica_divergence(model)
         if with_checkpoint:
@@ -187,14 +197,14 @@ def _train_loop(config: dict[str, Any]) -> None:
             states = all_gather_objects({"rng": capture_rng(device), "epoch_acc": list(epoch_acc)})
             if rank == 0:
                 ckpt_dir = write_checkpoint(
-                    os.path.join(tempfile.gettempdir(), f"vtd-ckpt-{uuid.uuid4().hex}"), model=model, model_cfg=cfg.model,
+                    local_checkpoint_dir(), model=model, model_cfg=cfg.model,
                     optimizer=optimizer, scaler=precision.scaler, progress=progress, rank_states=states,
                     meta={**meta, "replica_divergence": divergence},
                 )
             write_s = time.perf_counter() - t
         try:  # the upload removes the local directory once it has copied it (in the background if async)
             reporter.report(progress, divergence=divergence, checkpoint_dir=ckpt_dir, checkpoint_write_s=write_s,
-                            extra={"resumed_from_step": resumed_from})
+                            extra={"resumed_from_step": resumed_from, **(validation or {})})
         except BaseException:
             if ckpt_dir is not None:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -251,12 +261,35 @@ def _train_loop(config: dict[str, Any]) -> None:
                 final = progress.global_step >= total_steps
                 every = cfg.checkpoint.every_steps
                 with_ckpt = final or (every > 0 and progress.global_step % every == 0) or (epoch_end and cfg.checkpoint.at_epoch_end)
-                if with_ckpt or progress.global_step % cfg.report_every_steps == 0:
-                    emit(with_checkpoint=with_ckpt)
+                val = None
+                if cfg.validation.every_epochs > 0 and (final or (epoch_end and cfg.validation.due(progress.epoch, cfg.epochs))):
+                    val = validate(model, cfg, rank=rank, device=device)
+                if with_ckpt or val is not None or progress.global_step % cfg.report_every_steps == 0:
+                    emit(with_checkpoint=with_ckpt, validation=val)
                 if epoch_end:
                     break
     finally:
         monitor.close()
+
+
+def validate(model: VTDNet, cfg: TrainConfig, *, rank: int, device: torch.device) -> dict[str, float]:
+    """Rank 0 scores ``model`` on the validation split (:class:`ValidationConfig`); every rank
+    returns the same ``{"val/<key>": value}`` (VTDA, its groups and each metric scored)."""
+    from vtd_train.evaluation.evaluate import evaluate
+
+    out: dict[str, float] | None = None
+    if rank == 0:
+        v = cfg.validation
+        height = v.height if v.height is not None else (max(cfg.data.scales) if cfg.data.scales else "native")
+        t, rng = time.perf_counter(), capture_rng(device)  # training's random streams stay as they were
+        try:
+            metrics = evaluate(model=model, data=cfg.data.uri, split=v.split, overlays=0, distributed=False, height=height,
+                               threads=max(1, int(cfg.resources.cpus_per_worker)))
+        finally:
+            restore_rng(rng, device)
+        out = {f"val/{k}": float(x) for k, x in metrics.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}
+        out["val/time_s"] = time.perf_counter() - t
+    return all_gather_objects(out)[0]
 
 
 def _resume_candidates(latest: Any) -> Iterator[Any]:

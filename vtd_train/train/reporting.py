@@ -200,6 +200,8 @@ class Reporter:
         tasks = " ".join(f"{t} {v:.3f}" for t, v in per_task.items())
         skipped = f" | skipped {m['skipped_steps']}" if m["skipped_steps"] else ""
         ckpt = " | checkpoint" if m["checkpoint"] else ""
+        if "val/vtda" in m:
+            ckpt += f" | val VTDA {m['val/vtda']:.1f} ({m['val/time_s']:.0f} s)"
         return (
             f"[{self.run}/{self.stage}] epoch {epoch}/{self.epochs} step {step}/{self.total_steps} | "
             f"{m['images_per_s']:.1f} img/s | loss {m['loss']:.4f} | {tasks} | lr {m['lr']:.2e} | "
