@@ -294,10 +294,11 @@ def _jobs_client(dashboard_url: str):
 
 def _alive_nodes(dashboard_url: str) -> list[dict]:
     """The cluster's alive nodes, from the dashboard's State API."""
-    from orchestrator.runner import _use_local_token
     from ray.util.state import list_nodes
 
-    _use_local_token()
+    from cluster.local import use_local_token
+
+    use_local_token()
     nodes = list_nodes(address=dashboard_url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
     return [n if isinstance(n, dict) else asdict(n) for n in nodes]
 
@@ -505,7 +506,7 @@ def describe(cluster: DevCluster) -> list[str]:
     return [
         f"dev cluster up: head + {len(workers)} worker node(s), {cpus} CPUs, temp dir {cluster.temp_root}",
         f"  dashboard + Jobs API: {cluster.dashboard_url}",
-        f"  GCS address:          {cluster.gcs_address}   (vtd train --address {cluster.gcs_address})",
+        f"  GCS address:          {cluster.gcs_address}   (vtd train|evaluate --address {cluster.gcs_address})",
         f"  Ray Client:           {cluster.client_address}",
         "  Prometheus metrics:   " + ", ".join(f"{n.name} http://{HOST}:{n.metrics_export_port}/metrics" for n in cluster.nodes),
         f"  submit:               vtd jobs submit jobs/cpf.yaml --profile tiny --address {cluster.dashboard_url}",

@@ -48,15 +48,10 @@ from orchestrator.state import (
 
 
 def _use_local_token() -> None:
-    """Send the cluster's auth token like ``ray job submit`` does: Ray 2.60 turns token
-    authentication on by default for new clusters, and a client process uses the token file
-    (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH``) or ``RAY_AUTH_TOKEN`` only once token mode is
-    enabled in it (``RAY_AUTH_MODE`` set explicitly is respected)."""
-    try:
-        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-    except ImportError:  # pragma: no cover - a Ray without token authentication
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    """Send the cluster's auth token like ``ray job submit`` does (:func:`cluster.local.use_local_token`)."""
+    from cluster.local import use_local_token
+
+    use_local_token()
 
 
 #: How long a submission waits for a fresh cluster's job agent.

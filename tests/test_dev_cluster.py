@@ -158,6 +158,16 @@ def run_dev_cluster(tiny_shards: str, tmp_path: Path, bystander: subprocess.Pope
         # a second cluster in the same place is refused while this one runs
         again = vtd("cluster", "up", "--dir", d)
         assert again.returncode == 2 and "already up" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+        # `vtd train|evaluate --address GCS` join it the way they do (cluster.local.connect, with
+        # the token); its processes resolve the address "auto" to it, not to another cluster here
+        probe = subprocess.run([sys.executable, "-c", (
+            "import json, os, ray; from cluster.local import connect; info = connect(os.environ['GCS']); "
+            "f = ray.remote(num_cpus=1)(lambda: os.environ.get('RAY_ADDRESS')); "
+            "print(json.dumps([info.address, info.num_cpus, ray.get(f.remote())]))")],
+            cwd=REPO, env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "GCS": state["gcs_address"]},
+            capture_output=True, text=True, timeout=300)
+        assert probe.returncode == 0, probe.stderr[-2000:]
+        assert json.loads(probe.stdout.strip().splitlines()[-1]) == [state["gcs_address"], 2.0, state["gcs_address"]]
         # token authentication is on: the Jobs API refuses a request without the token
         with pytest.raises(urllib.error.HTTPError) as e:
             get_json(f"{dash}/api/jobs/", None)
