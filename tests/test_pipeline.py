@@ -86,7 +86,7 @@ def test_validation_errors_name_file_stage_and_key():
     check_error(doc({"a": {"kind": "train", "foreach": {"nosuch": {}}}}), "stages.a.foreach", "unknown task")
     check_error(doc({"a": {"kind": "train", "train": {"freeze": ["nosuch_module"]}}}), "stages.a.train.freeze", "nosuch_module")
     check_error(doc({"a": {"kind": "train", "train": {"optimizer": {"lr": -1}}}}), "stages.a", "lr must be > 0")
-    check_error(doc({"a": {"kind": "tune"}}), "stages.a.kind")
+    check_error(doc({"a": {"kind": "sweep"}}), "stages.a.kind", "tune")  # the message lists the kinds
     check_error(doc({"a": {"kind": "train", "epochs": 3}}), "stages.a", "unknown key(s) ['epochs']")
     check_error(doc({"a": a, "m": {"kind": "merge", "base": "a", "decoders": ["a"]}}), "stages.m.decoders", "trainable")
     check_error(doc({"a": a}, stages={"b": {"epochs": 1}}), "profiles.t.stages", "unknown stage(s) ['b']")
