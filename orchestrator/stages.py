@@ -173,23 +173,18 @@ class StageExecutor:
         if st.kind in ("init", "merge"):
             ck = fsio.join(d, "checkpoint")
             return {"checkpoint": ck, "hash": checkpoint_hash(ck)}
-        if st.kind == "tune":
+        if st.kind in ("train", "tune"):
             rpath = fsio.join(d, "result.json")
             if not fsio.exists(rpath):
-                raise FileNotFoundError(f"{rpath}: the sweep ended without writing its result")
+                raise FileNotFoundError(f"{rpath}: the {'sweep' if st.kind == 'tune' else 'training job'} ended "
+                                        "without writing its result")
             result = json.loads(fsio.read_bytes(rpath))
-            ck = result["checkpoint"]
-            return {"checkpoint": ck, "hash": checkpoint_hash(ck), "trial": result["trial"], "vtda": result["vtda"],
-                    "loss_weights": result["loss_weights"],
-                    "trials": [{k: t[k] for k in ("name", "loss_weights", "vtda")} for t in result["trials"]]}
-        if st.kind == "train":
-            rpath = fsio.join(d, "result.json")
-            if not fsio.exists(rpath):
-                raise FileNotFoundError(f"{rpath}: the training job ended without writing its result")
-            result = json.loads(fsio.read_bytes(rpath))
-            ck = result["checkpoint"]
-            return {"checkpoint": ck, "hash": checkpoint_hash(ck), "global_step": result.get("global_step"),
-                    "epoch_losses": result.get("epoch_losses"), "first_step_at": result.get("first_step_at")}
+            out = {"checkpoint": result["checkpoint"], "hash": checkpoint_hash(result["checkpoint"])}
+            if st.kind == "tune":  # the winner, its loss weights (a train stage from it takes them) and the trials
+                return {**out, "trial": result["trial"], "vtda": result["vtda"], "loss_weights": result["loss_weights"],
+                        "trials": [{k: t[k] for k in ("name", "loss_weights", "vtda")} for t in result["trials"]]}
+            return {**out, "global_step": result.get("global_step"), "epoch_losses": result.get("epoch_losses"),
+                    "first_step_at": result.get("first_step_at")}
         if st.kind == "pseudo_label":
             root = fsio.join(d, "pseudo")
             return {"pseudo": root, "hash": hash_files([fsio.join(root, "manifest.json")])}

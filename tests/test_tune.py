@@ -122,3 +122,28 @@ def test_a_sweep_keeps_the_trial_with_the_best_validation_vtda(ray_cluster, tiny
     assert cfg.loss_weights.det == best["loss_weights"]["det"] == summary["loss_weights"]["det"]
     scored = evaluate(summary["checkpoint"], tiny_shards, split="val", overlays=0, distributed=False, height=64)
     assert scored["vtda"] == pytest.approx(summary["vtda"], abs=1e-6)
+
+
+def test_a_finished_sweep_stage_outputs_the_winner(tmp_path):
+    """What the orchestrator records of a tune stage: the winner's checkpoint with its content
+    hash, its loss weights and the trials; a sweep that wrote no result is an error naming it."""
+    from orchestrator.state import checkpoint_hash
+    from vtd_train.checkpoint import save_model
+    from vtd_train.model.vtdnet import VTDNet, VTDNetConfig
+
+    spec = load_pipeline(str(REPO / "jobs" / "tune.yaml"), profile="tiny")
+    ex = StageExecutor(spec, str(tmp_path / "run"), "/data/shards", "python")
+    d = Path(ex.directory("sweep", "k" * 16))
+    with pytest.raises(FileNotFoundError, match="result.json: the sweep ended without writing its result"):
+        ex.collect(spec.stages["sweep"], "k" * 16)
+    cfg = VTDNetConfig.tiny("single:tag")
+    ckpt = str(d / "ray" / "sweep-0a1b2c3d" / "checkpoint_step00000002_abcdef")
+    save_model(ckpt, VTDNet(cfg), cfg)
+    trials = [{"name": "sweep-0a1b2c3d", "loss_weights": {"det": 4.0}, "vtda": [50.0, 61.0], "validations": 2, "error": None}]
+    (d / "result.json").write_text(json.dumps({"checkpoint": ckpt, "trial": "sweep-0a1b2c3d", "vtda": 61.0,
+                                               "loss_weights": {"det": 4.0, "sem": 1.0}, "trials": trials}))
+    out = ex.collect(spec.stages["sweep"], "k" * 16)
+    assert out["checkpoint"] == ckpt and out["hash"] == checkpoint_hash(ckpt)
+    assert out["loss_weights"] == {"det": 4.0, "sem": 1.0} and out["vtda"] == 61.0
+    assert out["trials"] == [{"name": "sweep-0a1b2c3d", "loss_weights": {"det": 4.0}, "vtda": [50.0, 61.0]}]
+    assert ex.still_valid(out)
