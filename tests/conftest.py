@@ -17,6 +17,12 @@ from data_pipeline.convert import ConvertOptions, convert  # noqa: E402
 from data_pipeline.synth import generate  # noqa: E402
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per core for the CPU-bound tests, and one more for the Ray group,
+    whose worker mostly waits on its cluster's processes (they do the group's computing)."""
+    return (os.cpu_count() or 1) + 1
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """Every test on Ray (the ``ray`` mark, or the ``ray_cluster`` fixture, also through another
