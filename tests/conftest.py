@@ -17,6 +17,10 @@ from data_pipeline.convert import ConvertOptions, convert  # noqa: E402
 from data_pipeline.synth import generate  # noqa: E402
 
 
+# Parallel runs are opt-in (`pytest -n auto --dist loadgroup`): the README's command runs the
+# suite in one process. Under xdist on the 2-core VM (2026-12-05, beside other jobs at load
+# 7-12) three tests failed, not yet identified; the overfit cases' bounds were calibrated with
+# two intra-op threads per process, and xdist workers run one.
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: a worker per core for the CPU-bound tests, and one more for the Ray group,
     whose worker mostly waits on its cluster's processes (they do the group's computing)."""
