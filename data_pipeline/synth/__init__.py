@@ -15,7 +15,9 @@ CNN can learn every task in a few CPU minutes:
   lines; tunnel: walls and ceiling lamps; parking lot: stall lines, parked cars; gas stations:
   a canopy with pumps; undefined: bare terrain); the *weather* tag changes the global tint,
   contrast, fog, rain streaks or snow, and the *time of day* the brightness (night keeps only
-  lamps, tail lights and lit windows bright);
+  lamps, tail lights and lit windows bright). The det images (the tagging set) of a split take
+  each tag's values in proportion to its frequency table, shuffled (:func:`scene._tag_plan`),
+  so train and val share one distribution however few images they hold;
 * objects are simple shapes with one look per class: car = blue box with a dark cabin and
   red tail lights, truck = tall orange box, bus = yellow box with a dark rear window, train =
   silver side-view carriage, pedestrian = stick figure (red right limbs, orange left limbs,
@@ -79,4 +81,5 @@ from .samples import _still, _video
 from .scene import SIZES, SynthSize
 from .writer import generate
 
-__all__ = ["SIZES", "SynthSize", "generate"]
+__all__ = ["SIZES", "SynthSize", "generate", "_still", "_video"]  # the samples: for tests and tools
+

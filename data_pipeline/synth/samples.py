@@ -16,7 +16,9 @@ from .actors import _Actor, _Inst
 from .background import _background
 from .populate import _populate, _step
 from .render import _Frame, _render
-from .scene import _EGO_SPEED, _OCC, _STREAMS, SynthSize, _Ego, _make_scene, _Scene
+from .scene import _EGO_SPEED, _OCC, _STREAMS, SynthSize, _Ego, _make_scene, _Scene, _tag_plan
+
+_TAG_PLAN = 2**32  # generator key of a split's tag plan in place of an image index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,9 +52,14 @@ def _is_thing(inst: _Inst) -> bool:
 
 
 def _still(seed: int, spec: SynthSize, stream: str, split: str, index: int, *, pose: bool) -> tuple[_Scene, _Frame]:
-    """One det (``stream='det'``) or seg (``'seg'``) image."""
+    """One det (``stream='det'``) or seg (``'seg'``) image. The det images' tags (the only ones
+    labelled for tagging) follow their split's :func:`_tag_plan`; the others are drawn per image."""
     rng = _rng(seed, stream, split, index)
-    sc = _make_scene(rng, spec.width, spec.height)
+    tags = None
+    if stream == "det":
+        plan_rng = np.random.default_rng([seed, _STREAMS[stream], B.SPLITS.index(split), _TAG_PLAN])
+        tags = _tag_plan(plan_rng, spec.det[B.SPLITS.index(split)])[index]
+    sc = _make_scene(rng, spec.width, spec.height, tags)
     bg, statics = _background(sc, rng)
     actors = statics + _populate(sc, rng, pose=pose, video=False)
     _assign(actors, (lambda i: True) if stream == "det" else _is_thing)

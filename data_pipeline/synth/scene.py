@@ -147,8 +147,37 @@ _S_NEAR: Final = 1.5  # depth scale below the bottom row, where road polygons st
 _S_FAR: Final = 0.035  # depth scale near the horizon, where road polygons stop
 
 
-def _make_scene(rng: np.random.Generator, W: int, H: int) -> _Scene:
+def _quota(table: dict[str, float], n: int) -> list[str]:
+    """``n`` values of ``table`` in proportion to its probabilities (largest remainder; ties go
+    to the earlier key), in table order."""
+    keys = list(table)
+    p = np.array([table[k] for k in keys], np.float64)
+    share = p / p.sum() * n
+    count = np.floor(share).astype(int)
+    order = sorted(range(len(keys)), key=lambda i: (-(share[i] - count[i]), i))
+    for i in order[: n - int(count.sum())]:
+        count[i] += 1
+    return [k for k, c in zip(keys, count) for _ in range(c)]
+
+
+def _tag_plan(rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
+    """Tags ``(weather, scene, timeofday)`` of the ``n`` images of one split: each tag's values in
+    proportion to its table (:func:`_quota`), shuffled independently, so that the train and val
+    splits share one distribution however few images they hold (drawn independently per image,
+    8 val images once came out 6 "city street" against a mostly "highway" train split)."""
+    columns = []
+    for table in (_WEATHER_P, _SCENE_P, _TIME_P):
+        values = _quota(table, n)
+        columns.append([values[i] for i in rng.permutation(n)])
+    return list(zip(*columns))
+
+
+def _make_scene(rng: np.random.Generator, W: int, H: int, tags: tuple[str, str, str] | None = None) -> _Scene:
+    """A random scene; ``tags`` ``(weather, scene, timeofday)`` replace the drawn ones (the draws
+    are still made, so the rest of the image draws the same numbers as before)."""
     weather, scene, tod = _pick(rng, _WEATHER_P), _pick(rng, _SCENE_P), _pick(rng, _TIME_P)
+    if tags is not None:
+        weather, scene, tod = tags
     lane_w = float(rng.uniform(3.3, 3.8))
     divider: int | None = None
     sidewalk = 0.0
