@@ -137,9 +137,10 @@ def generate(out: str | os.PathLike[str], seed: int = 0, size: str = "tiny", ove
                 labels.append({"id": str(label_id), "category": o.category, "attributes": _attrs(o),
                                "box2d": _box2d(o)})
                 if pose and o.keypoints is not None and o.category == "pedestrian":
-                    nodes = [{"location": [round(x, 2), round(y, 2)], "category": j,
+                    # node ids: Scalabel's schema requires one (the toolkit refuses a node without)
+                    nodes = [{"location": [round(x, 2), round(y, 2)], "category": j, "id": f"{label_id}-{k}",
                               "visibility": B.POSE_VISIBLE if v else B.POSE_NOT_VISIBLE}
-                             for (x, y, v), j in zip(o.keypoints, B.POSE_JOINTS)]
+                             for k, ((x, y, v), j) in enumerate(zip(o.keypoints, B.POSE_JOINTS))]
                     graph = {"nodes": nodes, "edges": [], "type": B.POSE_GRAPH_TYPE}
                     persons.append({"id": str(label_id), "category": "pedestrian", "attributes": _attrs(o),
                                     "box2d": _box2d(o), "graph": graph})
