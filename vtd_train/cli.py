@@ -157,6 +157,20 @@ def _add_optional_commands(sub) -> None:
                          "(default: the largest training scale the checkpoint records, else native)")
     ev.set_defaults(func=_cmd_evaluate)
 
+    pr = sub.add_parser("predict", help="a checkpoint's predictions on a split in BDD100K's formats (the toolkit's and "
+                        "evaluation server's inputs)")
+    pr.add_argument("--checkpoint", required=True, help="checkpoint directory (local path or fsspec URI)")
+    pr.add_argument("--data", required=True, help="shard root written by `vtd data convert` (any fsspec URI)")
+    pr.add_argument("--split", default="val")
+    pr.add_argument("--out", required=True, help="directory for the prediction files (local path or fsspec URI)")
+    pr.add_argument("--address", default=None, help="Ray cluster address; default: run in this process")
+    pr.add_argument("--workers", type=int, default=None, help="Ray workers for inference (as for `vtd evaluate`)")
+    pr.add_argument("--height", type=_height, default=None,
+                    help="test image height in pixels, or 'native' (as for `vtd evaluate`; predictions are written "
+                         "at the stored resolution)")
+    pr.add_argument("--overwrite", action="store_true", help="replace the predictions already in --out")
+    pr.set_defaults(func=_cmd_predict)
+
     tr = sub.add_parser("train", help="train VTDNet on Ray Train (embedded local cluster by default)")
     tr.add_argument("--config", required=True, help="training config (YAML)")
     tr.add_argument("--address", default=None, help="Ray cluster address; default: start a local cluster")
@@ -293,6 +307,12 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from vtd_train.evaluation.evaluate import evaluate_command
 
     return evaluate_command(a)
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from vtd_train.evaluation.predict import predict_command
+
+    return predict_command(a)
 
 
 def _cmd_pseudo_label(a: argparse.Namespace) -> int:
