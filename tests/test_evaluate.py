@@ -261,18 +261,16 @@ def test_mismatched_and_duplicate_frame_names_raise():
     t = FrameTargets(boxes=torch.tensor([[1.0, 1.0, 5.0, 5.0]]), classes=torch.tensor([2]), ignore=torch.tensor([False]))
     pred = FramePrediction(size=(8, 8), boxes=t.boxes, classes=t.classes, scores=torch.ones(1))
     state = EvalState()
-    state.labelled["det"] += 1
-    state.det.append((pred_instances("a.jpg", pred), gt_instances("b.jpg", t)))
     with pytest.raises(VTDInputError, match="frame names of predictions and ground truth differ"):
-        state.compute(("det",))
+        state.det.update(pred_instances("a.jpg", pred), gt_instances("b.jpg", t))
 
-    state = EvalState()
     state.labelled["det"] += 1
-    state.det.append((pred_instances("a.jpg", pred), gt_instances("a.jpg", t)))
+    state.det.update(pred_instances("a.jpg", pred), gt_instances("a.jpg", t))
     assert state.compute(("det",))[0]["ap_det"] == pytest.approx(100.0)
-    state.merge(state)  # the same frame from two units must not be counted twice
     with pytest.raises(VTDInputError, match="appears twice"):
-        state.compute(("det",))
+        state.det.update(pred_instances("a.jpg", pred), gt_instances("a.jpg", t))
+    with pytest.raises(VTDInputError, match="appears twice"):  # the same frame from two units is not counted twice
+        state.merge(state)
 
 
 def test_a_checkpoint_that_does_not_exist(tiny_shards, tmp_path, capsys):

@@ -677,3 +677,21 @@ def test_flow_errors():
         m.update(np.zeros((30, 40, 2)), prev, no_masks)
     with pytest.raises(MetricUndefinedError):
         FlowProxyIoU().compute()
+
+
+def test_streamed_ap_keeps_matches_not_masks():
+    """A worker's AP accumulator holds per-detection matches, not the frames' masks: a 720p
+    frame with 6 instances leaves a few hundred bytes (the masks alone are 5.5 MB)."""
+    import pickle
+
+    from vtd_train.evaluation.coco import CocoAP
+
+    h, w = 720, 1280
+    masks = np.stack([square_mask(h, w, 100 * i, 50, 100 * i + 80, 400) for i in range(6)])
+    boxes = [[100 * i, 50, 100 * i + 80, 400] for i in range(6)]
+    g = frame("a", boxes, [2] * 6, masks=masks)
+    p = frame("a", boxes, [2] * 6, scores=np.linspace(0.5, 1, 6), masks=np.roll(masks, 3, axis=2))
+    acc = CocoAP("segm", what="mask AP")
+    acc.update(p, g)
+    assert len(pickle.dumps(acc)) < 4000
+    assert acc.compute() == pytest.approx(mask_ap([p], [g]))

@@ -333,3 +333,22 @@ def test_a_bad_prediction_names_the_frame_and_leaves_no_json(tiny_shards, tmp_pa
         run_prediction(model=OracleModel(corrupt=bad_class), data=tiny_shards, out_dir=pred, distributed=False)
     left = sorted(p.name for p in pred.rglob("*") if p.is_file())
     assert not any(n.endswith(".json") or ".tmp" in n for n in left), left
+
+
+def test_ray_workers_write_the_same_files(tiny_shards, ray_cluster, tmp_path):
+    """The units run on Ray actors (each loading the checkpoint) give the files the in-process
+    run gives, byte for byte."""
+    torch.manual_seed(0)
+    cfg = VTDNetConfig.tiny()
+    ckpt = str(tmp_path / "ckpt")
+    save_model(ckpt, VTDNet(cfg), cfg, {"note": "untrained"})
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    run_prediction(ckpt, tiny_shards, out_dir=local, distributed=False)
+    info = run_prediction(ckpt, tiny_shards, out_dir=remote, address=ray_cluster.address, workers=2)
+    assert info["runner"].startswith("ray") and info["workers"] == 2
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+                and p.name != "predict_info.json"}
+
+    assert files(local) == files(remote) and len(files(local)) > 30

@@ -16,14 +16,25 @@ category). Conventions, as in the BDD100K/Scalabel COCO conversion:
   none at all the AP is undefined (:class:`MetricUndefinedError`).
 
 Results are AP × 100.
+
+Streaming (:class:`CocoAP`, what the evaluation's workers use): pycocotools evaluates each image
+on its own (``COCOeval.evaluateImg``: which detection matches which ground truth at each IoU
+threshold, which are ignored) and only ``accumulate`` looks across images. So a worker runs
+``COCOeval.evaluate`` on one frame at a time and keeps only those per-image matches (a score, a
+match flag and an ignore flag per detection and IoU threshold; an ignore flag per ground truth),
+for COCO's area range "all", the one VTD reports; masks are RLE-encoded for the IoUs and then
+dropped. The driver merges the matches of all frames and runs pycocotools' ``accumulate`` and
+``summarize`` on them, frames in name order: the AP of one ``COCOeval`` over the whole split,
+exactly, while what is held grows by a few bytes per detection rather than a full-frame mask.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Final, Literal
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -38,6 +49,8 @@ from .containers import InstanceFrame, MetricUndefinedError, PoseFrame, pair_fra
 IouType = Literal["bbox", "segm"]
 #: ``maxDets`` for pose OKS AP (BDD100K pose evaluation; also COCO's keypoint default).
 POSE_MAX_DETS = 20
+#: COCO's area range "all" (``Params.areaRng[0]``): the only one scored.
+AREA_ALL: Final = [0.0, 1e5**2]
 
 
 def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
@@ -113,35 +126,95 @@ def instance_coco(
     return gt, dt
 
 
-def run_cocoeval(
-    gt: COCO, dt: COCO, iou_type: str, *, what: str, configure: Callable[[Any], None] | None = None
-) -> float:
-    """COCOeval ``stats[0]`` × 100 (printing silenced); undefined without scorable ground truth."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(gt, dt, iou_type)
-        if configure is not None:
-            configure(ev.params)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    ap = float(ev.stats[0])
-    if ap < 0:  # COCO's −1: no category has non-ignored ground truth
-        raise MetricUndefinedError(f"{what}: no (non-ignored) ground-truth instance to score")
-    return ap * 100.0
+#: One frame's matches for one category: ``(category index, dtScores [D] float64, dtMatches
+#: [T, D] bool, dtIgnore [T, D] bool, gtIgnore [G] bool)`` (``COCOeval.evaluateImg``'s fields
+#: that ``accumulate`` reads).
+ImageMatches = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+class CocoAP:
+    """Streaming COCO AP (see the module docstring): :meth:`update` per frame, :meth:`merge`
+    across workers, :meth:`compute` once.
+
+    ``iou_type``: ``"bbox"`` (``ap_det``, ``ap_mot``), ``"segm"`` (``ap_ins``, ``ap_mots``) or
+    ``"keypoints"`` (``ap_pose``; frames are :class:`PoseFrame`). ``what`` names the metric in
+    errors.
+    """
+
+    def __init__(self, iou_type: Literal["bbox", "segm", "keypoints"], *, what: str) -> None:
+        self.iou_type = iou_type
+        self.what = what
+        self.frames: dict[str, list[ImageMatches]] = {}
+
+    def _params(self, ev: COCOeval) -> None:
+        if self.iou_type == "keypoints":
+            configure_pose_params(ev.params)
+        ev.params.areaRng = [list(AREA_ALL)]
+        ev.params.areaRngLbl = ["all"]
+
+    def update(self, pred: Any, gt: Any) -> None:
+        """Match one frame's predictions with its ground truth (same frame name)."""
+        if gt.name in self.frames:
+            raise VTDInputError(f"{self.what}: ground truth: frame name {gt.name!r} appears twice")
+        if self.iou_type == "keypoints":
+            gt_coco, dt_coco = pose_coco([pred], [gt], what=self.what)
+        else:
+            gt_coco, dt_coco = instance_coco([pred], [gt], self.iou_type, what=self.what)
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(gt_coco, dt_coco, self.iou_type)
+            self._params(ev)
+            ev.evaluate()
+        # evalImgs: one entry per category (one area range, one image); None: nothing of it here
+        self.frames[gt.name] = [
+            (k, np.asarray(e["dtScores"], np.float64), np.asarray(e["dtMatches"]) > 0,
+             np.asarray(e["dtIgnore"], bool), np.asarray(e["gtIgnore"], bool))
+            for k, e in enumerate(ev.evalImgs) if e is not None
+        ]
+
+    def merge(self, other: CocoAP) -> None:
+        twice = self.frames.keys() & other.frames.keys()
+        if twice:
+            raise VTDInputError(f"{self.what}: ground truth: frame name {sorted(twice)[0]!r} appears twice")
+        self.frames.update(other.frames)
+
+    def compute(self) -> float:
+        """COCOeval ``stats[0]`` × 100 over every frame given, frames in name order."""
+        names = sorted(self.frames)
+        n_cats = 1 if self.iou_type == "keypoints" else len(THING_CATEGORIES)
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(iouType=self.iou_type)
+            self._params(ev)
+            ev.params.imgIds = list(range(len(names)))
+            ev.params.catIds = list(range(1, n_cats + 1))
+            ev.evalImgs = [None] * (n_cats * len(names))  # COCOeval's layout: [category][area][image]
+            for i, name in enumerate(names):
+                for k, scores, matches, dt_ignore, gt_ignore in self.frames[name]:
+                    ev.evalImgs[k * len(names) + i] = {"dtScores": scores, "dtMatches": matches,
+                                                       "dtIgnore": dt_ignore, "gtIgnore": gt_ignore}
+            ev._paramsEval = copy.deepcopy(ev.params)
+            if names:
+                ev.accumulate()
+                ev.summarize()
+        ap = float(ev.stats[0]) if names else -1.0
+        if ap < 0:  # COCO's −1: no category has non-ignored ground truth
+            raise MetricUndefinedError(f"{self.what}: no (non-ignored) ground-truth instance to score")
+        return ap * 100.0
+
+
+def _streamed(acc: CocoAP, preds: Sequence[Any], gts: Sequence[Any]) -> float:
+    for p, g in pair_frames(preds, gts, what=acc.what):
+        acc.update(p, g)
+    return acc.compute()
 
 
 def box_ap(preds: Sequence[InstanceFrame], gts: Sequence[InstanceFrame], *, what: str = "box AP") -> float:
     """Box AP × 100 over the 8 thing classes (``ap_det``; ``ap_mot`` on tracking frames)."""
-    gt, dt = instance_coco(preds, gts, "bbox", what=what)
-    return run_cocoeval(gt, dt, "bbox", what=what)
+    return _streamed(CocoAP("bbox", what=what), preds, gts)
 
 
 def mask_ap(preds: Sequence[InstanceFrame], gts: Sequence[InstanceFrame], *, what: str = "mask AP") -> float:
     """Mask AP × 100 over the 8 thing classes (``ap_ins``; ``ap_mots`` on tracking frames)."""
-    gt, dt = instance_coco(preds, gts, "segm", what=what)
-    return run_cocoeval(gt, dt, "segm", what=what)
-
-
+    return _streamed(CocoAP("segm", what=what), preds, gts)
 def pose_coco(preds: Sequence[PoseFrame], gts: Sequence[PoseFrame], *, what: str = "pose AP") -> tuple[COCO, COCO]:
     """Pose ground truth and predictions as in-memory COCO keypoint datasets.
 
@@ -189,5 +262,4 @@ def configure_pose_params(params: Any) -> None:
 
 def pose_ap(preds: Sequence[PoseFrame], gts: Sequence[PoseFrame], *, what: str = "pose AP") -> float:
     """``ap_pose``: keypoint OKS AP × 100 with the 18 BDD100K sigmas and 20 detections per image."""
-    gt, dt = pose_coco(preds, gts, what=what)
-    return run_cocoeval(gt, dt, "keypoints", what=what, configure=configure_pose_params)
+    return _streamed(CocoAP("keypoints", what=what), preds, gts)

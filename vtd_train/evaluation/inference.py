@@ -49,12 +49,12 @@ from data_pipeline.structures import FrameTargets, LabelSource
 from vtd_train.model.outputs import FramePrediction
 from vtd_train.tracker import TrackResult
 
+from .coco import CocoAP
 from .containers import InstanceFrame, MetricUndefinedError, PoseFrame
-from .coco import box_ap, mask_ap, pose_ap
 from .flow import FlowProxyIoU
 from .segmentation import DrivableIoU, LaneBoundaryIoU, SemanticIoU
 from .tagging import scene_accuracy, weather_accuracy
-from .tracking import mot_metrics, mots_metrics
+from .tracking import TrackingScore
 
 #: Metric keys of each task (a task absent from the model or the data leaves its keys out).
 TASK_METRICS: Final[dict[str, tuple[str, ...]]] = {
@@ -184,33 +184,32 @@ class EvalState:
     """Metric inputs of a part of the split (a shard, a group of videos), mergeable.
 
     ``labelled[task]`` counts the frames (for ``flow``: frame pairs) that carried ground truth
-    for ``task``, whether or not the model predicts it. Instance lists hold
-    ``(prediction, ground truth)`` container pairs; dense metrics are the streaming
-    accumulators. :meth:`merge` appends / adds, so merging the parts in a fixed order gives
-    the same state whatever ran them.
+    for ``task``, whether or not the model predicts it. Every metric is a streaming accumulator
+    whose size does not grow with the frames' pixels: confusion histograms and lane sums, the
+    per-frame COCO matches of :class:`coco.CocoAP` (det, ins, pose, and the AP of MOT / MOTS)
+    and the per-sequence HOTA results of :class:`tracking.TrackingScore`; a mask lives only
+    while its frame is scored. :meth:`merge` adds the parts (frames and videos of one part must
+    not appear in another), and ``compute`` orders frames by name, so merging the parts in any
+    order gives the same metrics.
     """
 
     tag: list[tuple[str, int, int, int, int]] = field(default_factory=list)  # name, pred/true weather, pred/true scene
     sem: SemanticIoU = field(default_factory=SemanticIoU)
     drivable: DrivableIoU = field(default_factory=DrivableIoU)
     lane: LaneBoundaryIoU = field(default_factory=LaneBoundaryIoU)
-    det: list[tuple[InstanceFrame, InstanceFrame]] = field(default_factory=list)
-    ins: list[tuple[InstanceFrame, InstanceFrame]] = field(default_factory=list)
-    pose: list[tuple[PoseFrame, PoseFrame]] = field(default_factory=list)
-    mot: list[tuple[InstanceFrame, InstanceFrame]] = field(default_factory=list)
-    mots: list[tuple[InstanceFrame, InstanceFrame]] = field(default_factory=list)
+    det: CocoAP = field(default_factory=lambda: CocoAP("bbox", what="box AP"))
+    ins: CocoAP = field(default_factory=lambda: CocoAP("segm", what="mask AP"))
+    pose: CocoAP = field(default_factory=lambda: CocoAP("keypoints", what="pose AP"))
+    mot: TrackingScore = field(default_factory=lambda: TrackingScore("bbox"))
+    mots: TrackingScore = field(default_factory=lambda: TrackingScore("segm"))
     flow: FlowProxyIoU = field(default_factory=FlowProxyIoU)
     labelled: Counter = field(default_factory=Counter)
     frames: int = 0
 
     def merge(self, other: EvalState) -> None:
         self.tag += other.tag
-        self.sem.merge(other.sem)
-        self.drivable.merge(other.drivable)
-        self.lane.merge(other.lane)
-        for k in ("det", "ins", "pose", "mot", "mots"):
-            getattr(self, k).extend(getattr(other, k))
-        self.flow.merge(other.flow)
+        for k in ("sem", "drivable", "lane", "det", "ins", "pose", "mot", "mots", "flow"):
+            getattr(self, k).merge(getattr(other, k))
         self.labelled.update(other.labelled)
         self.frames += other.frames
 
@@ -245,16 +244,17 @@ class EvalState:
                 except VTDInputError as e:
                     raise VTDInputError(f"frame {name!r}: {e}") from None
             elif task == "det":
-                self.det.append((pred_instances(name, pred), gt_instances(name, t)))
+                self.det.update(pred_instances(name, pred), gt_instances(name, t))
             elif task == "ins":
-                self.ins.append((pred_instances(name, pred, masks=True, task="ins"), gt_instances(name, t, masks=True)))
+                self.ins.update(pred_instances(name, pred, masks=True, task="ins"), gt_instances(name, t, masks=True))
             elif task == "pose":
-                self.pose.append((pred_pose(name, pred), gt_pose(name, t)))
+                self.pose.update(pred_pose(name, pred), gt_pose(name, t))
 
     def add_tracked(self, name: str, t: FrameTargets, sources: Mapping[str, LabelSource], result: TrackResult | None,
                     tasks: tuple[str, ...], *, video: str, frame_index: int) -> InstanceFrame | None:
-        """Score the tracker's output on one tracking frame (MOT, MOTS). Returns the frame's
-        MOTS ground truth (for the flow proxy), or ``None`` if it has none."""
+        """Score the tracker's output on one tracking frame (MOT, MOTS); frames of a video in
+        frame order, then :meth:`end_video`. Returns the frame's MOTS ground truth (for the flow
+        proxy), or ``None`` if it has none."""
         mots_gt = None
         if labelled(sources, "mots"):
             mots_gt = gt_instances(name, t, masks=True, video=video, frame_index=frame_index)
@@ -267,8 +267,13 @@ class EvalState:
             if result is None:
                 raise VTDInputError(f"frame {name!r}: the model predicts {task!r} but no tracker output was given")
             gt = mots_gt if masks else gt_instances(name, t, video=video, frame_index=frame_index)
-            getattr(self, task).append((tracked_instances(name, result, masks=masks), gt))
+            getattr(self, task).update(tracked_instances(name, result, masks=masks), gt)
         return mots_gt
+
+    def end_video(self) -> None:
+        """A video's last frame was added: score its sequences (AssA)."""
+        self.mot.end_video()
+        self.mots.end_video()
 
     def add_flow_pair(self, pred_prev: FramePrediction | None, prev: InstanceFrame, cur: InstanceFrame,
                       tasks: tuple[str, ...]) -> None:
@@ -288,7 +293,6 @@ class EvalState:
         left out (task not in the model ``tasks``, nothing labelled, nothing to score)."""
         metrics: dict[str, float] = {}
         missing: dict[str, str] = {}
-        by_name = lambda pairs: sorted(pairs, key=lambda pg: pg[1].name)  # noqa: E731 - canonical order
         for task, keys in TASK_METRICS.items():
             if task not in tasks:
                 missing |= {k: f"the model has no {task} decoder" for k in keys}
@@ -306,19 +310,12 @@ class EvalState:
                             missing[key] = f"no frame has a {key[4:]} label"
                             continue
                         metrics[key] = fn(np.array([r[col] for r in scored]), np.array([r[col + 1] for r in scored]))
-                elif task in ("sem", "drivable", "lane"):
+                elif task in ("sem", "drivable", "lane", "det", "ins", "pose"):
                     metrics[keys[0]] = getattr(self, task).compute()
-                elif task in ("det", "ins"):
-                    pairs = by_name(getattr(self, task))
-                    fn = box_ap if task == "det" else mask_ap
-                    metrics[keys[0]] = fn([p for p, _ in pairs], [g for _, g in pairs])
-                elif task == "pose":
-                    pairs = by_name(self.pose)
-                    metrics["ap_pose"] = pose_ap([p for p, _ in pairs], [g for _, g in pairs])
                 elif task in ("mot", "mots"):
-                    pairs = by_name(getattr(self, task))
-                    fn = mot_metrics if task == "mot" else mots_metrics
-                    metrics |= fn([p for p, _ in pairs], [g for _, g in pairs])
+                    score = getattr(self, task)
+                    metrics[keys[0]] = score.ap.compute()
+                    metrics[keys[1]] = score.assa.compute()
                 elif task == "flow":
                     metrics["iou_flow"] = self.flow.compute()
             except MetricUndefinedError as e:

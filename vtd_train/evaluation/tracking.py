@@ -20,6 +20,13 @@ Protocol (trackeval's BDD100K dataset, ``datasets/bdd100k.py``, reproduced on ar
 * a video is a sequence of ground-truth frames with the same ``video``, ordered by
   ``frame_index``; all predicted instances count (no score threshold: that is the tracker's
   job).
+
+Streaming (:class:`TrackingScore`, what the evaluation's workers use): a worker tracks a whole
+video, so it reduces each frame to its similarity matrix and ids as the frame comes (masks
+RLE-encoded for the IoUs, then dropped) and, at the video's end, each class's sequence to
+``HOTA.eval_sequence``'s result (a few arrays over the 19 α); AP goes through
+:class:`coco.CocoAP`. The driver merges those per-sequence results and combines them: memory
+grows with the number of videos, not with frames or pixels.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from trackeval.metrics import HOTA
 from data_pipeline.bdd100k import THING_CATEGORIES
 from data_pipeline.errors import VTDInputError
 
-from .coco import IouType, box_ap, encode_masks, mask_ap, xyxy_to_xywh
+from .coco import CocoAP, IouType, encode_masks, xyxy_to_xywh
 from .containers import InstanceFrame, MetricUndefinedError, pair_frames, require
 
 #: Prediction ↔ ground-truth similarity needed for a match before ignore-region filtering.
@@ -131,28 +138,118 @@ def _videos(pairs: list[tuple[InstanceFrame, InstanceFrame]], what: str) -> dict
     return videos
 
 
+class AssA:
+    """Streaming class-averaged HOTA AssA: :meth:`add_frame` frame by frame (one video at a
+    time, in frame order), :meth:`end_video`, :meth:`merge`, :meth:`compute`."""
+
+    def __init__(self, iou_type: IouType = "bbox", *, what: str = "AssA") -> None:
+        self.iou_type, self.what = iou_type, what
+        self.sequences: dict[str, dict[str, dict[str, Any]]] = {}  # video → class → eval_sequence result
+        self.gt_dets: dict[str, int] = dict.fromkeys(THING_CATEGORIES, 0)
+        self._video: str | None = None
+        self._frames: list[_Frame] = []
+        self._last_index = -1
+
+    def add_frame(self, p: InstanceFrame, g: InstanceFrame) -> None:
+        if p.name != g.name:
+            raise VTDInputError(f"{self.what}: prediction for frame {p.name!r} given with ground truth of {g.name!r}")
+        if not g.video:
+            raise VTDInputError(f"{self.what}: ground-truth frame {g.name!r} has no video name (tracking frames need video and frame_index)")
+        if g.video != self._video:
+            if self._frames:
+                raise VTDInputError(f"{self.what}: frame {g.name!r} of video {g.video!r} before video {self._video!r} ended")
+            if g.video in self.sequences:
+                raise VTDInputError(f"{self.what}: video {g.video!r} given twice")
+            self._video, self._last_index = g.video, -1
+        if g.frame_index <= self._last_index:
+            raise VTDInputError(f"{self.what}: video {g.video!r}: frame_index values repeat or go back ({g.frame_index} after {self._last_index})")
+        self._last_index = g.frame_index
+        self._frames.append(_prepare_frame(p, g, self.iou_type, self.what))
+
+    def end_video(self) -> None:
+        """Score the video given since the last call (nothing if none)."""
+        if self._video is None:
+            return
+        hota = HOTA()
+        per_class = {}
+        for cls, name in enumerate(THING_CATEGORIES):
+            data = _sequence_data(self._frames, cls)
+            self.gt_dets[name] += data["num_gt_dets"]
+            per_class[name] = hota.eval_sequence(data)
+        self.sequences[self._video] = per_class
+        self._video, self._frames = None, []
+
+    def merge(self, other: AssA) -> None:
+        if other._frames or self._frames:
+            raise ValueError("merge AssA accumulators only between videos")
+        twice = self.sequences.keys() & other.sequences.keys()
+        if twice:
+            raise VTDInputError(f"{self.what}: video {sorted(twice)[0]!r} given twice")
+        self.sequences.update(other.sequences)
+        for name, n in other.gt_dets.items():
+            self.gt_dets[name] += n
+
+    def compute(self) -> float:
+        hota = HOTA()
+        videos = sorted(self.sequences)
+        per_class = {name: hota.combine_sequences({v: self.sequences[v][name] for v in videos})
+                     for name in THING_CATEGORIES if self.gt_dets[name]}  # no ground truth: AssA undefined, skipped
+        if not per_class:
+            raise MetricUndefinedError(f"{self.what}: no (non-ignored) ground-truth instance to score")
+        combined = hota.combine_classes_class_averaged(per_class)
+        return float(np.mean(combined["AssA"]) * 100.0)
+
+
+class TrackingScore:
+    """Streaming MOT (``iou_type="bbox"``) or MOTS (``"segm"``) metrics: AP over the tracking
+    frames and AssA. :meth:`update` per frame, :meth:`end_video` after a video's last frame,
+    :meth:`merge`, :meth:`compute` → ``{"ap_<task>", "assa_<task>"}``."""
+
+    def __init__(self, iou_type: IouType) -> None:
+        self.task = "mot" if iou_type == "bbox" else "mots"
+        label = self.task.upper()
+        self.ap = CocoAP(iou_type, what=f"{label} AP")
+        self.assa = AssA(iou_type, what=f"{label} AssA")
+
+    def update(self, p: InstanceFrame, g: InstanceFrame) -> None:
+        self.ap.update(p, g)
+        self.assa.add_frame(p, g)
+
+    def end_video(self) -> None:
+        self.assa.end_video()
+
+    def merge(self, other: TrackingScore) -> None:
+        self.ap.merge(other.ap)
+        self.assa.merge(other.assa)
+
+    def compute(self) -> dict[str, float]:
+        return {f"ap_{self.task}": self.ap.compute(), f"assa_{self.task}": self.assa.compute()}
+
+
 def assa(preds: Sequence[InstanceFrame], gts: Sequence[InstanceFrame], *, iou_type: IouType = "bbox", what: str = "AssA") -> float:
     """Class-averaged HOTA AssA × 100 (``assa_mot`` with boxes, ``assa_mots`` with masks)."""
-    videos = _videos(pair_frames(preds, gts, what=what), what)
-    prepared = {v: [_prepare_frame(p, g, iou_type, what) for p, g in frames] for v, frames in videos.items()}
-    hota = HOTA()
-    per_class: dict[str, dict[str, Any]] = {}
-    for cls, name in enumerate(THING_CATEGORIES):
-        seqs = {v: _sequence_data(frames, cls) for v, frames in prepared.items()}
-        if sum(d["num_gt_dets"] for d in seqs.values()) == 0:
-            continue  # no ground truth of this class: AssA undefined, class skipped
-        per_class[name] = hota.combine_sequences({v: hota.eval_sequence(d) for v, d in seqs.items()})
-    if not per_class:
-        raise MetricUndefinedError(f"{what}: no (non-ignored) ground-truth instance to score")
-    combined = hota.combine_classes_class_averaged(per_class)
-    return float(np.mean(combined["AssA"]) * 100.0)
+    acc = AssA(iou_type, what=what)
+    for frames in _videos(pair_frames(preds, gts, what=what), what).values():
+        for p, g in frames:
+            acc.add_frame(p, g)
+        acc.end_video()
+    return acc.compute()
+
+
+def _tracking(iou_type: IouType, preds: Sequence[InstanceFrame], gts: Sequence[InstanceFrame]) -> dict[str, float]:
+    score = TrackingScore(iou_type)
+    for frames in _videos(pair_frames(preds, gts, what=score.ap.what), score.assa.what).values():
+        for p, g in frames:
+            score.update(p, g)
+        score.end_video()
+    return score.compute()
 
 
 def mot_metrics(preds: Sequence[InstanceFrame], gts: Sequence[InstanceFrame]) -> dict[str, float]:
     """``{"ap_mot": box AP, "assa_mot": AssA with box IoU}`` on the tracking frames."""
-    return {"ap_mot": box_ap(preds, gts, what="MOT AP"), "assa_mot": assa(preds, gts, iou_type="bbox", what="MOT AssA")}
+    return _tracking("bbox", preds, gts)
 
 
 def mots_metrics(preds: Sequence[InstanceFrame], gts: Sequence[InstanceFrame]) -> dict[str, float]:
     """``{"ap_mots": mask AP, "assa_mots": AssA with mask IoU}`` on the tracking frames."""
-    return {"ap_mots": mask_ap(preds, gts, what="MOTS AP"), "assa_mots": assa(preds, gts, iou_type="segm", what="MOTS AssA")}
+    return _tracking("segm", preds, gts)

@@ -253,6 +253,8 @@ class EvalWorker:
             if prev is not None:
                 state.add_flow_pair(prev[0] if predict_flow else None, prev[1], gt, self.tasks)
             prev = (p, gt) if o.flow_pair else None  # a video's last frame is never a pair
+            if o.last:
+                state.end_video()
             if o.flow_pair and predict_flow and len(with_flow) < unit.overlays:
                 with_flow.append(make_overlay("track", f, p, o.tracked))
             elif len(others) < unit.overlays:
