@@ -49,7 +49,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 

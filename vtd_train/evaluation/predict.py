@@ -52,13 +52,18 @@ class _JsonLists:
             self.counts[key] += 1
 
 
-def _prepare_out(out: str, overwrite: bool) -> None:
-    """Refuse an output directory holding ``vtd predict`` outputs, unless ``overwrite``: then
-    remove exactly those (stale PNGs of frames no longer predicted must not survive)."""
+def _existing_outputs(out: str, overwrite: bool) -> list[str]:
+    """The ``vtd predict`` outputs already in ``out``; an error if there are any and not
+    ``overwrite`` (checked before the model loads; they are removed once it has)."""
     present = [name for name in OUTPUTS if fsio.exists(fsio.join(out, name))]
     if present and not overwrite:
         raise VTDInputError(f"{out}: already holds predictions ({', '.join(present)}); pass --overwrite to replace them")
-    for name in present:
+    return present
+
+
+def _remove_outputs(out: str, names: list[str]) -> None:
+    """Remove exactly these outputs (stale PNGs of frames no longer predicted must not survive)."""
+    for name in names:
         fs, path = fsio.resolve(fsio.join(out, name))
         with fsio.naming(fsio.join(out, name)):
             fs.rm(path, recursive=True)
@@ -90,11 +95,12 @@ def run_prediction(
     if not out_dir:
         raise VTDInputError("predict: no output directory given (--out)")
     out = str(out_dir)
-    _prepare_out(out, overwrite)
+    stale = _existing_outputs(out, overwrite)
     counts: Counter = Counter()
     with open_inference(checkpoint, data, what="predict", model=model, split=split, address=address, workers=workers,
                         distributed=distributed, batch_size=batch_size, threads=threads, gpus_per_worker=gpus_per_worker,
                         tracker=tracker, height=height) as run, contextlib.ExitStack() as stack:
+        _remove_outputs(out, stale)  # the model loaded and the units are planned: replace what was there
         lists = _JsonLists(out, stack)
         t0 = time.perf_counter()
         frames = 0
