@@ -33,7 +33,7 @@ File layout (``jobs/cpf.yaml`` is the annotated example)::
         storage: URI                   # runs live under <storage>/<run>/
         base: {...}                    # training-config keys shared by every stage
         stages: {<stage>: {...}}       # per-stage training-config overrides (a foreach stage's
-                                       # name applies to all its expansions), and `enabled`
+                                       # name applies to all its expansions), `enabled`, `lr_scale`
         retries, retry_backoff_s, poll_s, max_parallel, eval_height, eval_overlays
 
 A stage's training config is ``base`` ⊕ the stage's ``train`` ⊕ the profile's override for the
@@ -296,9 +296,18 @@ def decoder_freeze(model_cfg, trainable: tuple[str, ...], where: str) -> tuple[s
 
 def _stage_override(overrides: dict, name: str, template: str) -> dict:
     """The profile's training-config override of stage ``name`` (its ``foreach`` template's,
-    then its own), without ``enabled``."""
+    then its own), without ``enabled`` and ``lr_scale`` (stage keys a profile may set too)."""
     over = _merge(overrides.get(template) or {}, overrides.get(name) or {}) if name != template else (overrides.get(name) or {})
-    return {k: v for k, v in over.items() if k != "enabled"}
+    return {k: v for k, v in over.items() if k not in ("enabled", "lr_scale")}
+
+
+def _stage_lr_scale(st: dict, overrides: dict, name: str, template: str) -> Any:
+    """The stage's ``lr_scale``: the profile's for the stage, its ``foreach`` template's, or the
+    stage's own (``None``: none)."""
+    for key in (name, template):
+        if isinstance(overrides.get(key), dict) and "lr_scale" in overrides[key]:
+            return overrides[key]["lr_scale"]
+    return st.get("lr_scale")
 
 
 def _stage(name: str, st: dict, stages: dict[str, dict], base: dict, overrides: dict, profile: Profile,
@@ -340,8 +349,8 @@ def _stage(name: str, st: dict, stages: dict[str, dict], base: dict, overrides: 
             model["preset"] = _model_preset((base.get("model") or {}).get("preset"), variant)
             merged["model"] = model
         merged.setdefault("stage", name)
-        if "lr_scale" in st:
-            scale = st["lr_scale"]
+        scale = _stage_lr_scale(st, overrides, name, st["_template"])
+        if scale is not None:
             if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= 1:
                 raise VTDInputError(f"{where}.lr_scale: expected a number in (0, 1], got {scale!r}")
             cfg0 = _train_config(merged, where)

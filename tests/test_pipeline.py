@@ -70,6 +70,11 @@ def test_cpf_yaml_is_the_papers_protocol():
     ft = st["finetune_sem"]
     assert ft.train.optimizer.lr == pytest.approx(joint.train.optimizer.lr / 10)
     assert ft.train.data.tasks == ("sem",) and "seg_decoders.drivable" in ft.freeze and "seg_decoders.sem" not in ft.freeze
+    # the tiny profile gives pose and lane longer fine-tunings at the full rate (its lr_scale
+    # wins over the stage's), the other fine-tunings keep the stage's ÷ 10 and 2 epochs
+    assert st["finetune_pose"].train.optimizer.lr == pytest.approx(joint.train.optimizer.lr)
+    assert st["finetune_pose"].train.epochs == 20 and ft.train.epochs == 2
+    assert st["finetune_flow"].train.data.ref_range == 1 and joint.train.data.ref_range == 3
     assert st["final"].base == "joint" and set(st["final"].decoders) == set(fts)
     order = list(st)
     assert order.index("joint") > order.index("pseudo_labels") > order.index("baseline_pose")
@@ -90,6 +95,7 @@ def test_validation_errors_name_file_stage_and_key():
     check_error(doc({"a": {"kind": "train", "epochs": 3}}), "stages.a", "unknown key(s) ['epochs']")
     check_error(doc({"a": a, "m": {"kind": "merge", "base": "a", "decoders": ["a"]}}), "stages.m.decoders", "trainable")
     check_error(doc({"a": a}, stages={"b": {"epochs": 1}}), "profiles.t.stages", "unknown stage(s) ['b']")
+    check_error(doc({"a": a}, stages={"a": {"lr_scale": 2}}), "stages.a.lr_scale", "expected a number in (0, 1]")
     check_error(doc({"a": {"kind": "train", "train": {"model": {"variant": "single:pose"}, "data": {"tasks": ["sem"]}}}}),
                 "stages.a.train.data.tasks", "['sem']")
     with pytest.raises(VTDInputError, match="no profile 'paper'"):

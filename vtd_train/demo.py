@@ -96,11 +96,20 @@ def compare(manifest, seconds: float, run_dir: Path) -> None:
 
     u, j, f = scores("untrained"), scores("joint"), scores("final")
     print(f"[4/4] the pipeline took {seconds / 60:.1f} min; on the validation split:")
-    print(f"      {'metric':<13} {'untrained':>9} {'joint':>9} {'final':>9} {'final-joint':>11}")
+    print(f"      {'metric':<13} {'untrained':>9} {'joint':>9} {'final':>9} {'rise':>7} {'final-joint':>11}")
+    flat = []
     for k in (*METRIC_KEYS, "vtda_cls", "vtda_seg", "vtda_loc", "vtda_ass", "vtda"):
         a, b, c = u.get(k), j.get(k), f.get(k)
-        rise = None if b is None or c is None else c - b
-        print(f"      {k:<13} {_fmt(a):>9} {_fmt(b):>9} {_fmt(c):>9} {_fmt(rise, sign=True):>11}")
+        rise = None if a is None or c is None else c - a
+        flag = ""
+        if k in METRIC_KEYS and (rise is None or rise <= 0):
+            flat.append(k)
+            flag = "  <- did not rise"
+        print(f"      {k:<13} {_fmt(a):>9} {_fmt(b):>9} {_fmt(c):>9} {_fmt(rise, sign=True):>7} "
+              f"{_fmt(None if b is None or c is None else c - b, sign=True):>11}{flag}")
+    n = len(METRIC_KEYS)
+    print(f"      {n - len(flat)} of {n} metrics rose over the untrained model"
+          + (f"; did not rise: {', '.join(flat)}" if flat else ""))
     above_u = f["vtda"] > u["vtda"]
     above_j = f["vtda"] > j["vtda"]
     print(f"      final VTDA {f['vtda']:.1f}: {'above' if above_u else 'NOT above'} the untrained model's {u['vtda']:.1f}, "
