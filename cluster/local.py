@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import ray
 
+from cluster.quiet import SETUP_HOOK
+
 
 @dataclass(frozen=True)
 class ClusterInfo:
@@ -72,6 +74,7 @@ def connect(
             ctx = ray.init(
                 num_cpus=num_cpus, include_dashboard=include_dashboard, _metrics_export_port=port,
                 logging_level="warning", log_to_driver=True, _temp_dir=_own_temp_dir(),
+                runtime_env={"worker_process_setup_hook": SETUP_HOOK},
             )
         embedded = True
     else:

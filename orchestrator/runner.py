@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cluster.quiet import SETUP_HOOK
 from data_pipeline import fsio
 from data_pipeline.errors import VTDInputError
 from orchestrator.metrics import PipelineMetrics
@@ -80,7 +81,8 @@ class JobsClient:
         while True:
             try:
                 self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id, entrypoint_num_cpus=num_cpus,
-                                       entrypoint_num_gpus=num_gpus, metadata=metadata)
+                                       entrypoint_num_gpus=num_gpus, metadata=metadata,
+                                       runtime_env={"worker_process_setup_hook": SETUP_HOOK})
                 return True
             except RuntimeError as e:
                 if "already exists" in str(e) or "already been used" in str(e):
