@@ -70,6 +70,7 @@ def connect(
         address = os.environ["RAY_ADDRESS"]
     if address is None:
         port = metrics_export_port if metrics_export_port is not None else free_port()
+        _loopback_only()
         with _free_agent_port():
             ctx = ray.init(
                 num_cpus=num_cpus, include_dashboard=include_dashboard, _metrics_export_port=port,
@@ -90,6 +91,24 @@ def connect(
         metrics_export_port=port if embedded else _metrics_port(),
         num_cpus=res.get("CPU", 0.0), num_gpus=res.get("GPU", 0.0),
     )
+
+
+def _loopback_only() -> None:
+    """Make the embedded cluster's every server listen on the loopback interface only.
+
+    Ray binds its servers (GCS, raylet, object manager, the workers' gRPC servers, the agents,
+    the metrics export) to the node's IP, and on Linux it replaces a loopback node address with
+    the machine's external one (``resolve_ip_for_localhost``): measured, an embedded cluster
+    listened on the external address, its metrics endpoint answering anyone unauthenticated.
+    Ray's local-only mode (``ENABLE_RAY_CLUSTER`` off, what it runs on macOS and Windows) keeps
+    the node address at loopback; it is read from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` by every
+    process the cluster starts (they inherit this process's environment) and, already imported
+    here, set on Ray's constants. A cluster joined with ``--address`` is unaffected: this runs
+    only for the embedded one, whose process owns it."""
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def use_local_token() -> None:

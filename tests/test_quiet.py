@@ -63,3 +63,34 @@ def test_the_embedded_clusters_workers_install_it(ray_cluster):
         assert ray.get(probe.filters.remote(), timeout=120) == [["OneLineExceptions"]] * len(POLL_LOGGERS)
     finally:
         ray.kill(probe)
+
+
+@pytest.mark.ray
+def test_the_embedded_cluster_listens_on_loopback_only(ray_cluster):
+    """Every listening socket of the embedded cluster's processes (GCS, raylet, agents, workers,
+    the metrics export, this driver) is on the loopback interface."""
+    import os
+
+    import psutil
+    import ray
+
+    @ray.remote(num_cpus=0.01)
+    def pid() -> int:
+        return os.getpid()
+
+    ray.get(pid.remote(), timeout=120)  # a worker process is up
+    session = ray._private.worker._global_node.get_session_dir_path()
+    mine = {os.getpid()}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if session in " ".join(p.info["cmdline"] or []):
+                mine |= {p.pid, *(c.pid for c in p.children(recursive=True))}
+        except psutil.Error:
+            continue
+    listening = [(c.pid, c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in mine]
+    ports = {port for _, _, port in listening}
+    assert ray_cluster.metrics_export_port in ports and int(ray_cluster.address.rsplit(":", 1)[1]) in ports
+    assert len({p for p, _, _ in listening}) >= 4, listening  # GCS, raylet, agents, a worker at least
+    outside = [x for x in listening if x[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not outside, outside
