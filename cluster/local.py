@@ -102,12 +102,13 @@ def _loopback_only() -> None:
     listened on the external address, its metrics endpoint answering anyone unauthenticated.
     Ray's local-only mode (``ENABLE_RAY_CLUSTER`` off, what it runs on macOS and Windows) keeps
     the node address at loopback; it is read from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` by every
-    process the cluster starts (they inherit this process's environment) and, already imported
-    here, set on Ray's constants. A cluster joined with ``--address`` is unaffected: this runs
-    only for the embedded one, whose process owns it."""
+    process the cluster starts and, Ray being imported
+    here, set on Ray's constants in this process; the cluster's processes get it through the
+    node's environment (:func:`_free_agent_port`), so other programs this process starts (a
+    ``vtd cluster up``, a pipeline's drivers) keep Ray's default. A cluster joined with
+    ``--address`` is unaffected: this runs only for the embedded one, whose process owns it."""
     from ray._private import ray_constants
 
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
@@ -166,7 +167,12 @@ def _free_agent_port() -> Iterator[None]:
             # "auto" to this cluster, not to whichever Ray runs beside it on the machine: Ray
             # Train's placement-group cleaner asks the State API that way, and a trial Tune
             # stops would otherwise leak its workers' placement group
-            kwargs["env_vars"] = {**(kwargs.get("env_vars") or {}), "RAY_ADDRESS": f"{ip}:{kwargs['gcs_server_port']}"}
+            from ray._private import ray_constants
+
+            # ... and stay in Ray's local-only mode, on loopback (:func:`_loopback_only`)
+            local_only = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"} if not ray_constants.ENABLE_RAY_CLUSTER else {}
+            kwargs["env_vars"] = {**(kwargs.get("env_vars") or {}), **local_only,
+                                  "RAY_ADDRESS": f"{ip}:{kwargs['gcs_server_port']}"}
         original(self, *args, **kwargs)
 
     parameter.RayParams.__init__ = init
