@@ -80,6 +80,8 @@ def connect(
         embedded = True
     else:
         use_local_token()
+        if _loopback_only_cluster(address):
+            _loopback_only()
         try:
             ctx = ray.init(address=address, logging_level="warning")
         except ConnectionError as e:
@@ -110,6 +112,35 @@ def _loopback_only() -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _loopback_only_cluster(address: str) -> bool:
+    """Whether ``address`` (``host:port`` on this machine) is an embedded cluster of ours, whose
+    GCS listens on loopback only (:func:`_loopback_only`).
+
+    Joining it needs Ray's local-only mode in this process too: otherwise Ray replaces the
+    loopback host with the machine's external address (``resolve_ip_for_localhost``), where
+    nothing listens, and the join fails after a minute of retries (measured: a ``vtd train
+    --address 127.0.0.1:PORT`` beside a test session's embedded cluster). A cluster started with
+    ``ray start`` listens on the node's address and is joined the default way, whatever host the
+    user spelled."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+        return False
+    from ray._private.services import node_ip_address_from_perspective
+
+    external = node_ip_address_from_perspective()
+    if external.startswith("127.") or not _listening("127.0.0.1", int(port)):
+        return False
+    return not _listening(external, int(port))
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def use_local_token() -> None:

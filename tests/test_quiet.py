@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import pytest
 
 from cluster.quiet import POLL_LOGGERS, OneLineExceptions, quiet_ray_warnings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _log_with_traceback(logger: logging.Logger) -> str:
@@ -96,3 +99,17 @@ def test_the_embedded_cluster_listens_on_loopback_only(ray_cluster):
     assert len({p for p, _, _ in listening}) >= 4, listening  # GCS, raylet, agents, a worker at least
     outside = [x for x in listening if x[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not outside, outside
+
+
+@pytest.mark.ray
+def test_another_process_joins_the_loopback_cluster_by_its_address(ray_cluster):
+    """A second driver (``vtd train --address 127.0.0.1:PORT`` beside the embedded cluster) joins
+    it: without Ray's local-only mode in that process too, Ray would rewrite the loopback host to
+    the machine's external address, where nothing listens, and give up after a minute."""
+    import subprocess
+    import sys
+
+    code = ("import ray; from cluster.local import connect; "
+            f"info = connect({ray_cluster.address!r}); print('CPUS', info.num_cpus, flush=True); ray.shutdown()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert out.returncode == 0 and f"CPUS {ray_cluster.num_cpus}" in out.stdout, out.stdout + out.stderr[-2000:]

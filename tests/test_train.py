@@ -544,7 +544,7 @@ def test_chaos_killed_drivers_and_workers_end_bit_identical(reference_run, ray_c
         if not killed:
             break
     text = "".join(drivers[-1])
-    assert [k for _, k in done] == ["driver", "worker", "driver"] and len(drivers) == 3, done
+    assert [k for _, k in done] == ["driver", "worker", "driver"] and len(drivers) == 3, (done, text[-3000:])
     assert rc == 0 and "run 'chaos' done at step 18" in text, text[-3000:]
     assert all("took over the lease" in "".join(d) for d in drivers[1:]), [d[:5] for d in drivers]
     report = inspect_run(str(storage / "chaos"))
