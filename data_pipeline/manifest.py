@@ -31,18 +31,20 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
     """One :class:`ShardFamily` per image set of ``split`` listed in the manifest at ``uri``.
 
     ``sets`` selects and orders the image sets (the order is the round-robin order); by default
-    every set of the split that has frames, in the order det, seg, track.
+    every set of the split that has frames, in the order det, seg, track (BDD100K) or the one
+    ``cityscapes`` set (Cityscapes-3D).
     """
     manifest = read_manifest(uri)
+    tasks = benchmark_tasks(manifest, fsio.join(uri, MANIFEST_NAME))
     entries = {k: v for k, v in manifest["sets"].items() if v["split"] == split}
-    order = sets if sets is not None else tuple(s for s in ("det", "seg", "track") if f"{s}/{split}" in entries)
+    order = sets if sets is not None else tuple(s for s in ("det", "seg", "track", "cityscapes") if f"{s}/{split}" in entries)
     out = []
     for s in order:
         entry = entries.get(f"{s}/{split}")
         if entry is None:
             raise DataError(fsio.join(uri, MANIFEST_NAME), f"no image set {s!r} for split {split!r}", field="sets")
         for sh in entry["shards"]:
-            check_shard_entry(sh, fsio.join(uri, MANIFEST_NAME), f"sets.{s}/{split}.shards")
+            check_shard_entry(sh, fsio.join(uri, MANIFEST_NAME), f"sets.{s}/{split}.shards", tasks=tasks)
         shards = [sh for sh in entry["shards"] if sh["samples"] > 0]
         if not shards:
             continue
@@ -62,8 +64,22 @@ def families_from_manifest(uri: str, split: str, sets: tuple[str, ...] | None = 
     return out
 
 
-def check_shard_entry(sh: object, path: str, where: str) -> None:
-    """A manifest's shard entry has the fields the loader reads, consistent with each other."""
+def benchmark_tasks(manifest: dict, path: str) -> tuple[str, ...]:
+    """The task names of the manifest's benchmark: ``bdd100k`` (no ``benchmark`` key: every
+    manifest written before Cityscapes-3D) or ``cityscapes3d``."""
+    benchmark = manifest.get("benchmark", "bdd100k")
+    if benchmark == "bdd100k":
+        return TASKS
+    if benchmark == "cityscapes3d":
+        from data_pipeline.cityscapes3d.format import TASKS as CS_TASKS
+
+        return CS_TASKS
+    raise DataError(path, f"unknown benchmark {benchmark!r} (bdd100k or cityscapes3d)", field="benchmark")
+
+
+def check_shard_entry(sh: object, path: str, where: str, *, tasks: tuple[str, ...] = TASKS) -> None:
+    """A manifest's shard entry has the fields the loader reads, consistent with each other;
+    ``label_sets`` name only ``tasks`` (the benchmark's, :func:`benchmark_tasks`)."""
     keys = ("path", "samples", "tasks", "label_sets", "clip_frames", "sample_offsets")
     if not isinstance(sh, dict) or not all(k in sh for k in keys):
         shown = repr(sh.get("path")) if isinstance(sh, dict) else repr(sh)[:80]
@@ -78,7 +94,7 @@ def check_shard_entry(sh: object, path: str, where: str) -> None:
             and sum(sets.values()) == sh["samples"]):
         raise DataError(path, f"shard {sh['path']!r}: label_sets do not count its {sh['samples']} frames",
                         field=f"{where}.label_sets")
-    unknown = sorted({t for k in sets for t in k.split(",") if k} - set(TASKS))
+    unknown = sorted({t for k in sets for t in k.split(",") if k} - set(tasks))
     if unknown:
         raise DataError(path, f"shard {sh['path']!r}: label_sets name unknown tasks {unknown}", field=f"{where}.label_sets")
     offsets = sh["sample_offsets"]

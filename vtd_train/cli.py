@@ -13,7 +13,10 @@ from data_pipeline.errors import VTDInputError
 
 
 def _cmd_data_synth(a: argparse.Namespace) -> int:
-    from data_pipeline.synth import generate
+    if a.format == "cityscapes3d":
+        from data_pipeline.cityscapes3d.synth import generate
+    else:
+        from data_pipeline.synth import generate
 
     summary = generate(a.out, seed=a.seed, size=a.size)
     print(json.dumps(summary, indent=2))
@@ -21,15 +24,27 @@ def _cmd_data_synth(a: argparse.Namespace) -> int:
 
 
 def _cmd_data_convert(a: argparse.Namespace) -> int:
+    root = _one_of(a.source, a.bdd_root, "the dataset root (SRC or --bdd-root)")
+    out = _one_of(a.dest, a.out, "the output (OUT or --out)")
+    if a.format == "cityscapes3d":
+        from data_pipeline.cityscapes3d.convert import Cityscapes3DConvertOptions, convert_cityscapes3d
+
+        if a.sets is not None or a.clip_len is not None:
+            raise VTDInputError("--sets and --clip-len are BDD100K options; Cityscapes-3D has one image set of single frames")
+        manifest = convert_cityscapes3d(Cityscapes3DConvertOptions(
+            root=root, out=out, splits=a.splits, shard_size=a.shard_size, workers=a.workers,
+            on_error=a.on_error, overwrite=a.overwrite, progress=not a.quiet))
+        print(json.dumps(manifest["totals"], indent=2))
+        return 0
     from data_pipeline.convert import ConvertOptions, convert
 
     opts = ConvertOptions(
-        bdd_root=a.bdd_root,
-        out=a.out,
-        sets=tuple(s for s in a.sets.split(",") if s),
+        bdd_root=root,
+        out=out,
+        sets=tuple(s for s in (a.sets or "det,seg,track").split(",") if s),
         splits=tuple(s for s in a.splits.split(",") if s),
         shard_size=a.shard_size,
-        clip_len=a.clip_len,
+        clip_len=8 if a.clip_len is None else a.clip_len,
         workers=a.workers,
         on_error=a.on_error,
         overwrite=a.overwrite,
@@ -38,6 +53,14 @@ def _cmd_data_convert(a: argparse.Namespace) -> int:
     manifest = convert(opts)
     print(json.dumps(manifest["totals"], indent=2))
     return 0
+
+
+def _one_of(positional: str | None, option: str | None, what: str) -> str:
+    if positional and option and positional != option:
+        raise VTDInputError(f"{what} given twice: {positional!r} and {option!r}")
+    if not (positional or option):
+        raise VTDInputError(f"{what} is required")
+    return positional or option
 
 
 def _cmd_data_inspect(a: argparse.Namespace) -> int:
@@ -84,16 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = data.add_parser("synth", help="generate a BDD100K-format mini dataset")
     s.add_argument("--out", required=True, help="output directory (a BDD100K root)")
     s.add_argument("--seed", type=_seed, default=0)
-    s.add_argument("--size", choices=("tiny", "small", "full"), default="tiny")
+    s.add_argument("--size", choices=("tiny", "small", "full"), default="tiny",
+                   help="tiny / small / full (BDD100K); tiny / small (cityscapes3d)")
+    s.add_argument("--format", choices=("bdd100k", "cityscapes3d"), default="bdd100k", help="dataset layout to write")
     s.set_defaults(func=_cmd_data_synth)
 
-    c = data.add_parser("convert", help="convert a BDD100K root to WebDataset shards")
-    c.add_argument("--bdd-root", required=True, help="directory holding images/ and labels/")
-    c.add_argument("--out", required=True, help="output URI (local path, s3://..., any fsspec URI)")
-    c.add_argument("--sets", default="det,seg,track", help="comma-separated image sets")
+    c = data.add_parser("convert", help="convert a BDD100K or Cityscapes-3D root to WebDataset shards")
+    c.add_argument("source", nargs="?", default=None, metavar="SRC", help="dataset root (or --bdd-root)")
+    c.add_argument("dest", nargs="?", default=None, metavar="OUT", help="output URI (or --out)")
+    c.add_argument("--format", choices=("bdd100k", "cityscapes3d"), default="bdd100k", help="layout of the dataset root")
+    c.add_argument("--bdd-root", default=None, help="directory holding images/ and labels/")
+    c.add_argument("--out", default=None, help="output URI (local path, s3://..., any fsspec URI)")
+    c.add_argument("--sets", default=None, help="comma-separated image sets (BDD100K; default det,seg,track)")
     c.add_argument("--splits", default="train,val", help="comma-separated splits")
     c.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    c.add_argument("--clip-len", type=int, default=8, help="frames per tracking clip")
+    c.add_argument("--clip-len", type=int, default=None, help="frames per tracking clip (BDD100K; default 8)")
     c.add_argument("--workers", type=int, default=1, help="converter processes")
     c.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     c.add_argument("--overwrite", action="store_true", help="replace existing output")
