@@ -1,0 +1,4 @@
+"""TaskPrompter for Cityscapes-3D: Swin with spatial-channel task prompts (:mod:`.swin`), task
+features (:mod:`.task_features`), heads (:mod:`.heads`), FCOS3D targets / losses / decoding
+(:mod:`.det3d`), the model (:mod:`.model`), variants (:mod:`.config`), batches (:mod:`.batch`)
+and the official evaluation's prediction files (:mod:`.predictions`)."""
