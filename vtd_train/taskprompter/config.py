@@ -87,7 +87,7 @@ class TaskPrompterConfig:
     loss_weights: dict[str, float] = field(default_factory=lambda: {"sem": 100.0, "depth": 1.0, "det3d": 1.0})
     num_sem_classes: int = len(SEM_CLASSES)
     num_det_classes: int = len(DET3D_CLASSES)
-    #: initial bias of the depth output (m): a typical street depth, so training starts near it
+    #: initial depth output (m; the log-depth layer's bias): a typical street depth
     depth_init: float = 20.0
 
     def __post_init__(self) -> None:

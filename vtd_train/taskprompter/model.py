@@ -4,6 +4,7 @@ features and heads for semantic segmentation, depth and FCOS3D 3D detection."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +48,7 @@ class TaskPrompter(nn.Module):
         if "sem" in cfg.tasks:
             self.heads["sem"] = DenseHead(cfg.final_embed_dim, cfg.num_sem_classes, cfg.dense_head)
         if "depth" in cfg.tasks:
-            self.heads["depth"] = DenseHead(cfg.final_embed_dim, 1, cfg.dense_head, bias_init=cfg.depth_init)
+            self.heads["depth"] = DenseHead(cfg.final_embed_dim, 1, cfg.dense_head, bias_init=math.log(cfg.depth_init))
         if "det3d" in cfg.tasks:
             self.heads["det3d"] = FCOS3DHead((cfg.final_embed_dim,) * len(cfg.stage_channels), cfg.num_det_classes, cfg.det)
 
@@ -70,7 +71,10 @@ class TaskPrompter(nn.Module):
         if "sem" in feats:
             out.sem = self.heads["sem"](feats["sem"], size)
         if "depth" in feats:
-            out.depth = self.heads["depth"](feats["depth"], size)[:, 0]
+            # log-depth out of the linear layer: metres span two orders of magnitude, which a
+            # linear output reaches only slowly at the paper's learning rates (FCOS3D does the
+            # same for object depth); the L1 loss is on metres
+            out.depth = self.heads["depth"](feats["depth"], size)[:, 0].exp()
         if "det3d" in feats:
             out.det3d = self.heads["det3d"](feats["det3d"])
         return out

@@ -167,7 +167,7 @@ class PromptPatchMerging(nn.Module):
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         x = self.reduction(self.norm(x.view(b, -1, 4 * c)))
         if not self.n_prompts:
-            return x, prompts, None
+            return x, prompts.new_zeros(b, 0, 2 * c), None
         spa, chan = affinity
         heads, t = spa.shape[1], spa.shape[2]
         spa = self.spa_attn_ds(spa.reshape(b, heads * t, h, w)).view(b, heads, t, h // 2, w // 2)
@@ -187,8 +187,9 @@ class PromptSwin(nn.Module):
         self.n_prompts = n_tasks * cfg.prompt_len if cfg.prompting else 0
         self.patch_embed = nn.Conv2d(3, s.embed_dim, kernel_size=s.patch_size, stride=s.patch_size)
         self.patch_norm = nn.LayerNorm(s.embed_dim)
-        self.task_prompts = nn.Parameter(torch.ones(self.n_prompts, s.embed_dim))
-        trunc_normal_(self.task_prompts, mean=1.0, std=1.0)
+        self.task_prompts = nn.Parameter(torch.ones(self.n_prompts, s.embed_dim)) if self.n_prompts else None
+        if self.task_prompts is not None:
+            trunc_normal_(self.task_prompts, mean=1.0, std=1.0)
         n_blocks = sum(s.depths)  # stochastic depth rises linearly over the blocks
         dpr = [s.drop_path * i / max(1, n_blocks - 1) for i in range(n_blocks)]
         self.stages = nn.ModuleList()
@@ -211,7 +212,7 @@ class PromptSwin(nn.Module):
         x = self.patch_embed(images)
         b = x.shape[0]
         x = self.patch_norm(x.flatten(2).transpose(1, 2))
-        prompts = self.task_prompts.unsqueeze(0).expand(b, -1, -1)
+        prompts = self.task_prompts.unsqueeze(0).expand(b, -1, -1) if self.task_prompts is not None else x.new_zeros(b, 0, x.shape[-1])
         out = []
         for i, blocks in enumerate(self.stages):
             affinity = None
