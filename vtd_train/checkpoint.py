@@ -6,7 +6,9 @@ directories) holding:
 ==================  ============================================================================
 ``model.pt``        the model's ``state_dict`` (``torch.save``; read with ``weights_only=True``,
                     so loading never runs pickled code)
-``model.json``      ``{"format_version", "model": VTDNetConfig as a dict, "meta": {...}}``
+``model.json``      ``{"format_version", "family", "model": the family's config as a dict,
+                    "meta": {...}}``; ``family`` is ``vtdnet`` (also when absent: files
+                    written before TaskPrompter) or ``taskprompter``
 ``checksums.json``  ``{"format_version", "files": {name: {"size", "sha256"}}}`` of every other
                     file of the checkpoint — written last, from the bytes read back where they
                     were stored
@@ -42,6 +44,8 @@ from data_pipeline import fsio
 from data_pipeline.errors import VTDInputError
 from vtd_train.model.config import config_from_dict
 from vtd_train.model.vtdnet import VTDNet, VTDNetConfig
+from vtd_train.taskprompter.config import TaskPrompterConfig
+from vtd_train.taskprompter.model import TaskPrompter
 
 MODEL_WEIGHTS = "model.pt"
 MODEL_JSON = "model.json"
@@ -49,13 +53,22 @@ CHECKSUMS = "checksums.json"
 FORMAT_VERSION = 1
 CHECKSUMS_VERSION = 1
 _CHUNK = 8 << 20
+#: model families a checkpoint can hold: family name → (config class, model class)
+FAMILIES = {"vtdnet": (VTDNetConfig, VTDNet), "taskprompter": (TaskPrompterConfig, TaskPrompter)}
+
+
+def family_of(cfg: Any) -> str:
+    for name, (cfg_cls, _) in FAMILIES.items():
+        if isinstance(cfg, cfg_cls):
+            return name
+    raise TypeError(f"not a model config of a known family: {type(cfg).__name__}")
 
 
 class CheckpointError(VTDInputError):
     """A checkpoint that is missing, incomplete or does not match its model config."""
 
 
-def save_model(uri: str, model: torch.nn.Module, cfg: VTDNetConfig, meta: dict[str, Any] | None = None,
+def save_model(uri: str, model: torch.nn.Module, cfg: VTDNetConfig | TaskPrompterConfig, meta: dict[str, Any] | None = None,
                *, checksums: bool = True) -> None:
     """Write ``model``'s weights and ``cfg`` into the checkpoint directory ``uri`` (atomically per
     file), then its ``checksums.json`` (``checksums=False``: the caller writes it after adding
@@ -63,7 +76,7 @@ def save_model(uri: str, model: torch.nn.Module, cfg: VTDNetConfig, meta: dict[s
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     fsio.write_bytes_atomic(fsio.join(uri, MODEL_WEIGHTS), buf.getvalue())
-    doc = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(cfg), "meta": meta or {}}
+    doc = {"format_version": FORMAT_VERSION, "family": family_of(cfg), "model": dataclasses.asdict(cfg), "meta": meta or {}}
     fsio.write_json_atomic(fsio.join(uri, MODEL_JSON), doc)
     if checksums:
         write_checksums(uri, (MODEL_WEIGHTS, MODEL_JSON))
@@ -220,14 +233,33 @@ def parse_versioned_json(data: bytes, path: str, version: int) -> dict[str, Any]
     return doc
 
 
-def load_model(uri: str, map_location: str | torch.device = "cpu") -> tuple[VTDNet, VTDNetConfig, dict[str, Any]]:
+def model_family(uri: str) -> str:
+    """The ``family`` of the checkpoint ``uri``'s ``model.json`` (verified), ``vtdnet`` when absent."""
+    files = read_checksums(uri)
+    jpath = fsio.join(uri, MODEL_JSON)
+    return _family(parse_versioned_json(read_verified(uri, MODEL_JSON, files), jpath, FORMAT_VERSION), jpath)
+
+
+def _family(doc: dict[str, Any], jpath: str) -> str:
+    family = doc.get("family", "vtdnet")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{jpath}: family {family!r} is not one of {sorted(FAMILIES)}")
+    return family
+
+
+def load_model(uri: str, map_location: str | torch.device = "cpu", *, family: str | None = "vtdnet") -> tuple[Any, Any, dict[str, Any]]:
     """Build the model a checkpoint directory describes and load its weights (both files
-    verified against ``checksums.json`` first)."""
+    verified against ``checksums.json`` first). ``family``: the family the caller can use (a
+    checkpoint of another is a :class:`CheckpointError` naming both); None: whichever it holds."""
     files = read_checksums(uri)
     jpath, wpath = fsio.join(uri, MODEL_JSON), fsio.join(uri, MODEL_WEIGHTS)
     doc = parse_versioned_json(read_verified(uri, MODEL_JSON, files), jpath, FORMAT_VERSION)
-    cfg = config_from_dict(VTDNetConfig, doc["model"], source=jpath)
-    model = VTDNet(cfg)
+    held = _family(doc, jpath)
+    if family is not None and held != family:
+        raise CheckpointError(f"{jpath}: holds a {held} model; this command takes a {family} checkpoint")
+    cfg_cls, model_cls = FAMILIES[held]
+    cfg = config_from_dict(cfg_cls, doc["model"], source=jpath)
+    model = model_cls(cfg)
     state = load_tensors(read_verified(uri, MODEL_WEIGHTS, files), wpath, map_location)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{wpath}: expected a state dict of tensors, got {type(state).__name__}")

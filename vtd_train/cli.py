@@ -171,7 +171,8 @@ def _add_optional_commands(sub) -> None:
     mm.add_argument("--out", required=True, help="checkpoint directory to write")
     mm.set_defaults(func=_cmd_model_merge)
 
-    ev = sub.add_parser("evaluate", help="the ten VTD metrics + VTDA of a checkpoint on validation shards, with a report")
+    ev = sub.add_parser("evaluate", help="a checkpoint's metrics on validation shards, with a report: VTDNet: the VTD "
+                        "metrics + VTDA; TaskPrompter: mIoU, depth RMSE, mDS (cityscapesscripts) against the paper's table")
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (local path or fsspec URI)")
     ev.add_argument("--data", required=True, help="shard root written by `vtd data convert` (any fsspec URI)")
     ev.add_argument("--split", default="val")

@@ -200,7 +200,14 @@ def _reference(reference: str | Path | Mapping[str, Any] | None) -> tuple[Mappin
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    """``vtd evaluate``: run :func:`run_evaluation` and print the metrics, VTDA and report path."""
+    """``vtd evaluate``: run :func:`run_evaluation` and print the metrics, VTDA and report path
+    (a TaskPrompter checkpoint: :func:`.cityscapes3d.evaluate.evaluate_command`)."""
+    from vtd_train.checkpoint import model_family
+
+    if model_family(args.checkpoint) == "taskprompter":
+        from .cityscapes3d.evaluate import evaluate_command as cityscapes3d_command
+
+        return cityscapes3d_command(args)
     t0 = time.perf_counter()
     r = run_evaluation(
         args.checkpoint, args.data, split=args.split, out_dir=args.out, address=args.address,

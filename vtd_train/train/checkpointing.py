@@ -64,7 +64,6 @@ from vtd_train.checkpoint import (
     verify_checkpoint,
     write_checksums,
 )
-from vtd_train.model.vtdnet import VTDNetConfig
 
 TRAIN_STATE_PT = "train_state.pt"
 TRAIN_STATE_JSON = "train_state.json"
@@ -179,7 +178,7 @@ def write_checkpoint(
     directory: str,
     *,
     model: nn.Module,
-    model_cfg: VTDNetConfig,
+    model_cfg: Any,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     progress: Progress,

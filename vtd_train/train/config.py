@@ -18,11 +18,14 @@ resources              ``num_workers``, ``use_gpu``, ``cpus_per_worker``
 data                   shard root URI (``vtd data convert`` output), split, image sets, loader
                        settings (sampling mode, scales, flips, ``require_tasks``, workers), the
                        tasks whose labels are used and a pseudo-label family to join
-model                  ``preset`` (``tiny``, ``vtdnet``, ``mt``, ``single:<task>``, optionally
-                       ``tiny:<variant>``) + any :class:`VTDNetConfig` field as an override
+model                  ``family``: ``vtdnet`` (default; BDD100K shards) or ``taskprompter``
+                       (Cityscapes-3D shards); ``preset`` (VTDNet: ``tiny``, ``vtdnet``, ``mt``,
+                       ``single:<task>``, ``tiny:<variant>``; TaskPrompter: ``tiny``, ``paper``)
+                       + any field of that family's config as an override
 optimizer              AdamW: lr 1e-4, betas (0.9, 0.999), weight decay 0.05 (paper §5 / I);
                        ``implementation`` auto | torch | apex_adam | apex_lamb; ``grad_clip``
-lr_schedule            ``milestones`` in epochs (×``gamma`` at each; paper: 8 and 11 of 12),
+lr_schedule            ``policy: step``: ``milestones`` in epochs (×``gamma`` at each; paper: 8
+                       and 11 of 12); ``policy: poly``: ``(1 − step / total)^power`` (TaskPrompter);
                        optional linear warm-up in steps
 checkpoint             ``every_steps`` (0: epoch ends only), ``at_epoch_end``, ``num_to_keep``,
                        ``upload`` (``async`` | ``sync``: the copy to storage in Ray Train's
@@ -58,10 +61,14 @@ from data_pipeline.sampler import SAMPLING_MODES
 from data_pipeline.transforms import PAPER_SCALES, AugmentConfig
 from vtd_train.model.config import config_from_dict, read_yaml_mapping
 from vtd_train.model.vtdnet import VTDNetConfig
+from vtd_train.taskprompter.config import VARIANTS as TASKPROMPTER_VARIANTS
+from vtd_train.taskprompter.config import TaskPrompterConfig
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "torch", "apex_adam", "apex_lamb")
 MODEL_PRESETS = ("tiny", "vtdnet", "mt", "single:<task>", "tiny:<variant>")
+MODEL_FAMILIES = ("vtdnet", "taskprompter")
+LR_POLICIES = ("step", "poly")
 IMAGE_SETS = ("det", "seg", "track")
 
 
@@ -225,16 +232,21 @@ class OptimizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LRScheduleConfig:
-    """Step decay: lr × ``gamma`` at the start of each milestone epoch (0-based epoch index
-    ``m`` = after ``m`` full epochs; the paper's 8 and 11 of 12), after an optional linear
-    warm-up over ``warmup_steps`` steps starting at ``warmup_ratio`` × lr."""
+    """``policy: step``: lr × ``gamma`` at the start of each milestone epoch (0-based epoch index
+    ``m`` = after ``m`` full epochs; the paper's 8 and 11 of 12); ``policy: poly``: lr ×
+    ``(1 − step / total_steps)^power`` (TaskPrompter's schedule, power 0.9); either after an
+    optional linear warm-up over ``warmup_steps`` steps starting at ``warmup_ratio`` × lr."""
 
+    policy: str = "step"
+    power: float = 0.9
     milestones: tuple[int, ...] = (8, 11)
     gamma: float = 0.1
     warmup_steps: int = 0
     warmup_ratio: float = 0.001
 
     def __post_init__(self) -> None:
+        _check(self.policy in LR_POLICIES, f"policy must be one of {LR_POLICIES}, got {self.policy!r}")
+        _check(self.power > 0, f"power must be > 0, got {self.power}")
         _check(
             all(b > a for a, b in zip(self.milestones, self.milestones[1:])),
             f"milestones must be strictly increasing, got {list(self.milestones)}",
@@ -347,7 +359,7 @@ class TrainConfig:
     global_batch_size: int = 16
     max_steps: int | None = None
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    model: VTDNetConfig = field(default_factory=VTDNetConfig.vtdnet)
+    model: VTDNetConfig | TaskPrompterConfig = field(default_factory=VTDNetConfig.vtdnet)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
@@ -372,7 +384,14 @@ class TrainConfig:
             check_uri("init_checkpoint", self.init_checkpoint)
         if self.data.pseudo is not None:
             check_uri("data.pseudo", self.data.pseudo)
-        if self.model.backbone.pretrained is not None:
+        if isinstance(self.model, TaskPrompterConfig):
+            # the Cityscapes-3D loader reads the frames of the split; the BDD set / task / pseudo
+            # selection has no meaning there
+            for key in ("sets", "tasks", "pseudo"):
+                _check(getattr(self.data, key) is None, f"data.{key} is for VTDNet's BDD100K shards; a taskprompter "
+                       f"model trains on every frame of the Cityscapes-3D split (its tasks: model.tasks), got {getattr(self.data, key)!r}")
+            _check(not self.data.require_tasks, "data.require_tasks is for VTDNet's BDD100K shards, not a taskprompter model")
+        elif self.model.backbone.pretrained is not None:
             check_uri("model.backbone.pretrained", self.model.backbone.pretrained)
         _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -385,12 +404,17 @@ class TrainConfig:
         )
         _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 or null, got {self.max_steps}")
         _check(self.report_every_steps >= 1, f"report_every_steps must be >= 1, got {self.report_every_steps}")
-        late = [m for m in self.lr_schedule.milestones if m > self.epochs]
+        late = [m for m in self.lr_schedule.milestones if m > self.epochs] if self.lr_schedule.policy == "step" else []
         _check(not late, f"lr_schedule.milestones {list(late)} lie beyond epochs {self.epochs}")
         _check(all(isinstance(p, str) and p for p in self.freeze), f"freeze must list module-name prefixes, got {list(self.freeze)}")
         if self.faults.kill_rank is not None or self.faults.nan_loss_term is not None:
             for what, r in (("kill_rank", self.faults.kill_rank), ("nan_rank", self.faults.nan_rank)):
                 _check(r is None or 0 <= r < n, f"faults.{what} {r} is not a rank of {n} workers")
+
+    @property
+    def family(self) -> str:
+        """``taskprompter`` or ``vtdnet``: which model, data path and evaluation the run uses."""
+        return "taskprompter" if isinstance(self.model, TaskPrompterConfig) else "vtdnet"
 
     @property
     def per_worker_batch_size(self) -> int:
@@ -413,8 +437,10 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def model_config_from_dict(data: dict | None, *, source: str) -> VTDNetConfig:
-    """``{"preset": "tiny", **overrides}`` → :class:`VTDNetConfig`.
+def model_config_from_dict(data: dict | None, *, source: str) -> VTDNetConfig | TaskPrompterConfig:
+    """``{"family": ..., "preset": "tiny", **overrides}`` → :class:`VTDNetConfig` or, with
+    ``family: taskprompter``, :class:`TaskPrompterConfig` (presets ``tiny``, ``paper``; default
+    ``paper``).
 
     ``preset``: ``vtdnet`` (default), ``mt``, ``single:<task>`` (paper variants, ResNet-50 unless
     ``backbone.name`` says otherwise), ``tiny`` or ``tiny:<variant>`` (the CPU-sized model of
@@ -422,6 +448,15 @@ def model_config_from_dict(data: dict | None, *, source: str) -> VTDNetConfig:
     mappings merge), validated by :func:`config_from_dict`.
     """
     data = dict(data or {})
+    family = data.pop("family", "vtdnet")
+    if family not in MODEL_FAMILIES:
+        raise VTDInputError(f"{source}: family must be one of {MODEL_FAMILIES}, got {family!r}")
+    if family == "taskprompter":
+        preset = data.pop("preset", "paper")
+        if preset not in TASKPROMPTER_VARIANTS:
+            raise VTDInputError(f"{source}: preset {preset!r}: not a TaskPrompter preset (presets: {sorted(TASKPROMPTER_VARIANTS)})")
+        merged = _merge(dataclasses.asdict(TASKPROMPTER_VARIANTS[preset]()), data)
+        return config_from_dict(TaskPrompterConfig, merged, source=source)
     preset = data.pop("preset", "vtdnet")
     if not isinstance(preset, str):
         raise VTDInputError(f"{source}: preset must be a string, got {preset!r}")

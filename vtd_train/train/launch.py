@@ -39,16 +39,21 @@ def check_config(cfg: TrainConfig) -> None:
     on the meta device, no memory), the storage is shared."""
     import torch
 
-    from vtd_train.model.vtdnet import VTDNet
+    from vtd_train.train.families import build_model
     from vtd_train.train.optim import freeze
 
-    families = families_from_manifest(cfg.data.uri, cfg.data.split, cfg.data.sets)
-    if cfg.data.pseudo is not None:
-        from data_pipeline.pseudo import attach_pseudo
+    if cfg.family == "taskprompter":
+        from data_pipeline.cityscapes3d.loader import frame_index
 
-        attach_pseudo(families, cfg.data.pseudo)  # the pseudo family matches these shards
+        frame_index(cfg.data.uri, cfg.data.split)  # a Cityscapes-3D manifest with that split
+    else:
+        families = families_from_manifest(cfg.data.uri, cfg.data.split, cfg.data.sets)
+        if cfg.data.pseudo is not None:
+            from data_pipeline.pseudo import attach_pseudo
+
+            attach_pseudo(families, cfg.data.pseudo)  # the pseudo family matches these shards
     with torch.device("meta"):
-        model = VTDNet(cfg.model)
+        model = build_model(cfg)
     freeze(model, cfg.freeze)
     if "://" in cfg.storage_path and fsio.is_process_local(cfg.storage_path):
         raise VTDInputError(f"storage_path {cfg.storage_path!r} lives in one process only; workers need shared storage")

@@ -3,7 +3,7 @@
 ``train_loop_per_worker({"train_config": TrainConfig})`` — what one rank does:
 
 1. set the device (``ray.train.torch.get_device``; NCCL/gloo process group set up by Ray),
-   seed, build VTDNet identically on every rank, freeze the configured prefixes, build the
+   seed, build the model identically on every rank, freeze the configured prefixes, build the
    optimizer (:mod:`~vtd_train.train.optim`), precision (:mod:`~vtd_train.train.amp`) and the
    presence-aware gradient averaging (:mod:`~vtd_train.train.grad_sync`, the DDP replacement);
 2. restore from ``ray.train.get_checkpoint()`` (weights, optimizer, scaler, position, this rank's
@@ -11,7 +11,7 @@
    skipped with a warning for the newest intact checkpoint Ray registered for the run, the same
    one on every rank) or start from ``init_checkpoint`` (verified too); broadcast rank 0's weights;
 3. for each epoch: ``dataset.set_epoch(e)``, skip the batches a resumed epoch already consumed,
-   then per batch ``batch.to(device)`` → ``prepare_batch`` (on the device) →
+   then per batch ``batch.to(device)`` and the family's preparation (on the device) →
    :class:`~vtd_train.train.step.TrainStep` → monitor (every rank, every step) → at the steps
    fixed by the config (same on every rank): epoch bookkeeping, checkpoint, and the one
    :meth:`~vtd_train.train.reporting.Reporter.report`;
@@ -20,7 +20,9 @@
    rank raises at the same step; Ray then retries from the last checkpoint up to
    ``failures.max_failures`` times — a transient fault recovers, a deterministic one fails again).
 
-Nothing here is model-specific beyond ``model(batch) -> {loss/<task>/<term>: tensor}``.
+Nothing here is model-specific: the model, the rank's data, the loss forward and validation
+come from the run's model family (:mod:`~vtd_train.train.families`: VTDNet on BDD100K shards,
+TaskPrompter on Cityscapes-3D shards).
 """
 
 from __future__ import annotations
@@ -37,11 +39,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.errors import VTDInputError
-from data_pipeline.loader import MultiSetDataset, build_train_loader
-from data_pipeline.manifest import families_from_manifest
-from data_pipeline.transforms import prepare_batch
 from vtd_train.checkpoint import CheckpointError
-from vtd_train.model.vtdnet import VTDNet
 from vtd_train.train.amp import Precision
 from vtd_train.train.checkpointing import (
     Progress,
@@ -54,6 +52,7 @@ from vtd_train.train.checkpointing import (
     write_checkpoint,
 )
 from vtd_train.train.config import TrainConfig
+from vtd_train.train.families import build_model, build_rank_data, empty_data_message, evaluate_model, loss_forward
 from vtd_train.train.faults import FaultInjector
 from vtd_train.train.grad_sync import GradSync, all_gather_objects, broadcast_state, mutable_buffers, replica_divergence
 from vtd_train.train.optim import build_optimizer, freeze, lr_at
@@ -125,7 +124,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     # -- model, optimizer, precision, gradient averaging --------------------------------------
     _seed_all(cfg.seed)  # identical initialisation on every rank (and broadcast below)
-    model = VTDNet(cfg.model).to(device)
+    model = build_model(cfg).to(device)
     params = freeze(model, cfg.freeze)
     optimizer, optimizer_name = build_optimizer(params, cfg.optimizer, device)
     precision = Precision(cfg.precision, device)
@@ -133,15 +132,11 @@ def _train_loop(config: dict[str, Any]) -> None:
     _seed_all(cfg.seed + 1000 * (rank + 1))  # per-rank streams (RoI sampling, ...)
 
     # -- data -----------------------------------------------------------------------------------
-    families = families_from_manifest(cfg.data.uri, cfg.data.split, cfg.data.sets)
-    loader_cfg = cfg.data.loader_config(batch_size=cfg.per_worker_batch_size, seed=cfg.seed, pin_memory=device.type == "cuda")
-    dataset = MultiSetDataset(families, loader_cfg, rank=rank, world_size=world)
+    data = build_rank_data(cfg, rank=rank, world=world, pin_memory=device.type == "cuda")
+    dataset = data.dataset
     steps_per_epoch = len(dataset)
     if steps_per_epoch == 0:
-        raise VTDInputError(
-            f"{cfg.data.uri}: split {cfg.data.split!r} has no full batch for global_batch_size {cfg.global_batch_size} "
-            f"({dataset.batches_per_set()} batches per set and rank)"
-        )
+        raise VTDInputError(empty_data_message(cfg, dataset))
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
 
     # -- resume ---------------------------------------------------------------------------------
@@ -171,7 +166,8 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     monitor = TrainMonitor(run=cfg.name, stage=cfg.stage, rank=rank)
     faults = FaultInjector(cfg.faults, rank)
-    step_fn = TrainStep(model, optimizer, precision, sync, grad_clip=cfg.optimizer.grad_clip, loss_hook=faults.loss_hook, rank=rank)
+    step_fn = TrainStep(model, optimizer, precision, sync, grad_clip=cfg.optimizer.grad_clip, loss_hook=faults.loss_hook, rank=rank,
+                        forward=loss_forward(model, cfg))
     static = {"optimizer": optimizer_name, "precision": cfg.precision, "world_size": world, "stage": cfg.stage}
     reporter = Reporter(run=cfg.name, stage=cfg.stage, rank=rank, world_size=world, epochs=cfg.epochs,
                         steps_per_epoch=steps_per_epoch, total_steps=total_steps, static=static,
@@ -219,7 +215,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             if rng_state is not None and progress.batch_index == 0:
                 restore_rng(rng_state, device)  # before the loader iterator draws its base seed
                 rng_state = None
-            batches = iter(build_train_loader(dataset))
+            batches = iter(data.batches(dataset))
             for _ in range(progress.batch_index):  # resume mid-epoch: drop consumed batches
                 next(batches)
             if rng_state is not None:
@@ -231,8 +227,9 @@ def _train_loop(config: dict[str, Any]) -> None:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 t1 = time.perf_counter()
-                batch = prepare_batch(batch.to(device, non_blocking=True))
-                out = step_fn(batch, step=step, lr=lr_at(step, base_lr=cfg.optimizer.lr, steps_per_epoch=steps_per_epoch, cfg=cfg.lr_schedule))
+                batch = data.prepare(batch, device)
+                lr = lr_at(step, base_lr=cfg.optimizer.lr, steps_per_epoch=steps_per_epoch, cfg=cfg.lr_schedule, total_steps=total_steps)
+                out = step_fn(batch, step=step, lr=lr)
                 t2 = time.perf_counter()
                 n = len(batch)
                 _advance(progress, out, images=n * world)
@@ -272,19 +269,17 @@ def _train_loop(config: dict[str, Any]) -> None:
         monitor.close()
 
 
-def validate(model: VTDNet, cfg: TrainConfig, *, rank: int, device: torch.device) -> dict[str, float]:
+def validate(model: torch.nn.Module, cfg: TrainConfig, *, rank: int, device: torch.device) -> dict[str, float]:
     """Rank 0 scores ``model`` on the validation split (:class:`ValidationConfig`); every rank
-    returns the same ``{"val/<key>": value}`` (VTDA, its groups and each metric scored)."""
-    from vtd_train.evaluation.evaluate import evaluate
-
+    returns the same ``{"val/<key>": value}`` (VTDNet: VTDA, its groups and each metric scored;
+    TaskPrompter: mIoU, depth RMSE, mDS)."""
     out: dict[str, float] | None = None
     if rank == 0:
         v = cfg.validation
         height = v.height if v.height is not None else (max(cfg.data.scales) if cfg.data.scales else "native")
         t, rng = time.perf_counter(), capture_rng(device)  # training's random streams stay as they were
         try:
-            metrics = evaluate(model=model, data=cfg.data.uri, split=v.split, overlays=0, distributed=False, height=height,
-                               threads=max(1, int(cfg.resources.cpus_per_worker)))
+            metrics = evaluate_model(model, cfg, height=height)
         finally:
             restore_rng(rng, device)
         out = {f"val/{k}": float(x) for k, x in metrics.items() if isinstance(x, (int, float)) and not isinstance(x, bool)}

@@ -57,12 +57,18 @@ def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimizerConfig, device
     return torch.optim.AdamW(params, foreach=True, **kw), "torch.optim.AdamW(foreach=True)"
 
 
-def lr_at(step: int, *, base_lr: float, steps_per_epoch: int, cfg: LRScheduleConfig) -> float:
-    """Learning rate of global step ``step`` (0-based): ``base_lr × gamma^k`` where ``k`` is the
-    number of milestones ``m`` with ``step >= m × steps_per_epoch``, times the linear warm-up
-    factor during the first ``warmup_steps`` steps."""
-    k = sum(step >= m * steps_per_epoch for m in cfg.milestones)
-    lr = base_lr * cfg.gamma**k
+def lr_at(step: int, *, base_lr: float, steps_per_epoch: int, cfg: LRScheduleConfig, total_steps: int | None = None) -> float:
+    """Learning rate of global step ``step`` (0-based): ``step`` policy: ``base_lr × gamma^k``
+    where ``k`` is the number of milestones ``m`` with ``step >= m × steps_per_epoch``; ``poly``:
+    ``base_lr × (1 − step / total_steps)^power``; times the linear warm-up factor during the
+    first ``warmup_steps`` steps."""
+    if cfg.policy == "poly":
+        if not total_steps:
+            raise ValueError("the poly schedule needs total_steps")
+        lr = base_lr * max(0.0, 1.0 - step / total_steps) ** cfg.power
+    else:
+        k = sum(step >= m * steps_per_epoch for m in cfg.milestones)
+        lr = base_lr * cfg.gamma**k
     if step < cfg.warmup_steps:
         a = step / cfg.warmup_steps
         lr *= cfg.warmup_ratio + (1.0 - cfg.warmup_ratio) * a

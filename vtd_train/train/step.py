@@ -85,7 +85,8 @@ def _task_of(key: str) -> str:
 class TrainStep:
     """Runs :meth:`__call__` once per batch. ``params``: the trainable parameters (those the
     optimizer and :class:`GradSync` hold). ``loss_hook(step, losses)`` may rewrite the loss dict
-    (fault injection)."""
+    (fault injection). ``forward(batch)`` yields the loss dict (default: ``model(batch)``; a
+    model family whose ``forward`` returns predictions passes its own, :mod:`.families`)."""
 
     def __init__(
         self,
@@ -97,8 +98,10 @@ class TrainStep:
         grad_clip: float | None = None,
         loss_hook: LossHook | None = None,
         rank: int = 0,
+        forward: Callable[[object], dict[str, Tensor]] | None = None,
     ):
         self.model = model
+        self.forward = forward if forward is not None else model
         self.optimizer = optimizer
         self.precision = precision
         self.sync = sync
@@ -113,7 +116,7 @@ class TrainStep:
         opt.zero_grad(set_to_none=True)
         self.sync.sync_buffers()
         with self.precision.autocast():
-            losses = self.model(batch)
+            losses = self.forward(batch)
         if self.loss_hook is not None:
             losses = self.loss_hook(step, losses)
         losses = {k: v.float() for k, v in losses.items()}
