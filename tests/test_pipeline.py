@@ -182,7 +182,7 @@ def test_killed_orchestrator_adopts_its_running_stage_and_a_changed_stage_reruns
 
     first = orchestrator(pipe, jobs_api)
     try:
-        wait_for(lambda: state_of(storage, "b") == "running", 240, "stage b running")
+        wait_for(lambda: state_of(storage, "b") == "running", 480, "stage b running")
     finally:
         first.send_signal(signal.SIGKILL)
         out = first.communicate()[0]
