@@ -95,8 +95,8 @@ IMAGES = MetricSpec(name="vtd_train_images", kind="counter", description="Images
 SAMPLES = MetricSpec(name="vtd_train_samples", kind="counter", extra_tags=("set",),
                      description="Images processed per image set (set=det, sem_seg, box_track, ...)")
 BAD_SAMPLES = MetricSpec(name="vtd_train_bad_samples", kind="counter",
-                         description="Samples dropped as bad: corrupt or invalid ones, and the images of a batch "
-                                     "whose loss was non-finite on this rank")
+                         description="Images of batches whose loss was non-finite on this rank (the step was "
+                                     "skipped on every rank); corrupt data never counts: it stops the run")
 GPU_MEMORY_ALLOCATED = MetricSpec(name="vtd_train_gpu_memory_allocated_bytes", kind="gauge",
                                   description="torch.cuda.memory_allocated() of this rank's device at the last flush")
 GPU_MEMORY_RESERVED = MetricSpec(name="vtd_train_gpu_memory_reserved_bytes", kind="gauge",
