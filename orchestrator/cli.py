@@ -117,7 +117,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
         select_stages(with_evaluations(spec), a.stages)
     address = a.address
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    embedded = address is None and not os.environ.get("RAY_ADDRESS")
+    if embedded:
         import ray
 
         from cluster.local import connect
@@ -129,7 +130,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
         client = JobsClient(address)
     python = a.python or (sys.executable if _local(address) or os.environ.get("RAY_ADDRESS") else "python")
     orch = Orchestrator(spec, run=run, data=a.data or spec.profile.data, storage=a.storage or spec.profile.storage,
-                        client=client, python=python, metrics=PipelineMetrics(a.metrics_port), takeover=a.takeover,
+                        client=client, python=python, metrics=PipelineMetrics(a.metrics_port, addr="127.0.0.1" if embedded else "0.0.0.0"), takeover=a.takeover,
                         only=a.stages)
     return orch.run()
 

@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 
 class PipelineMetrics:
     """Gauges of one orchestrator process; ``port`` ``None``: kept in memory only (tests read
-    :attr:`registry`), else served at ``http://0.0.0.0:port/metrics``."""
+    :attr:`registry`), else served at ``http://ADDR:port/metrics``: every interface for a
+    cluster's Prometheus to scrape, loopback only (``addr="127.0.0.1"``) beside an embedded local
+    cluster, which itself listens on loopback only."""
 
-    def __init__(self, port: int | None) -> None:
+    def __init__(self, port: int | None, addr: str = "0.0.0.0") -> None:
         self.registry = CollectorRegistry()
         labels = ("run", "stage")
         self.state = Gauge("vtd_pipeline_stage_state", "1 for the stage's current state", (*labels, "state"), registry=self.registry)
@@ -49,7 +51,7 @@ class PipelineMetrics:
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry)
         self.port = port
         if port is not None:
-            start_http_server(port, registry=self.registry)
+            start_http_server(port, addr=addr, registry=self.registry)
 
     def stage(self, run: str, stage: str, rec: StageRecord) -> None:
         for s in STATES:

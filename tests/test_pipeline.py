@@ -297,3 +297,27 @@ def test_cancel_stops_every_running_stage_job(jobs_api, tiny_shards, tmp_path):
         assert m.stages[name].state == "cancelled"
         wait_for(lambda: client.status(m.stages[name].job_id) == "STOPPED", 60, f"{name}'s job stopped")
     assert m.state == "cancelled" and "after" not in m.stages or m.stages["after"].state in ("pending", "cancelled")
+
+
+def test_the_orchestrator_metrics_endpoint_binds_the_address_it_is_given():
+    """Beside the embedded local cluster (loopback only) the orchestrator serves its metrics on
+    loopback only; on a real cluster on every interface, for the cluster's Prometheus."""
+    import os
+    import urllib.request
+
+    import psutil
+
+    from cluster.local import free_port
+    from orchestrator.metrics import PipelineMetrics
+
+    def listening(port: int) -> set[str]:
+        return {c.laddr.ip for c in psutil.Process(os.getpid()).net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+    local, everywhere = free_port(), free_port()
+    PipelineMetrics(local, addr="127.0.0.1")
+    PipelineMetrics(everywhere)
+    assert listening(local) == {"127.0.0.1"} and listening(everywhere) in ({"0.0.0.0"}, {"::"}), (
+        listening(local), listening(everywhere))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{local}/metrics", timeout=10).read().decode()
+    assert "vtd_pipeline_submit_latency_seconds" in body
