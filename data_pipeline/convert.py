@@ -51,6 +51,7 @@ from data_pipeline import fsio
 from data_pipeline import shard_format as SF
 from data_pipeline.shard_format import INSTANCE_MEMBER, LABEL_MEMBER, encode_label_map
 from data_pipeline.errors import DataError, VTDInputError
+from data_pipeline.png import decode_png
 from data_pipeline.inspect import add_frame_counts, empty_task_counts, label_set_key, merge_task_counts, sort_task_counts
 
 REAL = "real"
@@ -817,18 +818,7 @@ _VALUE_TABLES = {"drivable": (_DRIVABLE_OK, "0 direct, 1 alternative, 2 backgrou
 
 def _read_mask(png: bytes, kind: str, uri: str, frame: str, size: tuple[int, int]) -> np.ndarray:
     """Decode a mask PNG, check its size against the image and its values against the encoding."""
-    try:
-        with Image.open(io.BytesIO(png)) as im:
-            if im.format != "PNG":
-                raise DataError(uri, f"mask is not a PNG (format {im.format})", frame=frame, field=kind)
-            mode, msize = im.mode, im.size
-            arr = np.asarray(im)
-    except DataError:
-        raise
-    except UnidentifiedImageError:
-        raise DataError(uri, "corrupt mask: not a recognisable image file", frame=frame, field=kind) from None
-    except Exception as e:
-        raise DataError(uri, f"corrupt mask: {type(e).__name__}: {e}", frame=frame, field=kind) from None
+    mode, msize, arr = decode_png(png, uri, frame=frame, field=kind, what="mask")
     if msize != size:
         raise DataError(uri, f"mask size {msize[0]}x{msize[1]} differs from image size {size[0]}x{size[1]}",
                         frame=frame, field=kind)

@@ -30,7 +30,6 @@ interrupted output writes every shard again. Only PNG and JSON are parsed.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import multiprocessing
@@ -40,13 +39,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from webdataset.writer import TarWriter
 
 from data_pipeline import fsio
 from data_pipeline import shard_format as SF
 from data_pipeline.convert import _clean_family, _Skips
 from data_pipeline.errors import DataError, VTDInputError
+from data_pipeline.png import decode_png
 
 from . import geometry as G
 from .format import BENCHMARK, DET3D_CLASS_ID, LABEL_ID, LABEL_TO_TRAIN, MAX_LABEL_ID, SET_NAME, SPLITS, TASKS, Layout
@@ -261,18 +260,7 @@ def _read(uri: str, frame: str, field: str) -> bytes:
 
 def _check_png(data: bytes, uri: str, frame: str, field: str, *, modes: tuple[str, ...], size=None, max_value=None):
     """Decode a PNG fully (truncation and corruption are caught); check mode and size."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format != "PNG":
-                raise DataError(uri, f"not a PNG (format {im.format})", frame=frame, field=field)
-            mode, wh = im.mode, im.size
-            arr = np.asarray(im)
-    except DataError:
-        raise
-    except UnidentifiedImageError:
-        raise DataError(uri, "corrupt PNG: not a recognisable image file", frame=frame, field=field) from None
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... on bad bytes
-        raise DataError(uri, f"corrupt PNG: {type(e).__name__}: {e}", frame=frame, field=field) from None
+    mode, wh, arr = decode_png(data, uri, frame=frame, field=field)
     if mode not in modes:
         raise DataError(uri, f"PNG mode {mode}, expected {' or '.join(modes)}", frame=frame, field=field)
     if size is not None and wh != size:

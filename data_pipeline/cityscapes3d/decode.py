@@ -7,19 +7,18 @@ and the model's target code use; the training loader's Cityscapes path is a late
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from data_pipeline import fsio
 from data_pipeline import shard_format as SF
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import read_manifest
+from data_pipeline.png import decode_png
 from data_pipeline.tar_reader import iter_samples
 
 from .format import BENCHMARK, SET_NAME, TASKS, png_to_depth
@@ -40,15 +39,7 @@ class CityscapesFrame:
 
 
 def _png(data: bytes, where: str, field: str) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            if im.format != "PNG":
-                raise DataError(where, f"not a PNG (format {im.format})", field=field)
-            return np.asarray(im)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(where, f"corrupt PNG: {type(e).__name__}: {e}", field=field) from None
+    return decode_png(data, where, field=field)[2]
 
 
 def decode_sample(sample: dict[str, Any]) -> CityscapesFrame:
