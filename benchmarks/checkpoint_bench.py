@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     from cluster.local import connect
-    from data_pipeline.convert import ConvertOptions, convert
-    from data_pipeline.synth import generate
+    from data_pipeline.bdd100k.convert import ConvertOptions, convert
+    from data_pipeline.bdd100k.synth import generate
     from vtd_train.train.config import load_train_config
     from vtd_train.train.launch import config_with, run_training
     from vtd_train.train.recovery import resume_checkpoint

@@ -88,8 +88,8 @@ def _frame(spec: UnitSpec, key: int, *, video_seed: int | None = None, t: int = 
     """(targets, prediction, sources) of one synthetic frame."""
     import torch
 
-    from data_pipeline.bdd100k import SCENES, WEATHERS, decode_lane_mask
-    from data_pipeline.structures import FrameTargets, LabelSource
+    from data_pipeline.bdd100k.format import SCENES, WEATHERS, decode_lane_mask
+    from data_pipeline.loading.structures import FrameTargets, LabelSource
     from vtd_train.model.outputs import FramePrediction
 
     h, w, n = spec.height, spec.width, spec.instances
@@ -154,7 +154,7 @@ def score_unit(spec: UnitSpec):
     """The worker: one unit's EvalState (``EvalWorker.run``'s per-frame calls)."""
     import torch
 
-    from data_pipeline.bdd100k import TASKS
+    from data_pipeline.bdd100k.format import TASKS
     from vtd_train.evaluation.inference import EvalState, labelled
     from vtd_train.tracker import TrackResult
 
@@ -198,7 +198,7 @@ def rss_mb() -> float:
 def one(frames: int, args: argparse.Namespace) -> dict:
     import multiprocessing
 
-    from data_pipeline.bdd100k import TASKS
+    from data_pipeline.bdd100k.format import TASKS
     from vtd_train.evaluation.inference import EvalState
 
     units = plan(frames, args.unit_frames, args.height, args.width, args.instances)

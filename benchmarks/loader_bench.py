@@ -7,12 +7,12 @@ Usage::
 
 What it measures, all on one core (``torch.set_num_threads(1)``, loader with ``num_workers=0``
 so the loop runs in this process, which gets a DataLoader worker's malloc settings,
-:func:`data_pipeline.loader.keep_freed_memory`), in interleaved rounds (floor pass, loader epoch, ...), so
+:func:`data_pipeline.loading.loader.keep_freed_memory`), in interleaved rounds (floor pass, loader epoch, ...), so
 that a noisy host slows both sides of a ratio alike; it reports medians:
 
 * ``jpeg floor``: the bare decode of the very JPEG bytes stored in the shards by the fastest
   decoder installed, frames/s: each round times both ``torchvision.io.decode_jpeg`` and
-  ``simplejpeg.decode_jpeg`` (the loader's decoder, :mod:`data_pipeline.jpeg`); the floor is
+  ``simplejpeg.decode_jpeg`` (the loader's decoder, :mod:`data_pipeline.loading.jpeg`); the floor is
   the decoder with the higher median over the run's rounds (``tv``/``sj`` columns: each
   decoder's median), and each round's ratio uses that decoder's passes of the round. (Taking
   the faster of the two in each round instead, as this script did until 2026-11-22, picks the
@@ -32,7 +32,7 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
   the steady rate (first writes to the worker's segments). Both are paid once per epoch. A
   line under each set lists the per-round ratios of ``steady`` and ``loader`` (the spread);
 * ``/in-situ``: ``steady`` against a floor timed inside the worker, at the same moments: the
-  worker's own JPEG decode calls are timed (``data_pipeline.jpeg.decode_into`` wrapped while the
+  worker's own JPEG decode calls are timed (``data_pipeline.loading.jpeg.decode_into`` wrapped while the
   worker forks, a shared counter), and the floor is one frame per mean decode time of that
   window. The host's speed drifts by several percent within minutes on a shared VM (other
   tenants' load, ``steal %``: the share of the machine's CPU time the hypervisor gave elsewhere
@@ -54,7 +54,7 @@ that a noisy host slows both sides of a ratio alike; it reports medians:
   ``tar_reader`` (why the loader has its own);
 * ms to write a batch's frames into a fresh shared-memory segment vs into an already-faulted
   one: the page faults a worker would pay per batch without reusing its segments
-  (:mod:`data_pipeline.shm_pool`; it decodes the frames straight into the segment);
+  (:mod:`data_pipeline.loading.shm_pool`; it decodes the frames straight into the segment);
 * peak RSS of a fresh process streaming 1×, 2× and 4× the dataset (shards repeated).
 
 Each epoch and each floor pass covers at least ``--frames`` frames (the set's shards listed
@@ -90,9 +90,9 @@ from PIL import Image
 from torchvision.io import decode_jpeg, decode_png
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from data_pipeline import jpeg
-from data_pipeline.convert import ConvertOptions, convert
-from data_pipeline.loader import (
+from data_pipeline.loading import jpeg
+from data_pipeline.bdd100k.convert import ConvertOptions, convert
+from data_pipeline.loading.loader import (
     LoaderConfig,
     MultiSetDataset,
     ShardFamily,
@@ -100,10 +100,10 @@ from data_pipeline.loader import (
     iter_shard,
     keep_freed_memory,
 )
-from data_pipeline.manifest import families_from_manifest
-from data_pipeline.shard_format import FORMAT_VERSION, decode_label_map, encode_label_map
-from data_pipeline.synth import generate
-from data_pipeline.transforms import AugmentConfig
+from data_pipeline.shards.manifest import families_from_manifest
+from data_pipeline.shards.format import FORMAT_VERSION, decode_label_map, encode_label_map
+from data_pipeline.bdd100k.synth import generate
+from data_pipeline.loading.transforms import AugmentConfig
 
 
 def floor_blobs(urls, with_labels: bool) -> tuple[list[tuple[bool, object]], int]:
@@ -232,7 +232,7 @@ def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float
     batch ``W`` until the worker is about to finish: the frames the training process received
     meanwhile, times the mean of the worker's decode calls meanwhile; the worker stays the same
     few hand-offs ahead throughout). ``W`` is twice the worker's shared-memory slots
-    (:class:`~data_pipeline.shm_pool.BufferPool`): it claims them least recently used first, so
+    (:class:`~data_pipeline.loading.shm_pool.BufferPool`): it claims them least recently used first, so
     its first batches fault a fresh segment in each (about 0.5 ms per MiB on this VM, again in
     the training process); by batch ``W`` every slot has been claimed twice and sized. Start-up
     and warm-up are paid once per epoch: a tenth of a second against a real epoch of thousands
@@ -258,7 +258,7 @@ def one_worker_fps(ds: MultiSetDataset, epoch: int) -> tuple[float, float, float
     decode_s, decodes = (clock[last] - clock[w]).tolist()
     if not decodes:
         raise SystemExit("the worker's decode calls were not counted: the in-situ floor wraps "
-                         "data_pipeline.jpeg.decode_into, which the worker must call through the module, in DataLoader "
+                         "data_pipeline.loading.jpeg.decode_into, which the worker must call through the module, in DataLoader "
                          "workers started by fork (Linux)")
     in_situ = sum(frames[w + 1:last + 1]) / (times[last] - times[w]) * (decode_s / decodes)
     whole = sum(frames[1:]) / (times[-1] - times[0])
@@ -334,7 +334,7 @@ def peak_rss_child(urls: list[str], shard_frames: list[int]) -> float:
     """Peak RSS (MiB) of a fresh process streaming the given shards once through the loader."""
     code = (
         "import json,resource,sys,torch;torch.set_num_threads(1)\n"
-        "from data_pipeline.loader import LoaderConfig,MultiSetDataset,ShardFamily\n"
+        "from data_pipeline.loading.loader import LoaderConfig,MultiSetDataset,ShardFamily\n"
         "urls=json.loads(sys.argv[1]);n=json.loads(sys.argv[2])\n"
         "fam=ShardFamily(set_name='det',split='train',urls=tuple(urls),shard_frames=tuple(n))\n"
         "ds=MultiSetDataset([fam],LoaderConfig(batch_size=2,num_workers=0,shuffle_buffer=8),rank=0,world_size=1)\n"
@@ -451,7 +451,7 @@ def main() -> None:
 
     if a.throughput_only:
         return
-    print("\n# reading the shards into samples, ms per frame: webdataset's reader vs data_pipeline/tar_reader.py")
+    print("\n# reading the shards into samples, ms per frame: webdataset's reader vs data_pipeline/shards/tar_reader.py")
     for s, fam in fams.items():
         t_wds, t_ours = shard_read_ms(fam, a.repeat)
         print(f"{s:<6} webdataset {t_wds:6.3f} ms   tar_reader {t_ours:6.3f} ms   ({t_wds / t_ours:.1f}x)")

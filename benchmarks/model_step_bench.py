@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 import torchvision
 
-from data_pipeline.convert import ConvertOptions, convert
-from data_pipeline.loader import LoaderConfig, MultiSetDataset
-from data_pipeline.manifest import families_from_manifest
-from data_pipeline.synth import generate
-from data_pipeline.transforms import AugmentConfig, prepare_batch
+from data_pipeline.bdd100k.convert import ConvertOptions, convert
+from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset
+from data_pipeline.shards.manifest import families_from_manifest
+from data_pipeline.bdd100k.synth import generate
+from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
 from vtd_train.model.losses import total_loss
 from vtd_train.model.vtdnet import VTDNet, VTDNetConfig
 

@@ -156,7 +156,7 @@ class Orchestrator:
     # -- manifest ----------------------------------------------------------------------------
 
     def _open(self) -> RunManifest:
-        from data_pipeline.shard_format import MANIFEST_NAME
+        from data_pipeline.shards.format import MANIFEST_NAME
 
         data_manifest = fsio.join(self.data, MANIFEST_NAME)
         if not fsio.exists(data_manifest):

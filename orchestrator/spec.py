@@ -49,7 +49,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_pipeline.bdd100k import TASKS
+from data_pipeline.bdd100k.format import TASKS
 from data_pipeline.errors import VTDInputError
 from vtd_train.model.config import read_yaml_mapping
 from vtd_train.train.config import IMAGE_SETS, TrainConfig, train_config_from_dict

@@ -13,8 +13,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import pytest  # noqa: E402
 
-from data_pipeline.convert import ConvertOptions, convert  # noqa: E402
-from data_pipeline.synth import generate  # noqa: E402
+from data_pipeline.bdd100k.convert import ConvertOptions, convert  # noqa: E402
+from data_pipeline.bdd100k.synth import generate  # noqa: E402
 
 
 # Parallel runs are opt-in (`pytest -n auto --dist loadgroup`): the README's command runs the

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from data_pipeline.structures import FrameTargets
+from data_pipeline.loading.structures import FrameTargets
 from vtd_train.model.flow import (
     FlowConfig,
     FlowDecoder,

@@ -19,7 +19,7 @@ from data_pipeline.cityscapes3d.decode import iter_cityscapes_frames
 from data_pipeline.cityscapes3d.format import LABEL_TO_TRAIN, Layout, disparity_to_png, png_to_depth
 from data_pipeline.cityscapes3d.synth import generate
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import families_from_manifest
+from data_pipeline.shards.manifest import families_from_manifest
 
 
 @pytest.fixture(scope="module")

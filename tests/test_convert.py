@@ -1,4 +1,4 @@
-"""BDD100K root → WebDataset shards (data_pipeline.convert) and the shard reader (inspect).
+"""BDD100K root → WebDataset shards (data_pipeline.bdd100k.convert) and the shard reader (inspect).
 
 The fixture is a hand-written miniature BDD100K root (real layout, real encodings) whose
 contents are spelled out below, so every expected count here can be checked by reading it.
@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import bdd100k as B
-from data_pipeline import convert as convert_mod
+from data_pipeline.bdd100k import format as B
+from data_pipeline.bdd100k import convert as convert_mod
 from data_pipeline import fsio
-from data_pipeline.convert import ConvertOptions, convert
-from data_pipeline.shard_format import decode_label_map
+from data_pipeline.bdd100k.convert import ConvertOptions, convert
+from data_pipeline.shards.format import decode_label_map
 from data_pipeline.errors import DataError
-from data_pipeline.inspect import inspect_shards
+from data_pipeline.shards.inspect import inspect_shards
 
 W, H = 32, 24  # every image of the fixture
 

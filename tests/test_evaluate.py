@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.bdd100k import SCENES, TASKS, WEATHERS, decode_lane_mask
+from data_pipeline.bdd100k.format import SCENES, TASKS, WEATHERS, decode_lane_mask
 from data_pipeline.errors import VTDInputError
-from data_pipeline.loader import iter_frames
-from data_pipeline.manifest import families_from_manifest, read_manifest
-from data_pipeline.structures import Batch, FrameTargets
+from data_pipeline.loading.loader import iter_frames
+from data_pipeline.shards.manifest import families_from_manifest, read_manifest
+from data_pipeline.loading.structures import Batch, FrameTargets
 from vtd_train.checkpoint import CheckpointError, save_model
 from vtd_train.cli import main
 from vtd_train.evaluation import METRIC_KEYS

@@ -21,9 +21,9 @@ import math
 import pytest
 import torch
 
-from data_pipeline.loader import LoaderConfig, MultiSetDataset, build_train_loader
-from data_pipeline.manifest import families_from_manifest
-from data_pipeline.transforms import AugmentConfig, prepare_batch
+from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset, build_train_loader
+from data_pipeline.shards.manifest import families_from_manifest
+from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
 from vtd_train.model.vtdnet import VTDNet, VTDNetConfig
 from vtd_train.train.amp import Precision
 from vtd_train.train.config import OptimizerConfig

@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline import bdd100k
-from data_pipeline.bdd100k import Layout
-from data_pipeline.decode import decode_clip
+from data_pipeline.bdd100k import format as bdd100k
+from data_pipeline.bdd100k.format import Layout
+from data_pipeline.loading.decode import decode_clip
 from data_pipeline.errors import DataError
-from data_pipeline.loader import (
+from data_pipeline.loading.loader import (
     LoaderConfig,
     MultiSetDataset,
     ShardFamily,
@@ -31,9 +31,9 @@ from data_pipeline.loader import (
     iter_frames,
     iter_shard,
 )
-from data_pipeline.manifest import families_from_manifest
-from data_pipeline.structures import AugmentPlan, Batch, LabelSource
-from data_pipeline.transforms import AugmentConfig, prepare_batch
+from data_pipeline.shards.manifest import families_from_manifest
+from data_pipeline.loading.structures import AugmentPlan, Batch, LabelSource
+from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
 
 NO_AUG = AugmentConfig(scales=(), flip_prob=0.0)
 
@@ -297,7 +297,7 @@ def test_an_epoch_takes_every_frame_at_most_once_across_ranks_and_workers(tiny_s
 
 
 def test_a_part_beginning_inside_a_shard_starts_reading_at_its_first_sample(tiny_shards, monkeypatch):
-    from data_pipeline import loader
+    from data_pipeline.loading import loader
 
     fams = families_from_manifest(tiny_shards, "train")
     offsets = []
@@ -317,7 +317,7 @@ def test_a_part_beginning_inside_a_shard_starts_reading_at_its_first_sample(tiny
 
 def test_the_workers_of_an_epoch_read_each_sample_of_a_set_once(tiny_shards, monkeypatch):
     # a shuffle buffer larger than any part: each worker reads all of its range, and no more
-    from data_pipeline import loader
+    from data_pipeline.loading import loader
 
     (det,) = families_from_manifest(tiny_shards, "train", sets=("det",))
     read = Counter()
@@ -366,7 +366,7 @@ def test_several_required_tasks_take_each_frame_labelled_for_all_of_them_once(ti
     the key frames of an epoch are exactly those labelled for both, each taken once."""
     import shutil
 
-    from data_pipeline.convert import ConvertOptions, convert
+    from data_pipeline.bdd100k.convert import ConvertOptions, convert
 
     root = tmp_path / "bdd100k"
     shutil.copytree(tiny_root, root)
@@ -533,7 +533,7 @@ def test_require_tasks_restricts_track_set_to_the_mots_subset(tiny_shards):
 
 
 def test_loader_reads_from_an_fsspec_uri(tiny_root):
-    from data_pipeline.convert import ConvertOptions, convert
+    from data_pipeline.bdd100k.convert import ConvertOptions, convert
 
     convert(ConvertOptions(bdd_root=tiny_root, out="memory://vtd-test/shards", sets=("seg",), splits=("train",),
                            shard_size=4, progress=False, overwrite=True))

@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 from trackeval.metrics import HOTA
 
-from data_pipeline.bdd100k import POSE_SIGMAS, decode_lane_mask, encode_lane
+from data_pipeline.bdd100k.format import POSE_SIGMAS, decode_lane_mask, encode_lane
 from data_pipeline.errors import VTDInputError
 from vtd_train.evaluation.metrics import (
     DrivableIoU,

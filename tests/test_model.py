@@ -14,9 +14,9 @@ import fsspec
 import pytest
 import torch
 
-from data_pipeline.bdd100k import TASKS
+from data_pipeline.bdd100k.format import TASKS
 from data_pipeline.errors import VTDInputError
-from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, FrameTargets, LabelSource
+from data_pipeline.loading.structures import TASK_INDEX, AugmentPlan, Batch, FrameTargets, LabelSource
 from vtd_train.model import (
     BackboneConfig,
     FramePrediction,

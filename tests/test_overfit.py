@@ -36,9 +36,9 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.loader import LoaderConfig, MultiSetDataset, build_train_loader, iter_frames
-from data_pipeline.manifest import families_from_manifest
-from data_pipeline.transforms import AugmentConfig, prepare_batch
+from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset, build_train_loader, iter_frames
+from data_pipeline.shards.manifest import families_from_manifest
+from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
 from vtd_train.evaluation.evaluate import evaluate
 from vtd_train.evaluation.flow import FlowProxyIoU
 from vtd_train.evaluation.inference import gt_instances

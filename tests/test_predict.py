@@ -57,7 +57,7 @@ import pytest
 import torch
 from test_evaluate import OracleModel
 
-from data_pipeline.bdd100k import (
+from data_pipeline.bdd100k.format import (
     DET_CATEGORIES,
     LANE_BACKGROUND,
     SCENES,

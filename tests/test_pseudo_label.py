@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.decode import split_members
+from data_pipeline.loading.decode import split_members
 from data_pipeline.errors import DataError, VTDInputError
-from data_pipeline.inspect import inspect_pseudo, inspect_shards
-from data_pipeline.loader import LoaderConfig, MultiSetDataset, build_train_loader, iter_frames, iter_shard
-from data_pipeline.manifest import families_from_manifest
-from data_pipeline.pseudo import iter_pseudo_shard, read_pseudo_manifest, split_pseudo_members
-from data_pipeline.shard_format import decode_label_map
-from data_pipeline.structures import TASK_INDEX, Batch, FrameTargets, LabelSource, RunLengthMap
-from data_pipeline.transforms import AugmentConfig, prepare_batch
+from data_pipeline.shards.inspect import inspect_pseudo, inspect_shards
+from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset, build_train_loader, iter_frames, iter_shard
+from data_pipeline.shards.manifest import families_from_manifest
+from data_pipeline.loading.pseudo import iter_pseudo_shard, read_pseudo_manifest, split_pseudo_members
+from data_pipeline.shards.format import decode_label_map
+from data_pipeline.loading.structures import TASK_INDEX, Batch, FrameTargets, LabelSource, RunLengthMap
+from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
 from vtd_train.checkpoint import save_model
 from vtd_train.cli import main
 from vtd_train.evaluation.evaluate import EvalWorker, torch_threads

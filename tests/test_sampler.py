@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from data_pipeline.sampler import batches_per_rank, frame_ranges, frames_needed, set_schedule, split_frames
+from data_pipeline.loading.sampler import batches_per_rank, frame_ranges, frames_needed, set_schedule, split_frames
 
 
 def test_round_robin_takes_one_batch_from_each_set_in_turn():

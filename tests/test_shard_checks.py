@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.errors import DataError
-from data_pipeline.inspect import check_shard, inspect_shards
-from data_pipeline.loader import LoaderConfig, MultiSetDataset
-from data_pipeline.manifest import families_from_manifest
+from data_pipeline.shards.inspect import check_shard, inspect_shards
+from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset
+from data_pipeline.shards.manifest import families_from_manifest
 
 SHARD = "track/train/track-train-000000.tar"
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from data_pipeline import bdd100k
-from data_pipeline.decode import decode_clip
+from data_pipeline.bdd100k import format as bdd100k
+from data_pipeline.loading.decode import decode_clip
 from data_pipeline.errors import DataError
-from data_pipeline.loader import LoaderConfig, MultiSetDataset, build_train_loader, iter_frames, iter_shard
-from data_pipeline.manifest import families_from_manifest
-from data_pipeline.shard_format import decode_label_map, encode_label_map
-from data_pipeline.structures import AugmentPlan, Batch, FrameTargets, RunLengthMap
-from data_pipeline.transforms import AugmentConfig, prepare_batch
+from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset, build_train_loader, iter_frames, iter_shard
+from data_pipeline.shards.manifest import families_from_manifest
+from data_pipeline.shards.format import decode_label_map, encode_label_map
+from data_pipeline.loading.structures import AugmentPlan, Batch, FrameTargets, RunLengthMap
+from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
@@ -211,8 +211,8 @@ def test_worker_processes_deliver_the_batches_the_loader_makes_in_process(tiny_s
 
 
 def test_workers_reuse_segments_yet_never_overwrite_a_batch_still_held(tiny_shards, monkeypatch):
-    from data_pipeline import shm_pool
-    from data_pipeline.loader import ShardFamily
+    from data_pipeline.loading import shm_pool
+    from data_pipeline.loading.loader import ShardFamily
 
     fams = [ShardFamily(set_name=f.set_name, split=f.split, urls=f.urls * 3, shard_frames=f.shard_frames * 3,
                         shard_label_sets=f.shard_label_sets * 3, shard_clip_frames=f.shard_clip_frames * 3,

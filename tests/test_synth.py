@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import bdd100k as B
-from data_pipeline import synth
-from data_pipeline.bdd100k import Layout
-from data_pipeline.loader import iter_frames
-from data_pipeline.manifest import families_from_manifest
+from data_pipeline.bdd100k import format as B
+from data_pipeline.bdd100k import synth
+from data_pipeline.bdd100k.format import Layout
+from data_pipeline.loading.loader import iter_frames
+from data_pipeline.shards.manifest import families_from_manifest
 from vtd_train.evaluation.flow import FlowProxyIoU
 from vtd_train.evaluation.inference import gt_instances
 

@@ -9,9 +9,9 @@ import pytest
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import iter_shard
-from data_pipeline.manifest import families_from_manifest
-from data_pipeline.tar_reader import iter_samples
+from data_pipeline.loading.loader import iter_shard
+from data_pipeline.shards.manifest import families_from_manifest
+from data_pipeline.shards.tar_reader import iter_samples
 
 
 def _webdataset(data: bytes, url: str) -> list[dict]:

@@ -245,9 +245,9 @@ def test_checkpoint_is_atomic_and_partial_directories_are_rejected(tmp_path, mon
 def test_fp16_steps_skip_overflows_and_bf16_steps_update(tiny_shards, tmp_path, device):
     """The production step under autocast: fp16 with a GradScaler (a step whose gradients
     overflow is skipped and halves the scale; otherwise parameters move) and bf16 (no scaler)."""
-    from data_pipeline.loader import MultiSetDataset, build_train_loader
-    from data_pipeline.manifest import families_from_manifest
-    from data_pipeline.transforms import prepare_batch
+    from data_pipeline.loading.loader import MultiSetDataset, build_train_loader
+    from data_pipeline.shards.manifest import families_from_manifest
+    from data_pipeline.loading.transforms import prepare_batch
     from vtd_train.model.vtdnet import VTDNet
     from vtd_train.train.amp import Precision
     from vtd_train.train.grad_sync import GradSync
@@ -295,9 +295,9 @@ def _partial_task_worker(rank: int, world: int, port: int, cfg, out_path: str) -
 
     import torch.distributed as dist
 
-    from data_pipeline.loader import MultiSetDataset, build_train_loader
-    from data_pipeline.manifest import families_from_manifest
-    from data_pipeline.transforms import prepare_batch
+    from data_pipeline.loading.loader import MultiSetDataset, build_train_loader
+    from data_pipeline.shards.manifest import families_from_manifest
+    from data_pipeline.loading.transforms import prepare_batch
     from vtd_train.model.vtdnet import VTDNet
     from vtd_train.train.amp import Precision
     from vtd_train.train.grad_sync import GradSync, all_gather_objects

@@ -1,5 +1,5 @@
-"""JPEG decoding (data_pipeline/jpeg.py), frames decoded straight into a batch's buffer and
-batches crossing processes as one buffer (data_pipeline/transfer.py)."""
+"""JPEG decoding (data_pipeline/loading/jpeg.py), frames decoded straight into a batch's buffer and
+batches crossing processes as one buffer (data_pipeline/loading/transfer.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from data_pipeline import jpeg
-from data_pipeline.decode import decode_clip
+from data_pipeline.loading import jpeg
+from data_pipeline.loading.decode import decode_clip
 from data_pipeline.errors import DataError
-from data_pipeline.loader import LoaderConfig, MultiSetDataset, iter_shard
-from data_pipeline.manifest import families_from_manifest
-from data_pipeline.structures import AugmentPlan, Batch, EncodedImage, FrameTargets, RunLengthMap
-from data_pipeline.transfer import pack_batch, pack_batches
-from data_pipeline.transforms import AugmentConfig
+from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset, iter_shard
+from data_pipeline.shards.manifest import families_from_manifest
+from data_pipeline.loading.structures import AugmentPlan, Batch, EncodedImage, FrameTargets, RunLengthMap
+from data_pipeline.loading.transfer import pack_batch, pack_batches
+from data_pipeline.loading.transforms import AugmentConfig
 
 
 def _jpeg(mode: str, h: int = 48, w: int = 64, seed: int = 0) -> bytes:
@@ -82,7 +82,7 @@ def test_a_truncated_frame_is_an_error_naming_shard_and_frame(tiny_shards):
 def test_a_truncated_frame_met_in_a_worker_is_the_same_error_in_the_training_process(tiny_shards, tmp_path, workers):
     from webdataset.writer import TarWriter
 
-    from data_pipeline.loader import ShardFamily, build_train_loader
+    from data_pipeline.loading.loader import ShardFamily, build_train_loader
 
     det = next(f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "det")
     samples = [s for u in det.urls for s in iter_shard(u)]
@@ -276,7 +276,7 @@ def test_through_a_worker_track_frames_are_decoded_once_and_arrive_intact(tiny_s
     """Through a DataLoader worker a frame's second use is copied from the shared-memory
     segment its first batch went out in, while the worker has not reclaimed that segment; the
     batches equal those the loader makes in process, and no frame is decoded twice."""
-    from data_pipeline.loader import build_train_loader
+    from data_pipeline.loading.loader import build_train_loader
 
     log = tmp_path / "decodes.txt"
     real = jpeg.decode_into
@@ -304,7 +304,7 @@ def test_a_key_frame_without_neighbours_is_its_own_reference_decoded_once(tiny_s
 
     from webdataset.writer import TarWriter
 
-    from data_pipeline.loader import ShardFamily
+    from data_pipeline.loading.loader import ShardFamily
 
     track = next(f for f in families_from_manifest(tiny_shards, "train") if f.set_name == "track")
     sample = next(iter_shard(track.urls[0]))

@@ -16,7 +16,7 @@ def _cmd_data_synth(a: argparse.Namespace) -> int:
     if a.format == "cityscapes3d":
         from data_pipeline.cityscapes3d.synth import generate
     else:
-        from data_pipeline.synth import generate
+        from data_pipeline.bdd100k.synth import generate
 
     summary = generate(a.out, seed=a.seed, size=a.size)
     print(json.dumps(summary, indent=2))
@@ -36,7 +36,7 @@ def _cmd_data_convert(a: argparse.Namespace) -> int:
             on_error=a.on_error, overwrite=a.overwrite, progress=not a.quiet))
         print(json.dumps(manifest["totals"], indent=2))
         return 0
-    from data_pipeline.convert import ConvertOptions, convert
+    from data_pipeline.bdd100k.convert import ConvertOptions, convert
 
     opts = ConvertOptions(
         bdd_root=root,
@@ -64,7 +64,7 @@ def _one_of(positional: str | None, option: str | None, what: str) -> str:
 
 
 def _cmd_data_inspect(a: argparse.Namespace) -> int:
-    from data_pipeline.inspect import inspect_shards
+    from data_pipeline.shards.inspect import inspect_shards
 
     report = inspect_shards(a.uri, pseudo=a.pseudo)
     if a.json:

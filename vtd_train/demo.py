@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from data_pipeline.convert import ConvertOptions, convert
-from data_pipeline.inspect import inspect_shards
-from data_pipeline.synth import generate
+from data_pipeline.bdd100k.convert import ConvertOptions, convert
+from data_pipeline.shards.inspect import inspect_shards
+from data_pipeline.bdd100k.synth import generate
 
 #: The pipeline the demo runs (its ``tiny`` profile: the tiny VTDNet on CPU, learning from
 #: scratch at lr 1e-3; see the profile for each stage's epochs).

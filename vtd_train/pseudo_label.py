@@ -17,7 +17,7 @@ Data flow::
           → sem: the predicted class where its probability ≥ 0.3, else 255 (sem_pseudo_map)
             pose: persons scoring ≥ the person threshold, joints below 0.2 dropped (v = 0),
             persons without a joint left dropped (pose_pseudo_instances)
-          → the pseudo shard (same keys, same order; data_pipeline/pseudo.py) written
+          → the pseudo shard (same keys, same order; data_pipeline/loading/pseudo.py) written
             atomically, then its sidecar ``<shard>.json`` (counts + the plan's hash)
       → manifest.json (kind "pseudo"), last and atomically
 
@@ -45,12 +45,12 @@ from torch import Tensor
 from webdataset.writer import TarWriter
 
 from data_pipeline import fsio
-from data_pipeline.bdd100k import IGNORE_INDEX, POSE_JOINTS, SETS, TASKS
-from data_pipeline.decode import DecodedFrame, decode_frame, split_members
+from data_pipeline.bdd100k.format import IGNORE_INDEX, POSE_JOINTS, SETS, TASKS
+from data_pipeline.loading.decode import DecodedFrame, decode_frame, split_members
 from data_pipeline.errors import VTDInputError
-from data_pipeline.loader import iter_shard
-from data_pipeline.manifest import families_from_manifest, read_manifest
-from data_pipeline.pseudo import (
+from data_pipeline.loading.loader import iter_shard
+from data_pipeline.shards.manifest import families_from_manifest, read_manifest
+from data_pipeline.loading.pseudo import (
     PSEUDO,
     PSEUDO_FORMAT_VERSION,
     PSEUDO_KIND,
@@ -59,8 +59,8 @@ from data_pipeline.pseudo import (
     SEM_MEMBER,
     manifest_sha256,
 )
-from data_pipeline.shard_format import MANIFEST_NAME, encode_label_map, frame_member
-from data_pipeline.structures import FrameTargets
+from data_pipeline.shards.format import MANIFEST_NAME, encode_label_map, frame_member
+from data_pipeline.loading.structures import FrameTargets
 from vtd_train.evaluation.evaluate import (
     DEFAULT_BATCH_SIZE,
     MAX_DEFAULT_WORKERS,

@@ -1,5 +1,5 @@
 """``vtd data convert --format cityscapes3d``: a Cityscapes-3D root → the project's WebDataset
-shards and manifest (:mod:`data_pipeline.shard_format`, :mod:`data_pipeline.manifest`).
+shards and manifest (:mod:`data_pipeline.shards.format`, :mod:`data_pipeline.shards.manifest`).
 
 One shard family per split, ``cityscapes/{split}/cityscapes-{split}-NNNNNN.tar``; every sample is
 a one-frame clip with members
@@ -42,8 +42,8 @@ import numpy as np
 from webdataset.writer import TarWriter
 
 from data_pipeline import fsio
-from data_pipeline import shard_format as SF
-from data_pipeline.convert import _clean_family, _Skips
+from data_pipeline.shards import format as SF
+from data_pipeline.bdd100k.convert import _clean_family, _Skips
 from data_pipeline.errors import DataError, VTDInputError
 from data_pipeline.png import decode_png
 

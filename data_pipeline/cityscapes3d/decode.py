@@ -1,7 +1,7 @@
 """Reading Cityscapes-3D shards (written by :mod:`.convert`) back into frames.
 
 Only JSON, PNG and the run-length label maps are decoded; a member this module does not know is
-an error (as :mod:`data_pipeline.decode` does for BDD100K shards). This is the reader the tests
+an error (as :mod:`data_pipeline.loading.decode` does for BDD100K shards). This is the reader the tests
 and the model's target code use; the training loader's Cityscapes path is a later slice.
 """
 
@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import fsio
-from data_pipeline import shard_format as SF
+from data_pipeline.shards import format as SF
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import read_manifest
+from data_pipeline.shards.manifest import read_manifest
 from data_pipeline.png import decode_png
-from data_pipeline.tar_reader import iter_samples
+from data_pipeline.shards.tar_reader import iter_samples
 
 from .format import BENCHMARK, SET_NAME, TASKS, png_to_depth
 

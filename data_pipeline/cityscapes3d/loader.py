@@ -19,11 +19,11 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline import fsio
-from data_pipeline import shard_format as SF
+from data_pipeline.shards import format as SF
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import read_manifest
-from data_pipeline.sampler import batches_per_rank, rng_for
-from data_pipeline.tar_reader import iter_samples
+from data_pipeline.shards.manifest import read_manifest
+from data_pipeline.loading.sampler import batches_per_rank, rng_for
+from data_pipeline.shards.tar_reader import iter_samples
 
 from .decode import CityscapesFrame, decode_sample
 from .format import BENCHMARK, SET_NAME

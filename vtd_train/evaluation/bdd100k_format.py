@@ -27,7 +27,7 @@ file                            what                            toolkit (``bdd10
 ==============================  ==============================  ==================================
 
 Conventions: Scalabel's ``box2d`` is inclusive (``x2`` is the last pixel column), ours
-continuous (``data_pipeline/convert.py`` stores ``x2 + 1``), so a box ``x1 y1 x2 y2`` is written
+continuous (``data_pipeline/bdd100k/convert.py`` stores ``x2 + 1``), so a box ``x1 y1 x2 y2`` is written
 as ``x2 − 1``, ``y2 − 1``. Bitmasks (REFERENCE §6): R = category id 1..8, G = 0 (no attribute
 bits), instance id ``(B << 8) + A``; they hold one instance per pixel, so overlapping masks are
 painted in increasing score order and a pixel goes to the highest-scoring instance covering it.
@@ -52,7 +52,7 @@ from typing import Any, Final
 import numpy as np
 from PIL import Image
 
-from data_pipeline.bdd100k import (
+from data_pipeline.bdd100k.format import (
     DRIVABLE_CLASSES,
     LANE_BACKGROUND,
     LANE_CATEGORIES,

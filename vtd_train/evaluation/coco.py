@@ -41,7 +41,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data_pipeline.bdd100k import POSE_SIGMAS, THING_CATEGORIES
+from data_pipeline.bdd100k.format import POSE_SIGMAS, THING_CATEGORIES
 from data_pipeline.errors import VTDInputError
 
 from .containers import InstanceFrame, MetricUndefinedError, PoseFrame, pair_frames, require

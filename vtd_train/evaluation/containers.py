@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.bdd100k import POSE_JOINTS, THING_CATEGORIES
+from data_pipeline.bdd100k.format import POSE_JOINTS, THING_CATEGORIES
 from data_pipeline.errors import VTDInputError
 
 NUM_THINGS = len(THING_CATEGORIES)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import fsio
-from data_pipeline.bdd100k import TASKS
+from data_pipeline.bdd100k.format import TASKS
 from data_pipeline.errors import VTDInputError
 from vtd_train.tracker import TrackerConfig
 

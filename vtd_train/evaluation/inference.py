@@ -43,9 +43,9 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from data_pipeline.bdd100k import SCENES, WEATHERS, decode_lane_mask
+from data_pipeline.bdd100k.format import SCENES, WEATHERS, decode_lane_mask
 from data_pipeline.errors import VTDInputError
-from data_pipeline.structures import FrameTargets, LabelSource
+from data_pipeline.loading.structures import FrameTargets, LabelSource
 from vtd_train.model.outputs import FramePrediction
 from vtd_train.tracker import TrackResult
 

@@ -8,8 +8,8 @@ from typing import Any, Final
 import numpy as np
 from PIL import Image
 
-from data_pipeline.bdd100k import SCENES, WEATHERS
-from data_pipeline.decode import DecodedFrame
+from data_pipeline.bdd100k.format import SCENES, WEATHERS
+from data_pipeline.loading.decode import DecodedFrame
 from vtd_train.model.outputs import FramePrediction
 from vtd_train.tracker import TrackResult
 

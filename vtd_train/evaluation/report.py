@@ -38,7 +38,7 @@ import numpy as np
 from matplotlib.colors import hsv_to_rgb
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from data_pipeline.bdd100k import IGNORE_INDEX, POSE_JOINTS, POSE_SKELETON, SEM_CLASSES, THING_CATEGORIES
+from data_pipeline.bdd100k.format import IGNORE_INDEX, POSE_JOINTS, POSE_SKELETON, SEM_CLASSES, THING_CATEGORIES
 from data_pipeline.errors import VTDInputError
 
 from .containers import _bool_array, _check_boxes, _err, _float_array, _int_array

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from data_pipeline.errors import VTDInputError
-from data_pipeline.manifest import families_from_manifest
+from data_pipeline.shards.manifest import families_from_manifest
 from vtd_train.tracker import TrackerConfig
 
 from .units import WorkUnit, plan_units

@@ -17,7 +17,7 @@ from typing import Any, Final
 import numpy as np
 from scipy.spatial import cKDTree
 
-from data_pipeline.bdd100k import (
+from data_pipeline.bdd100k.format import (
     DRIVABLE_CLASSES,
     IGNORE_INDEX,
     LANE_CATEGORIES,

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.bdd100k import SCENES, WEATHERS
+from data_pipeline.bdd100k.format import SCENES, WEATHERS
 from data_pipeline.errors import VTDInputError
 
 from .containers import MetricUndefinedError

@@ -41,7 +41,7 @@ from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 from trackeval.metrics import HOTA
 
-from data_pipeline.bdd100k import THING_CATEGORIES
+from data_pipeline.bdd100k.format import THING_CATEGORIES
 from data_pipeline.errors import VTDInputError
 
 from .coco import CocoAP, IouType, encode_masks, xyxy_to_xywh

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Final
 
-from data_pipeline.decode import DecodedFrame, decode_clip
+from data_pipeline.loading.decode import DecodedFrame, decode_clip
 from data_pipeline.errors import DataError
-from data_pipeline.loader import ShardFamily, iter_shard
-from data_pipeline.shard_format import CLIP_MEMBER
+from data_pipeline.loading.loader import ShardFamily, iter_shard
+from data_pipeline.shards.format import CLIP_MEMBER
 
 __all__ = ["SET_ORDER", "WorkUnit", "chunks", "plan_units", "scan_track_shard", "video_clips", "video_frames", "with_next"]
 

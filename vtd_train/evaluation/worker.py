@@ -16,12 +16,12 @@ from typing import Any, Final
 
 import torch
 
-from data_pipeline.bdd100k import TASKS
-from data_pipeline.decode import DecodedFrame
+from data_pipeline.bdd100k.format import TASKS
+from data_pipeline.loading.decode import DecodedFrame
 from data_pipeline.errors import VTDInputError
-from data_pipeline.loader import iter_frames
-from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch
-from data_pipeline.transforms import prepare_batch
+from data_pipeline.loading.loader import iter_frames
+from data_pipeline.loading.structures import TASK_INDEX, AugmentPlan, Batch
+from data_pipeline.loading.transforms import prepare_batch
 from vtd_train.model.outputs import FramePrediction
 from vtd_train.tracker import QDTracker, TrackerConfig, TrackResult
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data_pipeline.bdd100k import SCENES, WEATHERS
+from data_pipeline.bdd100k.format import SCENES, WEATHERS
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,8 +34,8 @@ from dataclasses import replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from data_pipeline.bdd100k import TASKS
-from data_pipeline.structures import Batch, FrameTargets
+from data_pipeline.bdd100k.format import TASKS
+from data_pipeline.loading.structures import Batch, FrameTargets
 from vtd_train.model.vtdnet import VTDNet, VTDNetConfig
 
 

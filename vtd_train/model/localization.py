@@ -36,7 +36,7 @@ from torchvision.models.detection.roi_heads import (
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign, box_iou, boxes as box_ops
 
-from data_pipeline.bdd100k import POSE_JOINTS, THING_CATEGORIES
+from data_pipeline.bdd100k.format import POSE_JOINTS, THING_CATEGORIES
 
 NUM_THINGS = len(THING_CATEGORIES)
 NUM_JOINTS = len(POSE_JOINTS)

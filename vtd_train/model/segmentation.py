@@ -7,7 +7,7 @@ modulated deformable convolution (DCNv2, :class:`torchvision.ops.DeformConv2d` w
 offset/mask branch) followed by GroupNorm. The final classifiers are 1×1 convolutions (a 1×1
 kernel has nothing to deform). The lane decoder has one classifier per label (direction 3,
 style 3, category 9 channels, each including background) matching
-:func:`data_pipeline.bdd100k.decode_lane_mask`.
+:func:`data_pipeline.bdd100k.format.decode_lane_mask`.
 
 In the multi-task / single-task baselines every segmentation decoder owns a
 :class:`PixelAggregator`; in VTDNet one aggregator is shared by the group (it feeds the
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d
 
-from data_pipeline.bdd100k import IGNORE_INDEX
+from data_pipeline.bdd100k.format import IGNORE_INDEX
 from data_pipeline.errors import VTDInputError
 from vtd_train.model.backbone import ShapeSpec
 

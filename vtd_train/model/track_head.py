@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou, roi_align
 
-from data_pipeline.structures import FrameTargets
+from data_pipeline.loading.structures import FrameTargets
 
 __all__ = ["QDTrackConfig", "QDTrackHead", "QDTrackLoss", "QDTrackLossConfig"]
 

@@ -60,9 +60,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from data_pipeline.bdd100k import TASKS, decode_lane_mask
+from data_pipeline.bdd100k.format import TASKS, decode_lane_mask
 from data_pipeline.errors import VTDInputError
-from data_pipeline.structures import Batch, FrameTargets
+from data_pipeline.loading.structures import Batch, FrameTargets
 from vtd_train.model.backbone import BackboneConfig, ImageNormalizer, build_backbone
 from vtd_train.model.classification import TaggingConfig, TaggingDecoder, TaggingLoss, tag_targets
 from vtd_train.model.flow import FlowConfig, FlowDecoder, FlowLoss, FlowLossConfig, upsample_flow
@@ -276,7 +276,7 @@ class _Groups:
 def _check_prepared(batch: Batch) -> None:
     if not batch.padded or (batch.augment is not None and not batch.augment.applied):
         raise ValueError("batch is not prepared (augmentation plan applied, images padded): "
-                         "call data_pipeline.transforms.prepare_batch(batch) on the device first")
+                         "call data_pipeline.loading.transforms.prepare_batch(batch) on the device first")
 
 
 def _box_targets(t: FrameTargets, device: torch.device) -> BoxTargets:

@@ -56,9 +56,9 @@ from typing import Any
 
 from data_pipeline import fsio
 from data_pipeline.errors import VTDInputError
-from data_pipeline.loader import LoaderConfig
-from data_pipeline.sampler import SAMPLING_MODES
-from data_pipeline.transforms import PAPER_SCALES, AugmentConfig
+from data_pipeline.loading.loader import LoaderConfig
+from data_pipeline.loading.sampler import SAMPLING_MODES
+from data_pipeline.loading.transforms import PAPER_SCALES, AugmentConfig
 from vtd_train.model.config import config_from_dict, read_yaml_mapping
 from vtd_train.model.vtdnet import VTDNetConfig
 from vtd_train.taskprompter.config import VARIANTS as TASKPROMPTER_VARIANTS
@@ -161,7 +161,7 @@ class DataConfig:
         _check(self.size_divisor >= 1, f"size_divisor must be >= 1, got {self.size_divisor}")
         if not isinstance(self.require_tasks, dict):
             raise VTDInputError(f"require_tasks must be a mapping set -> [task, ...], got {self.require_tasks!r}")
-        from data_pipeline.bdd100k import TASKS
+        from data_pipeline.bdd100k.format import TASKS
 
         norm: dict[str, tuple[str, ...]] = {}
         for s, tasks in self.require_tasks.items():

@@ -67,9 +67,9 @@ def build_rank_data(cfg: TrainConfig, *, rank: int, world: int, pin_memory: bool
                                  world_size=world, seed=cfg.seed, collate=collate)
         return RankData(dataset=ds, batches=lambda d: build_loader(d, cfg.data.loader_workers, pin_memory),
                         prepare=lambda b, device: b.to(device, non_blocking=True))
-    from data_pipeline.loader import MultiSetDataset, build_train_loader
-    from data_pipeline.manifest import families_from_manifest
-    from data_pipeline.transforms import prepare_batch
+    from data_pipeline.loading.loader import MultiSetDataset, build_train_loader
+    from data_pipeline.shards.manifest import families_from_manifest
+    from data_pipeline.loading.transforms import prepare_batch
 
     families = families_from_manifest(cfg.data.uri, cfg.data.split, cfg.data.sets)
     loader_cfg = cfg.data.loader_config(batch_size=cfg.per_worker_batch_size, seed=cfg.seed, pin_memory=pin_memory)

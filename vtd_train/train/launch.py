@@ -27,7 +27,7 @@ from typing import Any
 import cluster.local  # noqa: F401  (sets the worker-environment variables before Ray is imported)
 from data_pipeline import fsio
 from data_pipeline.errors import VTDInputError
-from data_pipeline.manifest import families_from_manifest
+from data_pipeline.shards.manifest import families_from_manifest
 from vtd_train.train.checkpointing import TRAIN_STATE_JSON, Progress
 from vtd_train.train.config import TrainConfig, load_train_config, resolve_paths
 from vtd_train.train.recovery import owned_run
@@ -49,7 +49,7 @@ def check_config(cfg: TrainConfig) -> None:
     else:
         families = families_from_manifest(cfg.data.uri, cfg.data.split, cfg.data.sets)
         if cfg.data.pseudo is not None:
-            from data_pipeline.pseudo import attach_pseudo
+            from data_pipeline.loading.pseudo import attach_pseudo
 
             attach_pseudo(families, cfg.data.pseudo)  # the pseudo family matches these shards
     with torch.device("meta"):

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from data_pipeline.bdd100k import TASKS
-from data_pipeline.structures import Batch
+from data_pipeline.bdd100k.format import TASKS
+from data_pipeline.loading.structures import Batch
 from vtd_train.model.losses import total_loss
 from vtd_train.train.amp import Precision
 from vtd_train.train.grad_sync import GradSync, all_gather_objects, world_size

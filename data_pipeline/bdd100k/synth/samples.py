@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from data_pipeline import bdd100k as B
+from data_pipeline.bdd100k import format as B
 
 from .actors import _Actor, _Inst
 from .background import _background

@@ -2,7 +2,7 @@
 
 ``simplejpeg`` decodes into a buffer the caller gives it, and the loader relies on that: a
 DataLoader worker decodes each frame straight into the shared-memory segment its batch travels
-in (:func:`data_pipeline.transfer.pack_batch`), instead of decoding into private memory and
+in (:func:`data_pipeline.loading.transfer.pack_batch`), instead of decoding into private memory and
 copying 2.7 MB per 720p frame across afterwards, a copy that cost a worker 0.55 ms per frame,
 a seventh of the decode itself (benchmarks/RESULTS.md). It is also the fastest decoder installed
 (about 5% faster than ``torchvision.io.decode_jpeg``, pixel-identical output), and it is strict:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from data_pipeline import bdd100k
-from data_pipeline.structures import AugmentPlan, Batch, FrameTargets
+from data_pipeline.bdd100k import format as bdd100k
+from data_pipeline.loading.structures import AugmentPlan, Batch, FrameTargets
 
 #: The paper's multi-scale training heights (appendix I): 600..720 in steps of 24.
 PAPER_SCALES: tuple[int, ...] = (600, 624, 648, 672, 696, 720)

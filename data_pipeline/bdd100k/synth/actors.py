@@ -9,7 +9,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from data_pipeline import bdd100k as B
+from data_pipeline.bdd100k import format as B
 
 from .canvas import _Canvas
 from .scene import _OCC, _OTHER_PERSON, _PED, _POLE, _SEM, _SKIN, _VEGETATION, _Scene

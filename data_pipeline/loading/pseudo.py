@@ -18,7 +18,7 @@ member                 content
                        the image sample's clip, in the same order (UTF-8 JSON)
 ``K.{i}.sem.rle``      frame ``i``'s pseudo semantic map: uint8 train ids, 255 = ignore (pixels
                        the model was not confident about), the shard format's run-length
-                       encoding (:func:`data_pipeline.shard_format.encode_label_map`), at the
+                       encoding (:func:`data_pipeline.shards.format.encode_label_map`), at the
                        frame's stored resolution
 =====================  =========================================================================
 
@@ -39,7 +39,7 @@ of a set begins inside a shard seeks there in both shards).
 
 The join (:func:`join_pseudo`): a frame takes a pseudo task only where it lacks the real label;
 its record then says ``tasks[task] = "pseudo"`` and carries the pseudo map / pose instances as
-its targets (:class:`~data_pipeline.structures.LabelSource.PSEUDO` in the batch).
+its targets (:class:`~data_pipeline.loading.structures.LabelSource.PSEUDO` in the batch).
 """
 
 from __future__ import annotations
@@ -52,13 +52,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from data_pipeline import fsio
-from data_pipeline.bdd100k import POSE_JOINTS
+from data_pipeline.bdd100k.format import POSE_JOINTS
 from data_pipeline.errors import DataError
-from data_pipeline.shard_format import LABEL_MEMBER, MANIFEST_NAME
-from data_pipeline.tar_reader import iter_samples
+from data_pipeline.shards.format import LABEL_MEMBER, MANIFEST_NAME
+from data_pipeline.shards.tar_reader import iter_samples
 
 if TYPE_CHECKING:
-    from data_pipeline.loader import ShardFamily
+    from data_pipeline.loading.loader import ShardFamily
 
 PSEUDO_KIND: Final = "pseudo"
 PSEUDO_FORMAT_VERSION: Final = 1
@@ -148,7 +148,7 @@ def check_source(pseudo_root: str, doc: dict[str, Any], image_root: str) -> None
 
 
 def attach_pseudo(families: Sequence[ShardFamily], pseudo_root: str) -> list[ShardFamily]:
-    """``families`` (from :func:`data_pipeline.manifest.families_from_manifest`) with their
+    """``families`` (from :func:`data_pipeline.shards.manifest.families_from_manifest`) with their
     pseudo shards attached (``ShardFamily.pseudo``) from the pseudo family at ``pseudo_root``.
 
     A set the pseudo family does not cover keeps no pseudo shards; a covered set must have a
@@ -266,7 +266,7 @@ def check_key(pseudo_sample: dict[str, Any], image_key: str, image_url: str) -> 
 def join_pseudo(clip: dict, members: dict[int, dict[str, bytes]], pseudo_sample: dict[str, Any], *,
                 image_key: str, image_url: str) -> None:
     """Join one image sample (key ``image_key`` of ``image_url``; ``clip`` and ``members`` from
-    :func:`data_pipeline.decode.split_members`) with its pseudo sample, in place: each frame
+    :func:`data_pipeline.loading.decode.split_members`) with its pseudo sample, in place: each frame
     takes the pseudo tasks it lacks a real label for (``tasks[task] = "pseudo"``, the
     ``sem.rle`` member or the ``pose`` instances). Real labels are left as they are.
 
@@ -293,7 +293,7 @@ def join_pseudo(clip: dict, members: dict[int, dict[str, bytes]], pseudo_sample:
 
 def pseudo_frame_instances(frame: dict[str, Any]) -> dict[str, int]:
     """``{task: instance count}`` of a PseudoFrame's tasks (pose: its instances; sem: 0), the
-    counting rule of :mod:`data_pipeline.inspect`."""
+    counting rule of :mod:`data_pipeline.shards.inspect`."""
     return {t: (len(frame.get("pose") or ()) if t == "pose" else 0) for t in frame.get("tasks", {})}
 
 

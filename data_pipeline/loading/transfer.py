@@ -1,4 +1,4 @@
-"""How a :class:`~data_pipeline.structures.Batch` crosses a process boundary: one buffer.
+"""How a :class:`~data_pipeline.loading.structures.Batch` crosses a process boundary: one buffer.
 
 ``DataLoader`` workers hand batches to the training process through shared memory, by default
 one segment and one file-descriptor round trip per tensor storage. A batch holds dozens of
@@ -6,12 +6,12 @@ tensors (images, label-map runs, boxes, classes...), and those round trips cost 
 than decoding its JPEGs (benchmarks/RESULTS.md). :func:`pack_batch` instead writes every tensor
 of a batch into one buffer, at 64-byte aligned offsets, keeping each tensor's memory layout
 (its strides; a decoded JPEG is a ``[3, H, W]`` view of ``[H, W, 3]`` memory), and frames
-still encoded (:class:`~data_pipeline.structures.EncodedImage`, as the loader makes them) are
+still encoded (:class:`~data_pipeline.loading.structures.EncodedImage`, as the loader makes them) are
 decoded straight into it, so no frame is copied after decoding. The rest of the batch (names,
 sizes, the augmentation plan, which tensor goes where) travels as a small tuple of plain values.
 
 Inside a DataLoader worker the buffer is shared memory: a segment the worker reuses, which the
-training process maps once (:mod:`data_pipeline.shm_pool`), so a batch then travels as a
+training process maps once (:mod:`data_pipeline.loading.shm_pool`), so a batch then travels as a
 reference of a few dozen bytes. Elsewhere (``pickle.dumps(batch)``) it is a private buffer,
 pickled by value. The receiving side rebuilds the batch as views of that buffer: one storage per
 batch, which keeps the whole buffer alive while any tensor of the batch is.
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data_pipeline import shm_pool
-from data_pipeline.structures import _MAP_FIELDS, AugmentPlan, Batch, EncodedImage, FrameTargets, RunLengthMap
+from data_pipeline.loading import shm_pool
+from data_pipeline.loading.structures import _MAP_FIELDS, AugmentPlan, Batch, EncodedImage, FrameTargets, RunLengthMap
 
 _ALIGN = 64  # byte alignment of every packed tensor (any dtype's, and a cache line)
 _PADS = tuple(bytes(-n % _ALIGN) for n in range(_ALIGN))  # zeros after n bytes, by n % _ALIGN
@@ -41,7 +41,7 @@ _SMALL = 1 << 16  # dense tensors up to this size are packed as one joined block
 _SCALAR_FIELDS = ("weather", "scene")
 _TENSOR_FIELDS = ("boxes", "classes", "ignore", "track_ids", "mask_valid", "keypoints", "pose_boxes")
 if {f.name for f in fields(FrameTargets)} != set(_SCALAR_FIELDS + _TENSOR_FIELDS + _MAP_FIELDS):
-    raise AssertionError("data_pipeline.transfer does not know every FrameTargets field: update it")
+    raise AssertionError("data_pipeline.loading.transfer does not know every FrameTargets field: update it")
 _NUMPY_DTYPES = frozenset((  # torch dtypes numpy has (Tensor.numpy() works)
     torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32, torch.float64,
     torch.bool,

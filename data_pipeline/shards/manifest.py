@@ -1,14 +1,14 @@
-"""Reading ``manifest.json`` (written by :mod:`data_pipeline.convert`) into loader inputs."""
+"""Reading ``manifest.json`` (written by :mod:`data_pipeline.bdd100k.convert`) into loader inputs."""
 
 from __future__ import annotations
 
 import json
 
 from data_pipeline import fsio
-from data_pipeline.bdd100k import TASKS
+from data_pipeline.bdd100k.format import TASKS
 from data_pipeline.errors import DataError
-from data_pipeline.loader import ShardFamily
-from data_pipeline.shard_format import FORMAT_VERSION, MANIFEST_NAME
+from data_pipeline.loading.loader import ShardFamily
+from data_pipeline.shards.format import FORMAT_VERSION, MANIFEST_NAME
 
 
 def read_manifest(uri: str) -> dict:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data_pipeline import bdd100k as B
+from data_pipeline.bdd100k import format as B
 
 from .actors import _DRAW, _Actor
 from .background import _Background

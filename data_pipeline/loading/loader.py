@@ -9,15 +9,15 @@ Data flow inside one DataLoader worker (``torch.utils.data`` workers, one proces
         to a reused shared-memory segment, then the JPEGs of all decoded straight into them
         ──► yield the hand-off (one DataLoader item)
 
-Batches leave the worker unpadded, with compact label maps (:mod:`data_pipeline.structures`);
-:func:`data_pipeline.transforms.prepare_batch` resizes, flips and pads them on the training
+Batches leave the worker unpadded, with compact label maps (:mod:`data_pipeline.loading.structures`);
+:func:`data_pipeline.loading.transforms.prepare_batch` resizes, flips and pads them on the training
 device, or in the worker with ``augment_in_loader``.
 
-Each rank takes exactly ``len(dataset)`` batches per epoch (:mod:`data_pipeline.sampler`): the
+Each rank takes exactly ``len(dataset)`` batches per epoch (:mod:`data_pipeline.loading.sampler`): the
 per-set quota is ``frames // (world_size * batch_size)``, identical on every rank, so unequal
 shard counts never make ranks disagree on the number of steps (the DDP hang of
 shared/REFERENCE.md §4). Each global worker reads its own contiguous range of the epoch's
-(shuffled) frames, as many as it makes key frames (:func:`~data_pipeline.sampler.split_frames`):
+(shuffled) frames, as many as it makes key frames (:func:`~data_pipeline.loading.sampler.split_frames`):
 no worker runs out and repeats frames while another leaves frames out. Output is
 deterministic for a given (seed, epoch, world size, workers); the augmentation drawn for a
 step does not depend on the workers.
@@ -35,11 +35,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline import bdd100k, fsio
-from data_pipeline.decode import DecodedFrame, decode_clip, decode_frames, split_members
+from data_pipeline.bdd100k import format as bdd100k
+
+from data_pipeline import fsio
+from data_pipeline.loading.decode import DecodedFrame, decode_clip, decode_frames, split_members
 from data_pipeline.errors import DataError
-from data_pipeline.pseudo import PseudoShards, attach_pseudo, check_key, iter_pseudo_shard, join_pseudo
-from data_pipeline.sampler import (
+from data_pipeline.loading.pseudo import PseudoShards, attach_pseudo, check_key, iter_pseudo_shard, join_pseudo
+from data_pipeline.loading.sampler import (
     SAMPLING_MODES,
     SamplingMode,
     batches_per_rank,
@@ -48,12 +50,12 @@ from data_pipeline.sampler import (
     set_schedule,
     split_frames,
 )
-from data_pipeline.shard_format import INSTANCE_MEMBER, LABEL_MEMBER
-from data_pipeline.shm_pool import BufferPool
-from data_pipeline.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
-from data_pipeline.transfer import PackedBatch, PackedBatches, decode_images, pack_batch, pack_batches
-from data_pipeline.tar_reader import TruncatedTarError, iter_samples
-from data_pipeline.transforms import AugmentConfig, prepare_batch
+from data_pipeline.shards.format import INSTANCE_MEMBER, LABEL_MEMBER
+from data_pipeline.loading.shm_pool import BufferPool
+from data_pipeline.loading.structures import TASK_INDEX, AugmentPlan, Batch, LabelSource
+from data_pipeline.loading.transfer import PackedBatch, PackedBatches, decode_images, pack_batch, pack_batches
+from data_pipeline.shards.tar_reader import TruncatedTarError, iter_samples
+from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +70,7 @@ class ShardFamily:
     ``shard_sample_offsets[i]`` the byte where each begins (optional: with them, a worker whose
     part begins inside the shard starts reading there). ``root``: the shard root whose manifest
     lists them (needed to join pseudo-labels); ``pseudo``: the pseudo-label shards read alongside
-    (:func:`data_pipeline.pseudo.attach_pseudo`; set by :class:`MultiSetDataset` from
+    (:func:`data_pipeline.loading.pseudo.attach_pseudo`; set by :class:`MultiSetDataset` from
     :attr:`LoaderConfig.pseudo`).
     """
 
@@ -132,7 +134,7 @@ class LoaderConfig:
     for all the given tasks, e.g. ``{"track": ("mots",)}`` trains on the MOTS subset of the
     tracking set (paper H.1, joint training). ``ref_range`` bounds the key→reference frame
     distance (QDTrack: ±3). ``augment_in_loader`` applies the augmentation in the workers
-    instead of leaving it to the training step (see :mod:`data_pipeline.transforms`).
+    instead of leaving it to the training step (see :mod:`data_pipeline.loading.transforms`).
 
     ``handoff_batches``: consecutive batches a DataLoader worker makes and hands over together,
     as one DataLoader item; the training process still receives them one by one, in step order.
@@ -148,8 +150,8 @@ class LoaderConfig:
     from the frame records as if unlabelled, with the label maps only it uses, so its decoder
     gets no loss and no gradient (e.g. a curriculum stage training det + mot on the det and
     track sets). ``pseudo``: a pseudo-label family (``vtd pseudo-label`` output) joined to every
-    sample read (:mod:`data_pipeline.pseudo`): a frame takes a pseudo task where it lacks the
-    real label, marked :attr:`~data_pipeline.structures.LabelSource.PSEUDO`. ``require_tasks``
+    sample read (:mod:`data_pipeline.loading.pseudo`): a frame takes a pseudo task where it lacks the
+    real label, marked :attr:`~data_pipeline.loading.structures.LabelSource.PSEUDO`. ``require_tasks``
     selects key frames by their real labels; ``tasks`` applies to pseudo tasks too.
     """
 
@@ -220,10 +222,10 @@ class MultiSetDataset(IterableDataset):
     """Yields :class:`Batch` objects in step order, in the training process or through any
     DataLoader (``batch_size=None``); :func:`build_train_loader` makes the fast one. Inside a
     DataLoader worker a batch travels packed into one shared-memory buffer
-    (:class:`~data_pipeline.transfer.PackedBatch`, received as a :class:`Batch`). The workers
+    (:class:`~data_pipeline.loading.transfer.PackedBatch`, received as a :class:`Batch`). The workers
     of :func:`build_train_loader`'s loader, which hands them a pool of reused segments
     (:attr:`buffer_pool`), pack ``handoff_batches`` batches together instead
-    (:class:`~data_pipeline.transfer.PackedBatches`, received as a list that loader unrolls).
+    (:class:`~data_pipeline.loading.transfer.PackedBatches`, received as a list that loader unrolls).
 
     ``len(dataset)`` is the number of batches every rank takes per epoch. Call
     :meth:`set_epoch` before iterating each epoch (workers receive a copy of the dataset when
@@ -267,7 +269,7 @@ class MultiSetDataset(IterableDataset):
 
     def _frame_stream(self, fam: ShardFamily, gworker: int, needs: list[int]) -> Iterator[tuple[DecodedFrame, DecodedFrame | None]]:
         """Global worker ``gworker``'s (key frame, reference frame) pairs of ``fam``: its part of
-        the set (:func:`~data_pipeline.sampler.split_frames`, ``needs[g]`` key frames per global
+        the set (:func:`~data_pipeline.loading.sampler.split_frames`, ``needs[g]`` key frames per global
         worker), shuffled."""
         cfg = self.cfg
         require = cfg.require_tasks.get(fam.set_name, ())
@@ -409,7 +411,7 @@ def _shard_part(fam: ShardFamily, shard: int, start: int, stop: int, require: tu
     sample's record tells), the samples before are read but not decoded.
 
     With pseudo shards (``fam.pseudo``) the shard's pseudo shard is read in lockstep, sample for
-    sample, and joined (:func:`~data_pipeline.pseudo.join_pseudo`); then only the labels of
+    sample, and joined (:func:`~data_pipeline.loading.pseudo.join_pseudo`); then only the labels of
     ``tasks`` are kept (:func:`select_tasks`). Eligibility is decided by the real labels."""
     url = fam.urls[shard]
     pos = skip = 0  # eligible frames of this shard passed, samples not read
@@ -478,7 +480,7 @@ _MEMBER_TASKS = {LABEL_MEMBER["sem"]: ("sem",), LABEL_MEMBER["drivable"]: ("driv
 
 def select_tasks(clip: dict, members: dict[int, dict[str, bytes]], tasks: frozenset[str]) -> None:
     """Keep only the labels of ``tasks`` in a clip (``clip``, ``members`` from
-    :func:`~data_pipeline.decode.split_members`), in place: every other task leaves each frame
+    :func:`~data_pipeline.loading.decode.split_members`), in place: every other task leaves each frame
     record's ``tasks`` as if unlabelled, and a label map that only such tasks use is dropped."""
     for i, rec in enumerate(clip["frames"]):
         rec["tasks"] = {t: v for t, v in (rec.get("tasks") or {}).items() if t in tasks}
@@ -531,7 +533,7 @@ class _TrainLoader(DataLoader):
     """A DataLoader over a :class:`MultiSetDataset` that yields batches one by one, in step
     order, while its workers hand them over ``handoff_batches`` at a time. The workers reuse
     shared-memory segments for them: every iteration (new, non-persistent workers) gets a new
-    :class:`~data_pipeline.shm_pool.BufferPool`, created here before its workers start."""
+    :class:`~data_pipeline.loading.shm_pool.BufferPool`, created here before its workers start."""
 
     def __iter__(self) -> Iterator[Batch]:
         if self.num_workers == 0:

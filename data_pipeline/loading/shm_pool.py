@@ -1,7 +1,7 @@
 """Shared-memory segments that DataLoader workers reuse for the batches they hand over.
 
 A worker sends each batch to the training process as one shared-memory buffer
-(:func:`data_pipeline.transfer.pack_batch`). Two costs would otherwise dominate the hand-off
+(:func:`data_pipeline.loading.transfer.pack_batch`). Two costs would otherwise dominate the hand-off
 on a busy host (benchmarks/RESULTS.md):
 
 * a fresh segment per batch faults in a page per 4 KiB on first write, in the worker, and again

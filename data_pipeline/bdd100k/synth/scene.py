@@ -9,7 +9,7 @@ from typing import Final
 
 import numpy as np
 
-from data_pipeline import bdd100k as B
+from data_pipeline.bdd100k import format as B
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Safe decoding of shard samples into frames with typed targets.
 
-Only JSON, JPEG (:mod:`data_pipeline.jpeg`) and the shard format's run-length label maps are ever
+Only JSON, JPEG (:mod:`data_pipeline.loading.jpeg`) and the shard format's run-length label maps are ever
 decoded; nothing is unpickled or ``torch.load``-ed, whatever a shard contains
 (shared/REFERENCE.md §4). A member this module does not know is an error, not something
 silently passed through.
@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data_pipeline import bdd100k, jpeg
+from data_pipeline.bdd100k import format as bdd100k
+
+from data_pipeline.loading import jpeg
 from data_pipeline.errors import DataError
-from data_pipeline.shard_format import CLIP_MEMBER, INSTANCE_MEMBER, LABEL_MEMBER, MASK_MEMBERS, decode_label_runs
-from data_pipeline.structures import EncodedImage, FrameTargets, LabelSource, RunLengthMap
+from data_pipeline.shards.format import CLIP_MEMBER, INSTANCE_MEMBER, LABEL_MEMBER, MASK_MEMBERS, decode_label_runs
+from data_pipeline.loading.structures import EncodedImage, FrameTargets, LabelSource, RunLengthMap
 
 _SOURCES = {"real": LabelSource.REAL, "pseudo": LabelSource.PSEUDO}
 _KNOWN_SUFFIXES = frozenset(("jpg",) + MASK_MEMBERS)
@@ -76,7 +78,7 @@ def decode_frame(members: dict[str, bytes], record: dict, where: str, *, compact
     """Decode one frame of a clip. ``members`` maps suffixes (``jpg``, ``lane.rle``...) to bytes.
 
     With ``compact`` (the training loader) the image stays encoded, an :class:`EncodedImage`
-    whose header has been checked (:func:`data_pipeline.transfer.pack_batch` decodes it into
+    whose header has been checked (:func:`data_pipeline.loading.transfer.pack_batch` decodes it into
     the batch's memory), and label maps come as :class:`RunLengthMap` runs (the training device
     expands them); otherwise as tensors."""
     name = record.get("name")
@@ -156,7 +158,7 @@ def split_members(sample: dict[str, Any]) -> tuple[dict, dict[int, dict[str, byt
 
 
 def decode_clip(sample: dict[str, Any], *, compact: bool = False) -> list[DecodedFrame]:
-    """Decode every frame of a grouped shard sample (see :mod:`data_pipeline.shard_format`);
+    """Decode every frame of a grouped shard sample (see :mod:`data_pipeline.shards.format`);
     ``compact``: images left encoded and label maps as runs (see :func:`decode_frame`)."""
     clip, members = split_members(sample)
     return decode_frames(clip, members, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}", compact=compact)

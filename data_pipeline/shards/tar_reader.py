@@ -15,7 +15,7 @@ checksum raises :class:`~data_pipeline.errors.DataError` naming the shard and th
 archive whose data ends inside a member raises its subclass :class:`TruncatedTarError`, which
 also says where the data ended. The archive's end is its first zero block (or, leniently, the end
 of the data after a complete member, or inside the end-of-archive blocks): whether the blocks are
-all there is ``vtd data inspect``'s check (:mod:`data_pipeline.inspect`), not the loader's, which
+all there is ``vtd data inspect``'s check (:mod:`data_pipeline.shards.inspect`), not the loader's, which
 stops reading a shard after its last sample.
 """
 

@@ -31,7 +31,7 @@ millisecond, 10-100× faster than decoding the PNG (benchmarks/RESULTS.md); deco
 PNG costs about as much as decoding the JPEG itself. The runs are stored uncompressed: zlib
 would halve a det frame's 10 KB of runs (next to a 170 KB JPEG) but inflating them would cost
 the loader more than expanding them. The training loader does not even expand them: the runs
-travel to the device, which does (:class:`data_pipeline.structures.RunLengthMap`). Values are
+travel to the device, which does (:class:`data_pipeline.loading.structures.RunLengthMap`). Values are
 exactly the PNG's; nothing is resampled. Nothing is pickled: the loader reads JSON, JPEG and
 these run-length members only.
 

@@ -34,7 +34,7 @@ Label maps travel in these compact forms from the loader to the device and are e
 (by the losses and the metrics), which keeps the loader's per-frame work at the JPEG decode.
 In training batches straight from the loader the four per-pixel fields are even more compact,
 :class:`RunLengthMap` runs (a few kilobytes instead of ``H × W`` bytes each), and
-:func:`data_pipeline.transforms.prepare_batch` expands them on the device.
+:func:`data_pipeline.loading.transforms.prepare_batch` expands them on the device.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data_pipeline import jpeg
-from data_pipeline.bdd100k import TASKS
+from data_pipeline.loading import jpeg
+from data_pipeline.bdd100k.format import TASKS
 from data_pipeline.errors import DataError
 
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
@@ -61,7 +61,7 @@ class AugmentPlan:
 
     ``height`` is the target image height (aspect kept) or ``None`` for no resize; ``flips[i]``
     says whether sample ``i`` (and its reference frame) is flipped horizontally. ``applied``
-    turns True once :func:`data_pipeline.transforms.prepare_batch` has run, so a batch is never
+    turns True once :func:`data_pipeline.loading.transforms.prepare_batch` has run, so a batch is never
     augmented twice whether augmentation runs in the loader or on the training device.
     """
 
@@ -81,7 +81,7 @@ class LabelSource(IntEnum):
 class EncodedImage:
     """A frame's JPEG, its header read but not decoded yet.
 
-    The loader decodes it only where the batch's memory is (:func:`data_pipeline.transfer.pack_batch`:
+    The loader decodes it only where the batch's memory is (:func:`data_pipeline.loading.transfer.pack_batch`:
     inside a DataLoader worker, the shared-memory segment the batch travels in), so a frame used once is
     never copied after decoding. ``shape`` is the decoded tensor's, ``[3, H, W]``; ``where``
     and ``frame`` name it in errors.
@@ -133,7 +133,7 @@ class EncodedImage:
 
     def reuse(self, uses: int = 1) -> None:
         """Count ``uses`` uses served without decoding or copying: views of the pixels another
-        use decodes (:func:`data_pipeline.transfer.pack_batches`)."""
+        use decodes (:func:`data_pipeline.loading.transfer.pack_batches`)."""
         self._used(uses)
 
     def _decode(self, out: np.ndarray) -> None:
@@ -154,7 +154,7 @@ class EncodedImage:
 @dataclass(frozen=True)
 class RunLengthMap:
     """A per-pixel label map ``[H, W]`` as runs in row-major order, the shard's own encoding
-    (:mod:`data_pipeline.shard_format`): ``values[r]`` repeated ``lengths[r]`` times.
+    (:mod:`data_pipeline.shards.format`): ``values[r]`` repeated ``lengths[r]`` times.
 
     ``values`` are uint8 (int32 for instance maps of more than 255 instances), ``lengths``
     positive int64 summing to ``H × W`` (the decoder checks both). :meth:`expand` runs where the
@@ -257,7 +257,7 @@ class Batch:
     """One training/eval batch; every sample comes from the same image set.
 
     ``images`` are, as the loader yields them, a list of uint8 ``[3, h_i, w_i]`` frames; after
-    :func:`data_pipeline.transforms.prepare_batch` (on the training device) a uint8
+    :func:`data_pipeline.loading.transforms.prepare_batch` (on the training device) a uint8
     ``[B, 3, H, W]`` tensor zero-padded at the bottom/right to a common size that is a multiple
     of ``size_divisor`` (:attr:`padded`). ``image_sizes[i] = (h, w)`` is each valid region.
     The loader does not pad: the device resizes every frame anyway, and a padded copy on the CPU
@@ -309,8 +309,8 @@ class Batch:
         )
 
     def __reduce__(self):
-        """Pickle as :func:`data_pipeline.transfer.pack_batch` packs: one buffer for every tensor."""
-        from data_pipeline.transfer import pack_batch
+        """Pickle as :func:`data_pipeline.loading.transfer.pack_batch` packs: one buffer for every tensor."""
+        from data_pipeline.loading.transfer import pack_batch
 
         return pack_batch(self).__reduce__()
 

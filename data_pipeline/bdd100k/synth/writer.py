@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_pipeline import bdd100k as B
-from data_pipeline.bdd100k import Layout
+from data_pipeline.bdd100k import format as B
+from data_pipeline.bdd100k.format import Layout
 
 from .actors import _Inst
 from .render import _Frame, _Object

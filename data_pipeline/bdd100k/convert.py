@@ -10,7 +10,7 @@ Data flow::
     shards (deterministic, hashed)           K.i.<mask>.png to <shard>.tmp-*, rename, sidecar
 
 then the manifest is assembled from the per-shard sidecars and written last. The shard format
-is :mod:`data_pipeline.shard_format`; BDD100K facts come from :mod:`data_pipeline.bdd100k`.
+is :mod:`data_pipeline.shards.format`; BDD100K facts come from :mod:`data_pipeline.bdd100k.format`.
 
 Guarantees:
 
@@ -46,13 +46,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from webdataset.writer import TarWriter
 
-from data_pipeline import bdd100k as B
+from data_pipeline.bdd100k import format as B
 from data_pipeline import fsio
-from data_pipeline import shard_format as SF
-from data_pipeline.shard_format import INSTANCE_MEMBER, LABEL_MEMBER, encode_label_map
+from data_pipeline.shards import format as SF
+from data_pipeline.shards.format import INSTANCE_MEMBER, LABEL_MEMBER, encode_label_map
 from data_pipeline.errors import DataError, VTDInputError
 from data_pipeline.png import decode_png
-from data_pipeline.inspect import add_frame_counts, empty_task_counts, label_set_key, merge_task_counts, sort_task_counts
+from data_pipeline.shards.inspect import add_frame_counts, empty_task_counts, label_set_key, merge_task_counts, sort_task_counts
 
 REAL = "real"
 #: Labelled-source paths are relative to the BDD100K root; FrameSpec/ShardJob are plain

@@ -3,7 +3,7 @@ check them against the manifest.
 
 The manifest says what the converter meant to write, and it is what training plans its epochs
 from; this module reads what is there, with the training loader's own reader and decoders
-(:mod:`data_pipeline.tar_reader`, :mod:`data_pipeline.decode`: JSON, JPEG headers and run-length
+(:mod:`data_pipeline.shards.tar_reader`, :mod:`data_pipeline.loading.decode`: JSON, JPEG headers and run-length
 label maps; nothing is unpickled and no JPEG body is decoded), and stops at the first shard that
 is not what the manifest says (:func:`check_shard`: a missing or unlisted shard; a truncated one,
 said as ``truncated: N of M frames``; a corrupt tar; a member training would reject; other
@@ -15,7 +15,7 @@ reports are comparable:
 * ``instances``: ``len(instances)`` for det / ins / mot / mots, ``len(pose)`` for pose, and 0 for
   the pixel and image-level tasks (tag, sem, drivable, lane, flow).
 
-Pseudo-labels (:mod:`data_pipeline.pseudo`) are counted by the same rule: a pseudo family's root
+Pseudo-labels (:mod:`data_pipeline.loading.pseudo`) are counted by the same rule: a pseudo family's root
 on its own (its shards read, per set and task the frames and instances labelled), or joined to
 the image shards (``pseudo=``: the real counts as above, and per set the pseudo labels the
 training loader's join gives, read from both families in lockstep).
@@ -28,10 +28,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from data_pipeline import fsio
-from data_pipeline import shard_format as SF
-from data_pipeline.bdd100k import SET_TASKS, TASKS
+from data_pipeline.shards import format as SF
+from data_pipeline.bdd100k.format import SET_TASKS, TASKS
 from data_pipeline.errors import DataError
-from data_pipeline.pseudo import (
+from data_pipeline.loading.pseudo import (
     check_source,
     is_pseudo_family,
     iter_pseudo_frames,
@@ -40,7 +40,7 @@ from data_pipeline.pseudo import (
     pseudo_frame_instances,
     read_pseudo_manifest,
 )
-from data_pipeline.tar_reader import BLOCK, TarEntry, TruncatedTarError, group_samples, iter_members
+from data_pipeline.shards.tar_reader import BLOCK, TarEntry, TruncatedTarError, group_samples, iter_members
 
 #: Tasks whose instance count is the number of ``instances`` of the frame.
 INSTANCE_TASKS = ("det", "ins", "mot", "mots")
@@ -124,9 +124,9 @@ class _Cut:
 
 def _check_sample(uri: str, sample: dict[str, Any], set_name: str, split: str) -> dict[str, Any]:
     """What the training loader does with a sample, short of decoding its JPEGs: its members
-    split and decoded (:mod:`data_pipeline.decode`: JSON, JPEG headers, run-length maps), plus
+    split and decoded (:mod:`data_pipeline.loading.decode`: JSON, JPEG headers, run-length maps), plus
     the label maps its records' tasks need present. Returns the clip; raises :class:`DataError`."""
-    from data_pipeline.decode import decode_frames, split_members
+    from data_pipeline.loading.decode import decode_frames, split_members
 
     key = sample["__key__"]
     clip, members = split_members(sample)
@@ -274,7 +274,7 @@ def inspect_shards(uri: str, pseudo: str | None = None) -> dict[str, Any]:
     not what the manifest says, or names a shard the manifest does not list (or, with
     ``pseudo``, when the pseudo family does not match).
     """
-    from data_pipeline.manifest import check_shard_entry, read_manifest
+    from data_pipeline.shards.manifest import check_shard_entry, read_manifest
 
     if pseudo is None and is_pseudo_family(uri):
         return inspect_pseudo(uri)
