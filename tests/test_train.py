@@ -98,6 +98,9 @@ BASE = "data: {uri: /nowhere}\n"
         (BASE + "checkpoint: {every_steps: -2}\n", ["checkpoint", "every_steps", "-2"]),
         (BASE + "checkpoint: {upload: later}\n", ["checkpoint", "upload must be one of ('async', 'sync')", "'later'"]),
         (BASE + "failures: {max_consecutive_nonfinite: 0}\n", ["failures", "max_consecutive_nonfinite", "0"]),
+        (BASE + "grad_sync: {bucket_mb: 0}\n", ["grad_sync", "bucket_mb must be > 0", "0"]),
+        (BASE + "grad_sync: {comm_dtype: fp8}\n", ["grad_sync", "comm_dtype must be one of", "'fp8'"]),
+        (BASE + "grad_sync: {bucket_size: 4}\n", ["grad_sync", "unknown key(s) ['bucket_size']"]),
         (BASE + "faults: {kill_rank: 0}\n", ["faults", "kill_marker"]),
         (BASE + "freeze: backbone\n", ["freeze", "expected a list", "'backbone'"]),
         (BASE + "epochs: [1\n", ["invalid YAML", "line"]),
@@ -311,11 +314,12 @@ def _partial_task_worker(rank: int, world: int, port: int, cfg, out_path: str) -
 
     # 1. the averaging rule on hand-made gradients: mean over the ranks that have one
     ps = [torch.nn.Parameter(torch.zeros(3)) for _ in range(4)]
-    for i, v in {0: {0: 1.0, 1: 2.0}, 1: {1: 4.0, 2: 8.0}}[rank].items():
-        ps[i].grad = torch.full((3,), v)
+    loss = sum(v * ps[i].sum() for i, v in {0: {0: 1.0, 1: 2.0}, 1: {1: 4.0, 2: 8.0}}[rank].items())  # grad v
     sync = GradSync(ps)
-    flags, counts = sync.agree(torch.tensor([float(rank == 1), 0.0]))
-    sync.average(counts)
+    flags = sync.agree(torch.tensor([float(rank == 1), 0.0]), loss).flags  # a flag set: nothing armed
+    counts = sync.agree(torch.zeros(2), loss).counts
+    loss.backward()
+    sync.finish()
     out["sync"] = all_gather_objects({"flags": flags, "counts": counts,
                                       "grads": [None if p.grad is None else p.grad.tolist() for p in ps]})
 

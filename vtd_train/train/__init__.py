@@ -6,7 +6,8 @@ Module map (one concern each):
 - :mod:`~vtd_train.train.launch` — config checks, the ``TorchTrainer``, ``vtd train``
 - :mod:`~vtd_train.train.loop` — the per-worker function: model, data, resume, the step loop
 - :mod:`~vtd_train.train.step` — one step: autocast, loss sum, backward, non-finite agreement, optimizer step
-- :mod:`~vtd_train.train.grad_sync` — presence-aware gradient averaging across ranks (the DDP replacement)
+- :mod:`~vtd_train.train.grad_sync` — presence-aware gradient averaging across ranks (the DDP replacement),
+  overlapped with the backward; :mod:`~vtd_train.train.grad_buckets` — its bucket layout and graph walk
 - :mod:`~vtd_train.train.amp` — autocast + GradScaler
 - :mod:`~vtd_train.train.optim` — AdamW / apex, the step-decay schedule, freezing
 - :mod:`~vtd_train.train.checkpointing` — training checkpoints (atomic, verified at load), RNG capture/restore

@@ -24,6 +24,9 @@ model                  ``family``: ``vtdnet`` (default; BDD100K shards) or ``tas
                        + any field of that family's config as an override
 optimizer              AdamW: lr 1e-4, betas (0.9, 0.999), weight decay 0.05 (paper §5 / I);
                        ``implementation`` auto | torch | apex_adam | apex_lamb; ``grad_clip``
+grad_sync              the gradient all-reduce across workers: ``bucket_mb`` (25, DDP's),
+                       ``comm_dtype`` (auto: the precision's fp16/bf16, else fp32 | fp32 |
+                       fp16 | bf16), ``overlap`` (buckets sent during the backward)
 lr_schedule            ``policy: step``: ``milestones`` in epochs (×``gamma`` at each; paper: 8
                        and 11 of 12); ``policy: poly``: ``(1 − step / total)^power`` (TaskPrompter);
                        optional linear warm-up in steps
@@ -78,6 +81,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 CHECKPOINT_UPLOADS = ("async", "sync")
+COMM_DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -231,6 +235,27 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GradSyncConfig:
+    """How gradients are averaged across workers (:class:`vtd_train.train.grad_sync.GradSync`).
+
+    ``bucket_mb``: parameters travel in buckets of this many MiB (DDP's 25 by default; the first
+    bucket 1 MiB), each all-reduced during the backward as soon as its gradients are in when
+    ``overlap`` is on, or all after the backward when it is off. ``comm_dtype``: the dtype
+    gradients are all-reduced in — ``auto``: the training precision's (fp16 or bf16: half the
+    bytes, DDP's compression hooks), fp32 with ``precision: fp32`` — or ``fp32``, ``fp16``,
+    ``bf16`` whatever the precision.
+    """
+
+    bucket_mb: float = 25.0
+    comm_dtype: str = "auto"
+    overlap: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.bucket_mb > 0, f"bucket_mb must be > 0, got {self.bucket_mb}")
+        _check(self.comm_dtype in COMM_DTYPES, f"comm_dtype must be one of {COMM_DTYPES}, got {self.comm_dtype!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class LRScheduleConfig:
     """``policy: step``: lr × ``gamma`` at the start of each milestone epoch (0-based epoch index
     ``m`` = after ``m`` full epochs; the paper's 8 and 11 of 12); ``policy: poly``: lr ×
@@ -361,6 +386,7 @@ class TrainConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     model: VTDNetConfig | TaskPrompterConfig = field(default_factory=VTDNetConfig.vtdnet)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    grad_sync: GradSyncConfig = field(default_factory=GradSyncConfig)
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     failures: FailurePolicy = field(default_factory=FailurePolicy)

@@ -1,4 +1,5 @@
-"""Data parallelism for partial-task batches: presence-aware gradient averaging (no DDP wrapper).
+"""Data parallelism for partial-task batches: presence-aware gradient averaging, overlapped with
+the backward pass in buckets like DDP's (no DDP wrapper).
 
 **The problem.** In joint training a step carries the labels of one image set only, so the
 decoders of the other tasks get no gradient (``grad is None``, see ``VTDNet.forward``). With the
@@ -7,51 +8,100 @@ stochastic schedule may give ranks different sets in the same step. We need: no 
 unused-parameter error; a decoder that saw data on *no* rank is not touched at all (AdamW's
 weight decay and momentum would otherwise move it: ``p ← p − lr·(wd·p + m̂/√v̂)`` even with a zero
 gradient); a decoder that saw data on *some* ranks gets the same, correctly averaged update on
-every rank; frozen parameters are ignored.
+every rank; frozen parameters are ignored; a non-finite loss on any rank skips the step on all.
 
-**The choice: no ``DistributedDataParallel``; one small all-reduce per step of a presence vector,
-then one all-reduce of the gradients that exist somewhere.** After the local backward:
+**The rule.** A trainable parameter fed on ``n_p`` ranks gets **the mean over those ranks**
+(``Σ_r g_r / n_p``, a rank without a local gradient contributing nothing); with ``n_p = 0`` it
+keeps ``grad = None`` on every rank, so the optimizer skips it entirely (``torch.optim.AdamW``
+and apex's fused optimizers skip ``grad is None``: no weight decay, no moment update, no step
+count). This is the convention the model already uses inside a batch (a task's loss is averaged
+over the samples labelled for it), so a decoder's update does not shrink because other ranks
+were busy with other image sets; the backbone, used by every rank, gets the plain mean. When all
+ranks hold the same set (the default schedule) this is exactly DDP's average.
 
-1. every rank all-reduces (SUM) one float vector ``[non-finite flags per task ..., presence per
-   trainable parameter ...]`` where presence is ``p.grad is not None``. That is the step's only
-   host sync; it gives every rank the same view of which parameters have a gradient where, and
-   whether any rank saw a non-finite loss (:mod:`vtd_train.train.step` then skips the step on all
-   ranks together, before any gradient traffic).
-2. parameters with count ``n_p = 0`` keep ``grad = None`` on every rank, so the optimizer skips
-   them entirely (``torch.optim.AdamW`` and apex's fused optimizers skip ``grad is None``): no
-   weight decay, no moment update, no step count.
-3. parameters with ``n_p > 0`` are packed in model order into one flat buffer and all-reduced in a
-   single collective (a rank without a local gradient contributes zeros), then divided by
-   ``n_p``: **the mean over the ranks that had data for the parameter.** This is the
-   convention the model already uses inside a batch (a task's loss is averaged over the
-   samples labelled for it), so a decoder's update does not shrink because other ranks were
-   busy with other image sets; the backbone, used by every rank, gets the plain mean. When all
-   ranks hold the same set (the default schedule) this is exactly DDP's average.
+**The schedule** (:class:`GradSync`, driven by :class:`vtd_train.train.step.TrainStep`):
 
-The summed buffers are bit-identical on every rank (the collective's result is broadcast), so the
-ranks' gradients, the GradScaler's inf check, the clipping norm and the updates agree without
-further communication (checked each report by :func:`replica_divergence`).
+1. *After the forward, before the backward* — :meth:`GradSync.agree`: each rank walks its loss's
+   autograd graph (:func:`~vtd_train.train.grad_buckets.reachable`) for the parameters whose
+   ``AccumulateGrad`` node it reaches — exactly those its backward will give a gradient, the
+   set DDP's ``find_unused_parameters`` computes — and all-reduces (SUM) one small float vector
+   ``[non-finite flags per task ..., presence per trainable parameter ...]``. That is the
+   step's one host sync and its one wait for the slowest rank. Every rank now knows ``n_p``
+   for every parameter and whether any rank's loss is non-finite; if one is, every rank skips
+   the backward and the update together. (The graph, not the batch's label presence, decides
+   presence: it is exact whatever the model does with a task's labels — a head that runs
+   only on positive RoIs, a decoder frozen — and it keeps the runtime free of model knowledge.)
+2. *During the backward* — a ``register_post_accumulate_grad_hook`` on every trainable
+   parameter copies ``g / n_p`` into its bucket's flat buffer, in the communication dtype, and
+   drops the local gradient. Buckets (:mod:`~vtd_train.train.grad_buckets`: reverse
+   registration order, ``bucket_mb`` each, a 1 MB first one, as DDP) are sent with an
+   asynchronous all-reduce as soon as every member *this rank's loss reaches* has arrived;
+   members fed only on other ranks are zeros here and are never waited for, and a bucket with
+   no local member at all is sent as soon as its turn comes. Buckets are sent in bucket order
+   on every rank (collectives must be issued in the same order everywhere, or gloo and NCCL
+   hang): like DDP's, a bucket that fills early waits for the earlier ones. Only parameters fed
+   somewhere are packed, so decoders no rank fed cost no bytes.
+3. *After the backward* — :meth:`GradSync.finish`: send what is left (in order), wait for every
+   all-reduce, cast the buckets back to the parameters' dtype and hand the gradients back as
+   views of the flat buffers (no copy; ``zero_grad(set_to_none=True)`` drops them before the
+   next step). The optimizer step follows.
+
+**Communication dtype.** ``comm_dtype`` (config ``grad_sync.comm_dtype: auto``: the training
+precision's — fp16 or bf16 — else fp32) is DDP's ``fp16_compress_hook`` / ``bf16_compress_hook``
+done in the hook: cast, all-reduce, cast back, half the bytes of fp32. The division by ``n_p``
+happens *before* the sum, in the gradient's own dtype, as those hooks divide before reducing:
+the sum of means cannot overflow where the mean itself would not. ``fp32`` sends fp32.
+
+**GradScaler agreement.** The all-reduced buffers are bit-identical on every rank (the
+collective's result is broadcast), so the unscaled gradients, the GradScaler's inf/NaN check,
+the clipping norm and the updates agree without further communication: an inf or NaN in any
+rank's gradient — or a scaled fp32 gradient beyond fp16's range when sending fp16 — is inf/NaN
+in the sum on every rank, every rank's scaler skips the step and backs off its scale, and the
+loss scale settles where the compressed gradients fit (the same calibration as DDP with the
+fp16 hook). :func:`replica_divergence` checks the replicas at every report.
+
+**Edge cases.** A parameter the graph reaches whose backward yields no gradient (a custom
+autograd ``Function`` returning ``None`` for it) counts as fed on that rank with a zero
+gradient (its hook still runs). A gradient that arrives for a parameter the walk did not
+foresee, or a second accumulation after its bucket was sent (two backward calls in a step,
+reentrant activation checkpointing), is a ``RuntimeError``, not a wrong sum; ``overlap=False``
+(``grad_sync.overlap: false``) copies every gradient after the backward instead and sends the
+buckets then — the previous post-backward sync's schedule. With one process nothing is sent.
 
 **Why not DDP.** ``find_unused_parameters=True`` also keeps a globally unused gradient ``None``
 and averages a locally unused one with zeros, but (a) it divides by the world size, diluting a
 decoder that only some ranks fed; (b) a rank cannot skip its backward after a non-finite loss
-without hanging the others, so non-finite agreement would need a second collective *before*
-backward; (c) it walks the autograd graph every step. What we give up is DDP's overlap of
-communication with the backward pass: the all-reduce runs after it (measured by
-``benchmarks/train_overhead.py`` as ``all-reduce``; on 2 CPU cores it is compute-bound either
-way). Frozen parameters (``requires_grad=False``) are simply not in the list. Mutable buffers
-(``BatchNorm`` running statistics with ``norm: bn``) are broadcast from rank 0 before
-each forward, like DDP's ``broadcast_buffers``.
+without hanging the others, so non-finite agreement needs a collective before the backward
+anyway — here it carries the presence vector too; (c) it sends every bucket every step, fed or
+not (``benchmarks/grad_sync_bench.py`` measures both; benchmarks/RESULTS.md). Frozen parameters
+(``requires_grad=False``) are simply not in the list. Mutable buffers (``BatchNorm`` running
+statistics with ``norm: bn``) are broadcast from rank 0 before each forward, like DDP's
+``broadcast_buffers``.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from vtd_train.train.grad_buckets import FIRST_BUCKET_MB, StepBucket, assign_buckets, reachable, step_buckets
+
+#: ``grad_sync.comm_dtype`` names → dtype (``None``: the gradients' own dtype).
+COMM_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def comm_dtype_for(name: str, precision: str) -> torch.dtype | None:
+    """The dtype gradients travel in: ``auto`` → the training precision's (``fp16``/``bf16``;
+    ``None`` — the gradients' own fp32 — for ``fp32``), or the one named."""
+    return COMM_DTYPES[precision if name == "auto" else name]
 
 
 def world_size() -> int:
@@ -87,21 +137,131 @@ def mutable_buffers(model: nn.Module) -> list[Tensor]:
     return out
 
 
-class GradSync:
-    """Presence-aware gradient averaging over the default process group (see the module doc).
+@dataclass(frozen=True)
+class Agreement:
+    """What :meth:`GradSync.agree` established for one step; identical on every rank.
 
-    ``params``: the trainable parameters, in the same order on every rank. Gradients that exist
-    somewhere are packed (model order) into one persistent flat buffer per dtype/device, reduced
-    with a single all-reduce, divided, and handed back as views of that buffer (no copy back;
-    ``zero_grad(set_to_none=True)`` drops the views before the next step). One collective per
-    step is cheapest on gloo, and NCCL pipelines a large all-reduce internally.
+    ``flags``: the non-finite flag vector summed over ranks. ``counts[i]``: how many ranks'
+    losses reach trainable parameter ``i`` (will give it a gradient)."""
+
+    flags: list[float]
+    counts: list[int]
+
+    @property
+    def nonfinite(self) -> bool:
+        return any(self.flags)
+
+    @property
+    def any_grad(self) -> bool:
+        return any(self.counts)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One bucket's all-reduce: its fixed index, the bytes sent, when it was issued
+    (``phase``: ``"agree"`` — before the backward, no local member —, ``"backward"`` — from a
+    gradient hook — or ``"finish"`` — after the backward) and ``time.perf_counter()`` then."""
+
+    bucket: int
+    nbytes: int
+    phase: str
+    t: float
+
+
+@dataclass
+class SyncStats:
+    """The last step's communication: the agreement vector's bytes and the bucket launches, in
+    the order issued (0 bytes and none with one process)."""
+
+    agree_bytes: int = 0
+    launches: list[Launch] = field(default_factory=list)
+
+    @property
+    def grad_bytes(self) -> int:
+        return sum(x.nbytes for x in self.launches)
+
+    @property
+    def bytes(self) -> int:
+        return self.agree_bytes + self.grad_bytes
+
+
+@dataclass
+class _Step:
+    """An armed step: its buckets in sending order, where each fed parameter sits in them
+    (``param → (step bucket, count, offset, numel)``), the parameters this rank's loss
+    reaches, the next bucket to send."""
+
+    buckets: list[StepBucket]
+    where: dict[int, tuple[StepBucket, int, int, int]]
+    local: set[int]
+    counts: list[int]
+    next: int = 0
+
+
+def _grad_hook(ref: weakref.ref, index: int):
+    """A post-accumulate-grad hook that tells the (weakly held) sync ``index`` is ready; a no-op
+    once the sync is gone, so a replaced sync costs nothing and keeps nothing alive."""
+
+    def hook(_param: Tensor) -> None:
+        sync = ref()
+        if sync is not None:
+            sync._grad_ready(index)
+
+    return hook
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for h in handles:
+        h.remove()
+
+
+class GradSync:
+    """Presence-aware gradient averaging over the default process group, overlapped with the
+    backward pass (see the module doc). Per step: :meth:`agree` after the forward, then the
+    backward, then :meth:`finish`.
+
+    ``params``: the trainable parameters, in the same (registration) order on every rank.
+    ``bucket_mb``: bucket size in MiB of parameter bytes (DDP's 25 by default; with overlap the
+    first bucket is 1 MiB).
+    ``comm_dtype``: the dtype floating-point gradients are all-reduced in (``None``: their own;
+    :func:`comm_dtype_for` maps the config's names). ``overlap``: send buckets from the backward's
+    gradient hooks as they fill (default), or all of them after the backward.
+    ``buffers``: mutable buffers broadcast from rank 0 by :meth:`sync_buffers`.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], *, buffers: Sequence[Tensor] = ()):
+    def __init__(self, params: Sequence[nn.Parameter], *, buffers: Sequence[Tensor] = (), bucket_mb: float = 25.0,
+                 comm_dtype: torch.dtype | None = None, overlap: bool = True):
+        if not bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
         self.params = list(params)
+        frozen = [i for i, p in enumerate(self.params) if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"parameters {frozen[:5]} do not require grad: pass only the trainable ones")
         self.buffers = list(buffers)
         self.world = world_size()
-        self._flat: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self.overlap = overlap
+        self.comm_dtype = comm_dtype
+        # (a small first bucket only helps when buckets are sent during the backward)
+        self.buckets = assign_buckets(self.params, bucket_mb=bucket_mb, comm_dtype=comm_dtype,
+                                      first_bucket_mb=FIRST_BUCKET_MB if overlap else bucket_mb)
+        # Each parameter's AccumulateGrad node, held so that the graph walk meets the same node
+        # objects every step (autograd keeps a leaf's accumulator only while something holds it).
+        self._accumulators = {torch.autograd.graph.get_gradient_edge(p).node: i for i, p in enumerate(self.params)}
+        self._step: _Step | None = None
+        # hooks run on autograd's device threads: one per device, so only a model spread over
+        # devices runs two at once
+        self._lock = threading.Lock()
+        self.stats = SyncStats()
+        if self.world > 1 and overlap:
+            ref = weakref.ref(self)
+            handles = [p.register_post_accumulate_grad_hook(_grad_hook(ref, i)) for i, p in enumerate(self.params)]
+            self._unhook = weakref.finalize(self, _remove_hooks, handles)
+
+    def close(self) -> None:
+        """Remove the gradient hooks now (they also go when the sync is garbage-collected)."""
+        unhook = getattr(self, "_unhook", None)
+        if unhook is not None:
+            unhook()
 
     def sync_buffers(self) -> None:
         """Broadcast rank 0's mutable buffers (before the forward)."""
@@ -109,50 +269,118 @@ class GradSync:
             for b in self.buffers:
                 dist.broadcast(b, 0)
 
-    def agree(self, flags: Tensor) -> tuple[list[float], list[int]]:
-        """All-reduce (SUM) ``flags`` together with this rank's gradient presence.
+    # -- the step ---------------------------------------------------------------------------------
 
-        Returns ``(summed flags, per-parameter count of ranks holding a gradient)`` as Python
-        lists (this is the step's host synchronisation).
-        """
-        device = flags.device
-        presence = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32, device=device)
+    def agree(self, flags: Tensor, loss: Tensor | None) -> Agreement:
+        """After the forward, before the backward of ``loss`` (``None``: this rank backpropagates
+        nothing): all-reduce (SUM) ``flags`` with this rank's parameter presence — the parameters
+        ``loss``'s graph reaches — and, unless a flag is set or no rank has a gradient, arm the
+        gradient hooks for the backward. The step's host synchronisation."""
+        self._step = None
+        local = [False] * len(self.params)
+        for i in reachable(loss, self._accumulators):
+            local[i] = True
+        k = flags.numel()
+        presence = torch.tensor(local, dtype=torch.float32).to(flags.device, non_blocking=True)
         vec = torch.cat([flags.to(torch.float32).reshape(-1), presence])
+        self.stats = SyncStats()
         if self.world > 1:
             dist.all_reduce(vec)
+            self.stats.agree_bytes = vec.numel() * vec.element_size()
         values = vec.tolist()
-        k = flags.numel()
-        return values[:k], [int(round(c)) for c in values[k:]]
+        agreement = Agreement(flags=values[:k], counts=[int(round(c)) for c in values[k:]])
+        if self.world > 1 and not agreement.nonfinite and agreement.any_grad:
+            buckets = step_buckets(self.buckets, agreement.counts, local)
+            where = {i: (sb, c, off, n) for sb in buckets for i, c, off, n in sb.members}
+            self._step = _Step(buckets=buckets, where=where, local={i for i, x in enumerate(local) if x},
+                               counts=agreement.counts)
+            if self.overlap:  # leading buckets this rank feeds nothing of go now
+                self._send_ready("agree")
+        return agreement
 
-    def average(self, counts: Sequence[int]) -> None:
-        """Make every parameter's gradient the mean over the ranks that had one (``counts`` from
-        :meth:`agree`); gradients absent on every rank stay ``None``."""
-        if len(counts) != len(self.params):
-            raise ValueError(f"{len(counts)} counts for {len(self.params)} parameters")
-        if self.world == 1:
+    def finish(self) -> None:
+        """After the backward: send the buckets not sent yet (in order), wait for every
+        all-reduce and hand each fed parameter its averaged gradient (views of the buckets'
+        buffers); parameters fed on no rank are left with ``grad = None``. A no-op when
+        :meth:`agree` armed nothing (one process, a skipped step)."""
+        st = self._step
+        if st is None:
             return
-        groups: dict[tuple[torch.dtype, torch.device], list[tuple[nn.Parameter, int]]] = {}
-        for p, c in zip(self.params, counts):
-            if c > 0:
-                groups.setdefault((p.dtype, p.device), []).append((p, c))
-        for key, members in groups.items():
-            numels = [p.numel() for p, _ in members]
-            total = sum(numels)
-            buf = self._flat.get(key)
-            if buf is None or buf.numel() < total:
-                buf = self._flat[key] = torch.empty(total, dtype=key[0], device=key[1])
-            flat = buf[:total]
-            # a rank without a local gradient for a parameter others have contributes zeros
-            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p, _ in members], out=flat)
-            dist.all_reduce(flat)
-            cs = {c for _, c in members}
-            if len(cs) == 1:
-                flat.div_(cs.pop())
-            else:
-                div = torch.tensor([float(c) for _, c in members], dtype=flat.dtype, device=flat.device)
-                flat.div_(torch.repeat_interleave(div, torch.tensor(numels, device=flat.device)))
-            for (p, _), g in zip(members, flat.split(numels)):
-                p.grad = g.view_as(p)
+        self._step = None
+        self._send_ready("finish", st=st, force=True)
+        for sb in st.buckets:
+            assert sb.work is not None
+            sb.work.wait()
+        for sb in st.buckets:
+            comm, grads = sb.bucket.buffers()
+            if grads is not comm:
+                grads[: sb.numel].copy_(comm[: sb.numel])
+            for i, _, off, n in sb.members:
+                p = self.params[i]
+                p.grad = grads[off: off + n].view_as(p)
+        for i, c in enumerate(st.counts):
+            if c == 0 and self.params[i].grad is not None:
+                raise RuntimeError(f"{self._name(i)} has a gradient although no rank's loss reached it before the "
+                                   f"backward (a backward of another loss inside the step?)")
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _name(self, i: int) -> str:
+        return f"trainable parameter #{i} {tuple(self.params[i].shape)}"
+
+    def _grad_ready(self, i: int) -> None:
+        """Hook body: parameter ``i``'s gradient is accumulated. Copy it into its bucket and
+        send whatever buckets are complete, in order."""
+        with self._lock:
+            self._grad_ready_locked(i)
+
+    def _grad_ready_locked(self, i: int) -> None:
+        st = self._step
+        if st is None:  # a backward outside an armed step is not ours to send
+            return
+        slot = st.where.get(i)
+        if slot is None or i not in st.local:
+            raise RuntimeError(f"{self._name(i)} got a gradient although this rank's loss did not reach it before the "
+                               f"backward (a backward of another loss inside the step?)")
+        sb, c, off, n = slot
+        if i in sb.filled:
+            raise RuntimeError(f"{self._name(i)} accumulated a second gradient in one step after it was packed for "
+                               f"sending (two backward calls, reentrant activation checkpointing): use grad_sync.overlap: false")
+        self._fill(sb, i, c, off, n, from_grad=True)
+        sb.pending -= 1
+        self._send_ready("backward", st=st)
+
+    def _fill(self, sb: StepBucket, i: int, count: int, off: int, n: int, *, from_grad: bool) -> None:
+        """Write ``grad / count`` of parameter ``i`` (zeros: none here, or ``from_grad=False``)
+        into its slot of the bucket's send buffer and drop the local gradient."""
+        comm, _ = sb.bucket.buffers()
+        dst = comm[off: off + n]
+        p = self.params[i]
+        g = p.grad if from_grad else None
+        if g is None:
+            dst.zero_()
+        elif count == 1:
+            dst.copy_(g.reshape(-1))
+        else:  # divided in the gradient's dtype, then cast: the sum of the means cannot overflow
+            torch.div(g.reshape(-1), count, out=dst)
+        p.grad = None
+        sb.filled.add(i)
+
+    def _send_ready(self, phase: str, *, st: _Step | None = None, force: bool = False) -> None:
+        """All-reduce (async) the next buckets in order while they are complete (``force``: all)."""
+        st = st if st is not None else self._step
+        assert st is not None
+        while st.next < len(st.buckets):
+            sb = st.buckets[st.next]
+            if sb.pending > 0 and not force:
+                return
+            for i, c, off, n in sb.members:
+                if i not in sb.filled:  # fed on other ranks only; or, without overlap, this rank's gradient
+                    self._fill(sb, i, c, off, n, from_grad=i in st.local)
+            comm, _ = sb.bucket.buffers()
+            sb.work = dist.all_reduce(comm[: sb.numel], async_op=True)
+            self.stats.launches.append(Launch(bucket=sb.bucket.index, nbytes=sb.nbytes, phase=phase, t=time.perf_counter()))
+            st.next += 1
 
 
 def replica_divergence(model: nn.Module) -> float:

@@ -5,7 +5,8 @@
 1. set the device (``ray.train.torch.get_device``; NCCL/gloo process group set up by Ray),
    seed, build the model identically on every rank, freeze the configured prefixes, build the
    optimizer (:mod:`~vtd_train.train.optim`), precision (:mod:`~vtd_train.train.amp`) and the
-   presence-aware gradient averaging (:mod:`~vtd_train.train.grad_sync`, the DDP replacement);
+   presence-aware gradient averaging (:mod:`~vtd_train.train.grad_sync`, the DDP replacement:
+   bucketed all-reduces overlapped with the backward, ``grad_sync`` in the config);
 2. restore from ``ray.train.get_checkpoint()`` (weights, optimizer, scaler, position, this rank's
    RNG; every file verified against the checkpoint's ``checksums.json``: one that fails is
    skipped with a warning for the newest intact checkpoint Ray registered for the run, the same
@@ -54,7 +55,14 @@ from vtd_train.train.checkpointing import (
 from vtd_train.train.config import TrainConfig
 from vtd_train.train.families import build_model, build_rank_data, empty_data_message, evaluate_model, loss_forward
 from vtd_train.train.faults import FaultInjector
-from vtd_train.train.grad_sync import GradSync, all_gather_objects, broadcast_state, mutable_buffers, replica_divergence
+from vtd_train.train.grad_sync import (
+    GradSync,
+    all_gather_objects,
+    broadcast_state,
+    comm_dtype_for,
+    mutable_buffers,
+    replica_divergence,
+)
 from vtd_train.train.optim import build_optimizer, freeze, lr_at
 from vtd_train.train.recovery import run_uri
 from vtd_train.train.reporting import Reporter, upload_checkpoint
@@ -128,7 +136,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     params = freeze(model, cfg.freeze)
     optimizer, optimizer_name = build_optimizer(params, cfg.optimizer, device)
     precision = Precision(cfg.precision, device)
-    sync = GradSync(params, buffers=mutable_buffers(model))
+    sync = GradSync(params, buffers=mutable_buffers(model), bucket_mb=cfg.grad_sync.bucket_mb,
+                    comm_dtype=comm_dtype_for(cfg.grad_sync.comm_dtype, cfg.precision), overlap=cfg.grad_sync.overlap)
     _seed_all(cfg.seed + 1000 * (rank + 1))  # per-rank streams (RoI sampling, ...)
 
     # -- data -----------------------------------------------------------------------------------

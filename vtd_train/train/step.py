@@ -1,15 +1,18 @@
-"""One optimizer step: autocast forward → loss sum → (scaled) backward → agreement across ranks →
-gradient averaging → unscale / clip → optimizer step, or a skip on every rank together.
+"""One optimizer step: autocast forward → loss sum → agreement across ranks → (scaled) backward
+with the gradient all-reduces overlapped → unscale / clip → optimizer step, or a skip on every
+rank together.
 
 Non-finite handling (STYLE §8: never step on one rank while another skips):
 
-* every loss term is checked on the device; the per-task flags travel in the same all-reduce as
-  the gradient-presence vector (:meth:`GradSync.agree`), so after it every rank knows whether
-  *any* rank saw a non-finite loss, and in which tasks. If so, all ranks drop their gradients and
-  skip the update (no gradient all-reduce either); the ranks that saw one name their terms in
+* every loss term is checked on the device after the forward; the per-task flags travel in the
+  one small all-reduce that precedes the backward, with the gradient-presence vector
+  (:meth:`GradSync.agree`), so every rank knows whether *any* rank saw a non-finite loss, and in
+  which tasks, before it backpropagates. If so, every rank skips the backward and the update
+  together (no gradient is computed or sent); the ranks that saw one name their terms in
   :attr:`StepOutput.nonfinite` (gathered from all ranks; this only happens on such steps).
 * with fp16 the GradScaler skips steps whose (identical, all-reduced) gradients overflow; that is
-  normal loss-scale calibration (``reason="overflow"``), not an error.
+  normal loss-scale calibration (``reason="overflow"``), not an error, and every rank's scaler
+  decides the same (see :mod:`vtd_train.train.grad_sync`).
 * without a scaler a non-finite gradient norm (finite loss) also skips the step on every rank
   (``reason="nonfinite_grad"``); the norm is computed from identical gradients, so it agrees.
 
@@ -51,8 +54,10 @@ class StepOutput:
     ``"no_grad"`` (no trainable parameter got a gradient on any rank: nothing to update).
     ``nonfinite_tasks``: tasks whose loss was non-finite on any rank; ``nonfinite``: the terms,
     ``"rank R: loss/<task>/<term>=nan"``, from every rank. ``local_nonfinite``: this rank's batch
-    produced a non-finite loss. ``agree_s``: time in the agreement all-reduce, which includes
-    waiting for the slowest rank to finish its backward; ``allreduce_s``: the gradient all-reduce.
+    produced a non-finite loss. ``agree_s``: time in the agreement all-reduce before the backward,
+    which includes waiting for the slowest rank to finish its forward; ``allreduce_s``: time after
+    the backward until every gradient all-reduce has finished (what the overlap with the
+    backward did not hide).
     """
 
     losses: dict[str, float]
@@ -127,19 +132,16 @@ class TrainStep:
         flags = torch.zeros(len(FLAG_SLOTS), device=values.device)
         slots = torch.tensor([_SLOT["total"], *(_SLOT[_task_of(k)] for k in keys)], device=values.device)
         flags.scatter_reduce_(0, slots, bad.float(), reduce="amax")
-        # Backward even on a non-finite loss: it keeps every rank on the same code path (no
-        # host sync before it); the resulting gradients are dropped below if any rank flagged.
+        # One all-reduce before the backward: every rank learns whether any rank's loss is
+        # non-finite (then all skip the backward) and which parameters get a gradient where.
         # (A batch whose labelled tasks all sit in frozen modules has nothing to differentiate.)
-        if total.requires_grad:
-            scaler.scale(total).backward()
-
         t0 = time.perf_counter()
-        flag_sums, counts = self.sync.agree(flags)
+        agreed = self.sync.agree(flags, total if total.requires_grad else None)
         agree_s = time.perf_counter() - t0
         vals = values.tolist()
         local = dict(zip(keys, vals[1:]))
         local_bad = any(not math.isfinite(v) for v in vals)
-        if any(flag_sums):
+        if agreed.nonfinite:
             opt.zero_grad(set_to_none=True)
             names = [f"{k}={v}" for k, v in local.items() if not math.isfinite(v)]
             if not names and local_bad:
@@ -147,17 +149,19 @@ class TrainStep:
             detail = _gather_names(names, self.rank)
             return StepOutput(
                 losses=local, total=vals[0], reason="nonfinite_loss",
-                nonfinite_tasks=_flagged(flag_sums),
+                nonfinite_tasks=_flagged(agreed.flags),
                 nonfinite=detail, local_nonfinite=local_bad, grad_norm=None,
                 loss_scale=self.precision.loss_scale, lr=lr, agree_s=agree_s,
             )
-        if not any(counts):  # no trainable parameter got a gradient on any rank
+        if not agreed.any_grad:  # no trainable parameter gets a gradient on any rank
             return StepOutput(
                 losses=local, total=vals[0], reason="no_grad", nonfinite_tasks=(), nonfinite=(),
                 local_nonfinite=False, grad_norm=0.0, loss_scale=self.precision.loss_scale, lr=lr, agree_s=agree_s,
             )
+        if total.requires_grad:
+            scaler.scale(total).backward()  # buckets are all-reduced from the gradient hooks meanwhile
         t1 = time.perf_counter()
-        self.sync.average(counts)
+        self.sync.finish()
         allreduce_s = time.perf_counter() - t1
 
         if scaler.is_enabled():
