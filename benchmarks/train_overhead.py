@@ -9,11 +9,13 @@ loop) on an embedded local Ray cluster with ``configs/tiny.yaml`` on the synthet
 then reads rank 0's cumulative timers from the final report (``time/*_s``, see
 :mod:`vtd_train.train.reporting`) and prints:
 
-* ``compute``   forward + backward + optimizer step (step time − data wait − agree − all-reduce);
-* ``agree``     the presence / non-finite all-reduce; it is where ranks wait for the slowest one
-                (load imbalance between ranks' batches), so it is mostly waiting;
-* ``all-reduce`` the gradient all-reduce (what DDP would do; communication, not service
-                overhead, but shown);
+* ``compute``   forward + backward + optimizer step (step time − data wait − agree − all-reduce;
+                the gradient all-reduces that overlap the backward are inside it);
+* ``agree``     the presence / non-finite all-reduce between forward and backward; it is where
+                ranks wait for the slowest forward (load imbalance between ranks' batches), so it
+                is mostly waiting;
+* ``all-reduce`` the wait after the backward for the gradient all-reduces still running (what
+                the overlap did not hide; communication, not service overhead, but shown);
 * ``data wait`` time blocked on the next batch (loader workers, or the in-process loader);
 * ``monitor``   ``TrainMonitor.record_step`` (Prometheus metrics, every step);
 * ``report``    ``ray.train.report`` barriers without a checkpoint (gather of interval stats,

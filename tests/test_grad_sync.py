@@ -4,7 +4,8 @@ and the graph walk in one process, then real gloo process groups of 2 and 3 proc
 
 * gradients equal a reference computed by hand on every rank (each rank's loss from its own
   data; the mean over the ranks that had a gradient), parameters fed nowhere stay ``None``, a
-  head fed by 2 of 3 ranks is divided by 2 (not 3), frozen parameters are left out;
+  head fed by 2 of 3 ranks is divided by 2 (not 3), frozen parameters are left out; also with
+  a bucket per tensor, where a rank with no member in a bucket sends its zeros without waiting;
 * fp16 communication within fp16's precision of the fp32 result, at half the bytes;
 * buckets sent in bucket order from the gradient hooks while the backward still runs, and the
   same gradients, bit for bit, when sent after the backward (``overlap=False``);
@@ -120,7 +121,9 @@ def _averaging(rank: int, world: int) -> dict:
 
     out = {"ref": [mean(j) for j in range(len(params))], "by_world": [mean(j, True) for j in range(len(params))],
            "names": [n for n, p in model.named_parameters() if p.requires_grad]}
-    for name, kw in (("fp32", {}), ("fp16", {"comm_dtype": torch.float16}), ("post", {"overlap": False})):
+    modes = (("fp32", {}), ("fp16", {"comm_dtype": torch.float16}), ("post", {"overlap": False}),
+             ("small", {"bucket_mb": 1e-5}))  # a bucket per tensor: some have no local member on a rank
+    for name, kw in modes:
         sync = GradSync(params, **kw)
         model.zero_grad(set_to_none=True)
         loss = total(model, batch_of(rank))
@@ -128,7 +131,8 @@ def _averaging(rank: int, world: int) -> dict:
         loss.backward()
         sync.finish()
         out[name] = {"grads": _grads(params), "counts": agreed.counts, "grad_bytes": sync.stats.grad_bytes,
-                     "phases": [x.phase for x in sync.stats.launches]}
+                     "phases": [x.phase for x in sync.stats.launches],
+                     "sent": [(sync.buckets[x.bucket].params, x.phase) for x in sync.stats.launches]}
         sync.close()
     return out
 
@@ -268,15 +272,16 @@ def _check_averaging(results: list[dict], world: int) -> None:
                        for j in range(len(names))]
     for r in results:
         a = r["averaging"]
-        for mode in ("fp32", "fp16", "post"):
+        for mode in ("fp32", "fp16", "post", "small"):
             assert a[mode]["counts"] == expected_counts, (mode, a[mode]["counts"])
         ref = a["ref"]
         assert all((g is None) == (j in head["never"]) for j, g in enumerate(ref))
-        for j, (g32, g16, gpost) in enumerate(zip(a["fp32"]["grads"], a["fp16"]["grads"], a["post"]["grads"])):
+        for j, (g32, g16, gpost, gsmall) in enumerate(zip(*(a[m]["grads"] for m in ("fp32", "fp16", "post", "small")))):
             if ref[j] is None:  # fed on no rank: no gradient anywhere
-                assert g32 is None and g16 is None and gpost is None, names[j]
+                assert g32 is None and g16 is None and gpost is None and gsmall is None, names[j]
                 continue
             torch.testing.assert_close(g32, ref[j], msg=lambda m, j=j: f"{names[j]}: {m}")
+            torch.testing.assert_close(gsmall, ref[j], msg=lambda m, j=j: f"{names[j]} (a bucket per tensor): {m}")
             assert torch.equal(gpost, g32), names[j]  # the same buckets, sent after the backward
             assert g16.dtype == torch.float32
             torch.testing.assert_close(g16, ref[j], rtol=2e-3, atol=2e-3 * float(ref[j].abs().max()),
@@ -287,6 +292,12 @@ def _check_averaging(results: list[dict], world: int) -> None:
         assert a["fp16"]["grad_bytes"] * 2 == a["fp32"]["grad_bytes"] > 0
         # one 25 MB bucket: sent from the last gradient hook (overlap) or after the backward
         assert a["fp32"]["phases"] == ["backward"] and a["post"]["phases"] == ["finish"]
+        # a bucket per tensor: every fed one sent once, in order; head c's (first in bucket order)
+        # have no member on rank 0, which sends them before its backward even starts
+        sent = a["small"]["sent"]
+        assert [j for js, _ in sent for j in js] == [j for j in reversed(range(len(names))) if expected_counts[j]]
+        phase_c = {p for js, p in sent if js[0] in head["c"]}
+        assert phase_c == ({"agree"} if r is results[0] else {"backward"}), phase_c
     for mode in ("fp32", "fp16"):  # identical on every rank, bit for bit
         for j in range(len(names)):
             g0 = results[0]["averaging"][mode]["grads"][j]

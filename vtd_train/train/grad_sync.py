@@ -31,6 +31,9 @@ ranks hold the same set (the default schedule) this is exactly DDP's average.
    the backward and the update together. (The graph, not the batch's label presence, decides
    presence: it is exact whatever the model does with a task's labels — a head that runs
    only on positive RoIs, a decoder frozen — and it keeps the runtime free of model knowledge.)
+   The price, against DDP: ranks meet here, so a rank whose forward finished first waits
+   instead of starting its backward (``StepOutput.agree_s``; load imbalance between ranks'
+   batches, not communication).
 2. *During the backward* — a ``register_post_accumulate_grad_hook`` on every trainable
    parameter copies ``g / n_p`` into its bucket's flat buffer, in the communication dtype, and
    drops the local gradient. Buckets (:mod:`~vtd_train.train.grad_buckets`: reverse
