@@ -9,6 +9,7 @@ and the graph walk in one process, then real gloo process groups of 2 and 3 proc
 * fp16 communication within fp16's precision of the fp32 result, at half the bytes;
 * buckets sent in bucket order from the gradient hooks while the backward still runs, and the
   same gradients, bit for bit, when sent after the backward (``overlap=False``);
+* a gradient held before the step (accumulation) refused; mutable buffers broadcast from rank 0;
 * through :class:`~vtd_train.train.step.TrainStep`: a NaN loss on one rank skips the step on
   both, before any backward; an inf gradient on one rank (finite losses) makes both GradScalers
   skip and back off together; replicas stay identical.
@@ -134,6 +135,21 @@ def _averaging(rank: int, world: int) -> dict:
                      "phases": [x.phase for x in sync.stats.launches],
                      "sent": [(sync.buckets[x.bucket].params, x.phase) for x in sync.stats.launches]}
         sync.close()
+    # a gradient left from an earlier backward (accumulation, no zero_grad) is refused: the
+    # previous step's gradients are views of the buckets, whose packing changes per step
+    sync = GradSync(params)
+    loss = total(model, batch_of(rank))
+    try:
+        sync.agree(torch.zeros(2), loss)
+        out["held"] = None
+    except RuntimeError as e:
+        out["held"] = str(e)
+    sync.close()
+    model.zero_grad(set_to_none=True)
+    # mutable buffers: rank 0's, broadcast flattened per dtype
+    bufs = [torch.full((3,), float(rank)), torch.full((2, 2), 10.0 + rank, dtype=torch.float64), torch.full((4,), 20.0 + rank)]
+    GradSync(params, buffers=bufs).sync_buffers()
+    out["buffers"] = [b.tolist() for b in bufs]
     return out
 
 
@@ -298,6 +314,9 @@ def _check_averaging(results: list[dict], world: int) -> None:
         assert [j for js, _ in sent for j in js] == [j for j in reversed(range(len(names))) if expected_counts[j]]
         phase_c = {p for js, p in sent if js[0] in head["c"]}
         assert phase_c == ({"agree"} if r is results[0] else {"backward"}), phase_c
+    for r in results:
+        assert r["averaging"]["held"] is not None and "hold a gradient before the step's backward" in r["averaging"]["held"]
+        assert r["averaging"]["buffers"] == [[0.0] * 3, [[10.0] * 2] * 2, [20.0] * 4]
     for mode in ("fp32", "fp16"):  # identical on every rank, bit for bit
         for j in range(len(names)):
             g0 = results[0]["averaging"][mode]["grads"][j]

@@ -82,7 +82,7 @@ def assign_buckets(params: Sequence[nn.Parameter], *, bucket_mb: float, comm_dty
         key = (p.dtype, p.device)
         members, nbytes = open_.get(key, ([], 0))
         members.append(i)
-        nbytes += p.numel() * p.element_size()
+        nbytes += p.numel() * p.dtype.itemsize
         if nbytes >= caps[min(len(out), 1)]:
             close(key, members)
             open_.pop(key, None)
