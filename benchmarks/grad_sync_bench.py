@@ -3,8 +3,10 @@ schedule, same model, same batches, same process group.
 
 Usage::
 
-    # 2 gloo processes on CPU, the tiny VTDNet and the ResNet-50 one (the figures in RESULTS.md)
-    uv run python benchmarks/grad_sync_bench.py --world 2 --models tiny,r50
+    # 2 gloo processes on CPU, the tiny VTDNet and the mid-size one (the figures in RESULTS.md)
+    uv run python benchmarks/grad_sync_bench.py --world 2 --models tiny,mid
+    # the paper's VTDNet-R50 (69 M parameters; minutes per repeat on a 2-core CPU machine)
+    uv run python benchmarks/grad_sync_bench.py --world 2 --models r50 --repeats 3
     # GPU machine with N GPUs (NCCL needs one GPU per rank), fp16 as the paper trains:
     uv run python benchmarks/grad_sync_bench.py --device cuda --backend nccl --world N --models r50 \\
         --precision fp16 --height 720 --batch 2
@@ -24,12 +26,18 @@ repeat being one round of steps per variant:
   all-reduce after the backward, the schedule of the sync this one replaced;
 * ``ddp`` — ``torch.nn.parallel.DistributedDataParallel(find_unused_parameters=True,
   bucket_cap_mb=--bucket-mb)`` with the same autocast / GradScaler / gradient norm / AdamW step
+  and, when gradients travel in fp16 / bf16, DDP's ``fp16_compress_hook`` / ``bf16_compress_hook``
   (no non-finite agreement: DDP offers none; buffers are not broadcast when the model has no
   mutable ones).
 
 Per variant: the median over repeats of the mean step time of a repeat's rounds (a round is one
 step per image set; each step's time is the slowest rank's, timed from a barrier), the spread
-(min–max) of those per-repeat means, the ratio of medians to DDP's, the bytes
+(min–max) of those per-repeat means; **vs ddp**: per repeat, the variant's summed step time over
+DDP's on the same batches, interleaved — a ratio of neighbouring measurements, which a
+neighbour's load on a shared machine shifts far less than the times themselves — its median and
+min–max over the repeats; the CPU time per step (``time.process_time``: every thread of the
+process, gloo's included; the mean over ranks) as the same paired ratio, the work a variant
+costs whatever the machine's load; the bytes
 all-reduced per step (GradSync: its own count — the agreement vector plus the buckets sent;
 DDP: every trainable parameter in fp32 plus its int32 used-parameter map, which DDP reduces
 every step with ``find_unused_parameters``), the time a step still waited after its backward
@@ -48,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 MODELS = {"tiny": "VTDNetConfig.tiny() (ResNet-18, the CPU test model)",
+          "mid": "VTDNetConfig.tiny(backbone='resnet50') (the tiny decoders on a ResNet-50)",
           "r50": "VTDNetConfig.vtdnet('resnet50') (the paper's VTDNet-R50)"}
 VARIANTS = ("overlap", "post", "ddp")
 
@@ -80,7 +89,8 @@ def _batches(shards: str, *, rank: int, world: int, batch: int, height: int, dev
 def _model_config(name: str):
     from vtd_train.model.vtdnet import VTDNetConfig
 
-    return VTDNetConfig.tiny() if name == "tiny" else VTDNetConfig.vtdnet("resnet50")
+    return {"tiny": VTDNetConfig.tiny, "mid": lambda: VTDNetConfig.tiny(backbone="resnet50"),
+            "r50": lambda: VTDNetConfig.vtdnet("resnet50")}[name]()
 
 
 class _DDPStep:
@@ -134,49 +144,62 @@ def _bench_model(name: str, a, rank: int, world: int, device: torch.device, shar
         syncs[variant] = GradSync(params, buffers=mutable_buffers(m), comm_dtype=comm_dtype, **kw)
         steps[variant] = TrainStep(m, opt, Precision(a.precision, device), syncs[variant], rank=rank)
     n_params = sum(p.numel() for p in params)
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
     m, params, opt = replica()
     ddp = DistributedDataParallel(m, find_unused_parameters=True, bucket_cap_mb=a.bucket_mb,
                                   forward_sync_buffers=bool(mutable_buffers(m)))
-    steps["ddp"] = _DDPStep(ddp, opt, Precision(a.precision, device))
-    ddp_bytes = param_bytes + 4 * len(params)
+    if comm_dtype is not None:  # the same bytes on the wire: DDP's compression hook for the dtype
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    def one(variant: str, k: int) -> tuple[float, float, float, int, int]:
+        hook = default_hooks.fp16_compress_hook if comm_dtype == torch.float16 else default_hooks.bf16_compress_hook
+        ddp.register_comm_hook(None, hook)
+    steps["ddp"] = _DDPStep(ddp, opt, Precision(a.precision, device))
+    wire = comm_dtype.itemsize if comm_dtype is not None else None
+    ddp_bytes = sum(p.numel() * (wire or p.dtype.itemsize) for p in params) + 4 * len(params)
+
+    def one(variant: str, k: int) -> tuple[float, float, float, float, int, int]:
         b = batches[k % len(batches)]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dist.barrier()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = steps[variant](b, step=k, lr=1e-5)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t
+        dt, dc = time.perf_counter() - t, time.process_time() - c
         if variant == "ddp":
-            return dt, float("nan"), float("nan"), ddp_bytes, 0
+            return dt, dc, float("nan"), float("nan"), ddp_bytes, 0
         st = syncs[variant].stats
-        return dt, out.agree_s, out.allreduce_s, st.bytes, sum(x.phase != "finish" for x in st.launches)
+        return dt, dc, out.agree_s, out.allreduce_s, st.bytes, sum(x.phase != "finish" for x in st.launches)
 
     for variant in VARIANTS:  # warm-up: one round of the image sets each
         for k in range(len(batches)):
             one(variant, k)
     # Interleaved step by step (the variant order rotating), so that a neighbour's load on a
     # shared machine falls on all variants alike rather than on one variant's block of steps.
-    rows = {v: {"per_repeat": [], "wait": [], "agree": [], "bytes": [], "in_bwd": []} for v in VARIANTS}
+    rows = {v: {"per_repeat": [], "ratio": [], "cpu_ratio": [], "cpu": [], "wait": [], "agree": [], "bytes": [],
+                "in_bwd": []} for v in VARIANTS}
     for r in range(a.repeats):
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        cpus: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for k in range(a.rounds * len(batches)):  # det, seg, track, det, ...
             n = r * len(batches) + k
             for variant in VARIANTS[n % len(VARIANTS):] + VARIANTS[: n % len(VARIANTS)]:
-                dt, agree, wait, nbytes, in_bwd = one(variant, k)
+                dt, dc, agree, wait, nbytes, in_bwd = one(variant, k)
                 t = torch.tensor([dt, agree, wait], dtype=torch.float64)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's
+                c = torch.tensor([dc], dtype=torch.float64)
+                dist.all_reduce(c)  # summed over ranks
                 times[variant].append(float(t[0]))
+                cpus[variant].append(float(c[0]) / world)
                 rows[variant]["agree"].append(float(t[1]))
                 rows[variant]["wait"].append(float(t[2]))
                 rows[variant]["bytes"].append(nbytes)
                 rows[variant]["in_bwd"].append(in_bwd)
         for v in VARIANTS:
             rows[v]["per_repeat"].append(statistics.mean(times[v]))
+            rows[v]["ratio"].append(sum(times[v]) / sum(times["ddp"]))
+            rows[v]["cpu_ratio"].append(sum(cpus[v]) / sum(cpus["ddp"]))
+            rows[v]["cpu"].append(statistics.mean(cpus[v]))
     if rank != 0:
         return None
     out = []
@@ -184,13 +207,12 @@ def _bench_model(name: str, a, rank: int, world: int, device: torch.device, shar
         x = rows[v]
         out.append({"model": name, "variant": v, "median_s": statistics.median(x["per_repeat"]),
                     "repeat_min_s": min(x["per_repeat"]), "repeat_max_s": max(x["per_repeat"]),
+                    "vs_ddp": statistics.median(x["ratio"]), "vs_ddp_min": min(x["ratio"]), "vs_ddp_max": max(x["ratio"]),
+                    "cpu_s": statistics.median(x["cpu"]), "cpu_vs_ddp": statistics.median(x["cpu_ratio"]),
                     "wait_s": statistics.median(x["wait"]) if v != "ddp" else None,
                     "agree_s": statistics.median(x["agree"]) if v != "ddp" else None,
                     "mb_per_step": statistics.mean(x["bytes"]) / 1e6, "in_backward": statistics.mean(x["in_bwd"]),
-                    "params_m": n_params / 1e6})
-    ddp_median = out[-1]["median_s"]
-    for row in out:
-        row["vs_ddp"] = row["median_s"] / ddp_median
+                    "params_m": n_params / 1e6, "n_buckets": len(syncs["overlap"].buckets)})
     return out
 
 
@@ -220,23 +242,24 @@ def _worker(rank: int, a) -> None:
 def _print(rows: list[dict], a) -> None:
     r0 = rows[0]
     print(f"\n## {r0['model']}: {MODELS[r0['model']]}, {r0['params_m']:.1f} M trainable parameters; {a.world} × {a.backend} "
-          f"on {a.device}, {a.precision}, comm {a.comm_dtype}, batch {a.batch}/rank at height {a.height}, bucket {a.bucket_mb} MB; "
-          f"{a.repeats} repeats × {a.rounds} round(s) of det/seg/track steps per variant, interleaved")
-    print(f"{'variant':<9} {'median ms':>10} {'repeat means ms':>17} {'vs ddp':>7} {'MB/step':>8} "
-          f"{'agree ms':>9} {'wait after bwd ms':>18} {'buckets sent in bwd':>20}")
+          f"on {a.device}, {a.precision}, comm {a.comm_dtype}, batch {a.batch}/rank at height {a.height}, bucket {a.bucket_mb} MB "
+          f"({r0['n_buckets']} buckets); {a.repeats} repeats × {a.rounds} round(s) of det/seg/track steps per variant, interleaved")
+    print(f"{'variant':<9} {'median ms':>10} {'repeat means ms':>17} {'vs ddp (min–max)':>20} {'cpu ms':>8} {'cpu vs ddp':>11} "
+          f"{'MB/step':>8} {'agree ms':>9} {'wait after bwd ms':>18} {'buckets sent in bwd':>20}")
     for r in rows:
         agree = "-" if r["agree_s"] is None else f"{r['agree_s'] * 1e3:.1f}"
         wait = "-" if r["wait_s"] is None else f"{r['wait_s'] * 1e3:.1f}"
         spread = f"{r['repeat_min_s'] * 1e3:.0f}–{r['repeat_max_s'] * 1e3:.0f}"
+        ratio = f"{r['vs_ddp']:.3f} ({r['vs_ddp_min']:.2f}–{r['vs_ddp_max']:.2f})"
         in_bwd = "-" if r["variant"] == "ddp" else f"{r['in_backward']:.1f}"
-        print(f"{r['variant']:<9} {r['median_s'] * 1e3:>10.1f} {spread:>17} {r['vs_ddp']:>7.3f} {r['mb_per_step']:>8.1f} "
-              f"{agree:>9} {wait:>18} {in_bwd:>20}", flush=True)
+        print(f"{r['variant']:<9} {r['median_s'] * 1e3:>10.1f} {spread:>17} {ratio:>20} {r['cpu_s'] * 1e3:>8.0f} "
+              f"{r['cpu_vs_ddp']:>11.3f} {r['mb_per_step']:>8.1f} {agree:>9} {wait:>18} {in_bwd:>20}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", type=int, default=2, help="processes (one GPU each with --device cuda)")
-    ap.add_argument("--models", default="tiny,r50", help=f"comma-separated: {', '.join(MODELS)}")
+    ap.add_argument("--models", default="tiny,mid", help=f"comma-separated: {', '.join(MODELS)}")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     ap.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
@@ -245,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2, help="images per rank")
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1, help="timed rounds (one step per image set) per variant and repeat")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     ap.add_argument("--workdir", default="/tmp/vtd-grad-sync-bench")
     ap.add_argument("--port", type=int, default=0)
