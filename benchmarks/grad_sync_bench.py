@@ -20,8 +20,8 @@ repeat being one round of steps per variant:
 
 * ``overlap`` — production: :class:`~vtd_train.train.step.TrainStep` with
   :class:`~vtd_train.train.grad_sync.GradSync` (buckets of ``--bucket-mb`` all-reduced from the
-  gradient hooks during the backward, one presence / non-finite all-reduce before it, the
-  precision's communication dtype);
+  gradient hooks during the backward, one presence / non-finite all-reduce launched before it
+  and read by the hooks once it has arrived, the precision's communication dtype);
 * ``post`` — the same TrainStep and GradSync with ``overlap=False`` and one bucket: one flat
   all-reduce after the backward, the schedule of the sync this one replaced;
 * ``ddp`` — ``torch.nn.parallel.DistributedDataParallel(find_unused_parameters=True,
@@ -35,13 +35,16 @@ step per image set; each step's time is the slowest rank's, timed from a barrier
 (min–max) of those per-repeat means; **vs ddp**: per repeat, the variant's summed step time over
 DDP's on the same batches, interleaved — a ratio of neighbouring measurements, which a
 neighbour's load on a shared machine shifts far less than the times themselves — its median and
-min–max over the repeats; the CPU time per step (``time.process_time``: every thread of the
+min–max over the repeats; the same ratio step by step (each step's time over DDP's on the same
+batch in the same rotation: median and quartiles over all steps — one stalled step moves a
+repeat's sum, not this); the CPU time per step (``time.process_time``: every thread of the
 process, gloo's included; the mean over ranks) as the same paired ratio, the work a variant
 costs whatever the machine's load; the bytes
 all-reduced per step (GradSync: its own count — the agreement vector plus the buckets sent;
-DDP: every trainable parameter in fp32 plus its int32 used-parameter map, which DDP reduces
-every step with ``find_unused_parameters``), the time a step still waited after its backward
-for the gradient all-reduces (GradSync variants), and the buckets sent from inside the backward.
+DDP: every trainable parameter in the communication dtype plus its int32 used-parameter map,
+which DDP reduces every step with ``find_unused_parameters``), the time a step still waited
+after its backward for the agreement (a slower rank's forward) and then for the gradient
+all-reduces (GradSync variants), and the buckets sent from inside the backward.
 """
 
 from __future__ import annotations
@@ -176,8 +179,8 @@ def _bench_model(name: str, a, rank: int, world: int, device: torch.device, shar
             one(variant, k)
     # Interleaved step by step (the variant order rotating), so that a neighbour's load on a
     # shared machine falls on all variants alike rather than on one variant's block of steps.
-    rows = {v: {"per_repeat": [], "ratio": [], "cpu_ratio": [], "cpu": [], "wait": [], "agree": [], "bytes": [],
-                "in_bwd": []} for v in VARIANTS}
+    rows = {v: {"per_repeat": [], "ratio": [], "step_ratio": [], "cpu_ratio": [], "cpu": [], "wait": [], "agree": [],
+                "bytes": [], "in_bwd": []} for v in VARIANTS}
     for r in range(a.repeats):
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         cpus: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -198,6 +201,7 @@ def _bench_model(name: str, a, rank: int, world: int, device: torch.device, shar
         for v in VARIANTS:
             rows[v]["per_repeat"].append(statistics.mean(times[v]))
             rows[v]["ratio"].append(sum(times[v]) / sum(times["ddp"]))
+            rows[v]["step_ratio"] += [t / d for t, d in zip(times[v], times["ddp"])]
             rows[v]["cpu_ratio"].append(sum(cpus[v]) / sum(cpus["ddp"]))
             rows[v]["cpu"].append(statistics.mean(cpus[v]))
     if rank != 0:
@@ -208,6 +212,7 @@ def _bench_model(name: str, a, rank: int, world: int, device: torch.device, shar
         out.append({"model": name, "variant": v, "median_s": statistics.median(x["per_repeat"]),
                     "repeat_min_s": min(x["per_repeat"]), "repeat_max_s": max(x["per_repeat"]),
                     "vs_ddp": statistics.median(x["ratio"]), "vs_ddp_min": min(x["ratio"]), "vs_ddp_max": max(x["ratio"]),
+                    "step_ratio": statistics.quantiles(x["step_ratio"], n=4) if len(x["step_ratio"]) > 1 else [1.0] * 3,
                     "cpu_s": statistics.median(x["cpu"]), "cpu_vs_ddp": statistics.median(x["cpu_ratio"]),
                     "wait_s": statistics.median(x["wait"]) if v != "ddp" else None,
                     "agree_s": statistics.median(x["agree"]) if v != "ddp" else None,
@@ -244,16 +249,19 @@ def _print(rows: list[dict], a) -> None:
     print(f"\n## {r0['model']}: {MODELS[r0['model']]}, {r0['params_m']:.1f} M trainable parameters; {a.world} × {a.backend} "
           f"on {a.device}, {a.precision}, comm {a.comm_dtype}, batch {a.batch}/rank at height {a.height}, bucket {a.bucket_mb} MB "
           f"({r0['n_buckets']} buckets); {a.repeats} repeats × {a.rounds} round(s) of det/seg/track steps per variant, interleaved")
-    print(f"{'variant':<9} {'median ms':>10} {'repeat means ms':>17} {'vs ddp (min–max)':>20} {'cpu ms':>8} {'cpu vs ddp':>11} "
-          f"{'MB/step':>8} {'agree ms':>9} {'wait after bwd ms':>18} {'buckets sent in bwd':>20}")
+    print(f"{'variant':<9} {'median ms':>10} {'repeat means ms':>17} {'vs ddp (min–max)':>20} {'per step (IQR)':>19} "
+          f"{'cpu ms':>8} {'cpu vs ddp':>11} "
+          f"{'MB/step':>8} {'agree wait ms':>14} {'wait after bwd ms':>18} {'buckets sent in bwd':>20}")
     for r in rows:
         agree = "-" if r["agree_s"] is None else f"{r['agree_s'] * 1e3:.1f}"
         wait = "-" if r["wait_s"] is None else f"{r['wait_s'] * 1e3:.1f}"
         spread = f"{r['repeat_min_s'] * 1e3:.0f}–{r['repeat_max_s'] * 1e3:.0f}"
         ratio = f"{r['vs_ddp']:.3f} ({r['vs_ddp_min']:.2f}–{r['vs_ddp_max']:.2f})"
+        q1, q2, q3 = r["step_ratio"]
+        per_step = f"{q2:.3f} ({q1:.2f}–{q3:.2f})"
         in_bwd = "-" if r["variant"] == "ddp" else f"{r['in_backward']:.1f}"
-        print(f"{r['variant']:<9} {r['median_s'] * 1e3:>10.1f} {spread:>17} {ratio:>20} {r['cpu_s'] * 1e3:>8.0f} "
-              f"{r['cpu_vs_ddp']:>11.3f} {r['mb_per_step']:>8.1f} {agree:>9} {wait:>18} {in_bwd:>20}", flush=True)
+        print(f"{r['variant']:<9} {r['median_s'] * 1e3:>10.1f} {spread:>17} {ratio:>20} {per_step:>19} {r['cpu_s'] * 1e3:>8.0f} "
+              f"{r['cpu_vs_ddp']:>11.3f} {r['mb_per_step']:>8.1f} {agree:>14} {wait:>18} {in_bwd:>20}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

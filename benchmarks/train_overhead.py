@@ -11,9 +11,9 @@ then reads rank 0's cumulative timers from the final report (``time/*_s``, see
 
 * ``compute``   forward + backward + optimizer step (step time − data wait − agree − all-reduce;
                 the gradient all-reduces that overlap the backward are inside it);
-* ``agree``     the presence / non-finite all-reduce between forward and backward; it is where
-                ranks wait for the slowest forward (load imbalance between ranks' batches), so it
-                is mostly waiting;
+* ``agree``     the wait after the backward for the presence / non-finite all-reduce launched
+                before it (0 when it arrived during the backward): waiting for a slower rank's
+                forward (load imbalance between ranks' batches);
 * ``all-reduce`` the wait after the backward for the gradient all-reduces still running (what
                 the overlap did not hide; communication, not service overhead, but shown);
 * ``data wait`` time blocked on the next batch (loader workers, or the in-process loader);

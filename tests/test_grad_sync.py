@@ -10,14 +10,16 @@ and the graph walk in one process, then real gloo process groups of 2 and 3 proc
 * buckets sent in bucket order from the gradient hooks while the backward still runs, and the
   same gradients, bit for bit, when sent after the backward (``overlap=False``);
 * a gradient held before the step (accumulation) refused; mutable buffers broadcast from rank 0;
+* the agreement arriving before, during or after a rank's backward: the same sums;
 * through :class:`~vtd_train.train.step.TrainStep`: a NaN loss on one rank skips the step on
-  both, before any backward; an inf gradient on one rank (finite losses) makes both GradScalers
+  both, nothing sent, gradients dropped; an inf gradient on one rank (finite losses) makes both GradScalers
   skip and back off together; replicas stay identical.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -122,16 +124,27 @@ def _averaging(rank: int, world: int) -> dict:
 
     out = {"ref": [mean(j) for j in range(len(params))], "by_world": [mean(j, True) for j in range(len(params))],
            "names": [n for n, p in model.named_parameters() if p.requires_grad]}
-    modes = (("fp32", {}), ("fp16", {"comm_dtype": torch.float16}), ("post", {"overlap": False}),
-             ("small", {"bucket_mb": 1e-5}))  # a bucket per tensor: some have no local member on a rank
-    for name, kw in modes:
-        sync = GradSync(params, **kw)
+    # (kw, when the agreement arrives: "wait" — waited for before the backward —, "any" — whenever
+    # it does —, "mid" — during the backward: it pauses after head a's weight —, "late" — after
+    # rank 0's backward: rank 1 sleeps before its agree)
+    modes = (("fp32", {}, "wait"), ("fp16", {"comm_dtype": torch.float16}, "any"), ("post", {"overlap": False}, "any"),
+             ("small", {"bucket_mb": 1e-5}, "wait"),  # a bucket per tensor: some have no local member on a rank
+             ("mid", {"bucket_mb": 1e-5}, "mid"), ("late", {"bucket_mb": 1e-5}, "late"))
+    for name, kw, when in modes:
+        sync = GradSync(params, **kw)  # (its hooks first: they run before the pause below)
+        pause = model.heads["a"].weight.register_post_accumulate_grad_hook(lambda p: time.sleep(1.0)) if when == "mid" else None
         model.zero_grad(set_to_none=True)
         loss = total(model, batch_of(rank))
-        agreed = sync.agree(torch.zeros(2), loss)
+        if rank == 1 and when == "late":
+            time.sleep(1.0)
+        sync.agree(torch.zeros(2), loss)
+        if when == "wait":
+            sync.agreement()
         loss.backward()
-        sync.finish()
-        out[name] = {"grads": _grads(params), "counts": agreed.counts, "grad_bytes": sync.stats.grad_bytes,
+        agreed = sync.finish()
+        if pause is not None:
+            pause.remove()
+        out[name] = {"grads": _grads(params), "counts": agreed.counts, "grad_bytes": sync.stats.grad_bytes, "armed": sync.stats.armed,
                      "phases": [x.phase for x in sync.stats.launches],
                      "sent": [(sync.buckets[x.bucket].params, x.phase) for x in sync.stats.launches]}
         sync.close()
@@ -155,9 +168,8 @@ def _averaging(rank: int, world: int) -> dict:
 
 def _overlap(rank: int, world: int) -> dict:
     """A deeper trunk, small buckets, every rank feeding the same heads: when each bucket was
-    sent, against when the last gradient arrived and when the backward returned."""
-    import time
-
+    sent, against when the last gradient arrived and when the backward returned (the agreement
+    waited for before the backward, so that the schedule does not depend on when it arrives)."""
     torch.manual_seed(0)
     model = Toy(width=64, depth=6)
     params = trainable(model)
@@ -176,6 +188,7 @@ def _overlap(rank: int, world: int) -> dict:
         x, _ = batch_of(rank, width=64)
         loss = total(model, (x, ("a", "b")))
         sync.agree(torch.zeros(2), loss)
+        sync.agreement()
         loss.backward()
         backward_end = time.perf_counter()
         sync.finish()
@@ -217,6 +230,7 @@ def _train_steps(rank: int, world: int) -> dict:
         res = step(batch_of(rank), step=k, lr=1e-2)
         after = _digest(model)
         rows.append({"reason": res.reason, "tasks": res.nonfinite_tasks, "detail": res.nonfinite, "backward": len(accumulations),
+                     "grads": sum(p.grad is not None for p in params),
                      "changed": sorted(n for n in before if before[n] != after[n]), "after": after})
     out["nan"] = rows
 
@@ -288,16 +302,19 @@ def _check_averaging(results: list[dict], world: int) -> None:
                        for j in range(len(names))]
     for r in results:
         a = r["averaging"]
-        for mode in ("fp32", "fp16", "post", "small"):
+        for mode in ("fp32", "fp16", "post", "small", "mid", "late"):
             assert a[mode]["counts"] == expected_counts, (mode, a[mode]["counts"])
         ref = a["ref"]
         assert all((g is None) == (j in head["never"]) for j, g in enumerate(ref))
-        for j, (g32, g16, gpost, gsmall) in enumerate(zip(*(a[m]["grads"] for m in ("fp32", "fp16", "post", "small")))):
+        modes = ("fp32", "fp16", "post", "small", "mid", "late")
+        for j, (g32, g16, gpost, gsmall, gmid, glate) in enumerate(zip(*(a[m]["grads"] for m in modes))):
             if ref[j] is None:  # fed on no rank: no gradient anywhere
-                assert g32 is None and g16 is None and gpost is None and gsmall is None, names[j]
+                assert all(g is None for g in (g32, g16, gpost, gsmall, gmid, glate)), names[j]
                 continue
             torch.testing.assert_close(g32, ref[j], msg=lambda m, j=j: f"{names[j]}: {m}")
             torch.testing.assert_close(gsmall, ref[j], msg=lambda m, j=j: f"{names[j]} (a bucket per tensor): {m}")
+            # the agreement arriving during or after the backward: the same buckets, the same sums
+            assert torch.equal(gmid, gsmall) and torch.equal(glate, gsmall), names[j]
             assert torch.equal(gpost, g32), names[j]  # the same buckets, sent after the backward
             assert g16.dtype == torch.float32
             torch.testing.assert_close(g16, ref[j], rtol=2e-3, atol=2e-3 * float(ref[j].abs().max()),
@@ -314,6 +331,15 @@ def _check_averaging(results: list[dict], world: int) -> None:
         assert [j for js, _ in sent for j in js] == [j for j in reversed(range(len(names))) if expected_counts[j]]
         phase_c = {p for js, p in sent if js[0] in head["c"]}
         assert phase_c == ({"agree"} if r is results[0] else {"backward"}), phase_c
+        assert a["small"]["armed"] == "agree"
+        # rank 1 slept before its agree: rank 0's backward ended before the agreement came, so
+        # rank 0 kept its gradients and packed and sent them all after the backward
+        if r is results[0]:
+            assert a["late"]["armed"] == "finish" and set(a["late"]["phases"]) == {"finish"}, a["late"]
+        # the agreement came while the backward paused: the hook after the pause armed the step,
+        # packed the gradients kept so far, and every bucket went from the hooks
+        assert a["mid"]["armed"] == "backward" and set(a["mid"]["phases"]) == {"backward"}, a["mid"]
+        assert [j for js, _ in a["mid"]["sent"] for j in js] == [j for js, _ in sent for j in js]
     for r in results:
         assert r["averaging"]["held"] is not None and "hold a gradient before the step's backward" in r["averaging"]["held"]
         assert r["averaging"]["buffers"] == [[0.0] * 3, [[10.0] * 2] * 2, [20.0] * 4]
@@ -351,9 +377,10 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(two_ranks):
     rows = [r["train_steps"]["nan"] for r in two_ranks]
     for rank, (first, second) in enumerate(rows):
         assert first["reason"] == "nonfinite_loss" and first["tasks"] == ("det",), first
-        assert first["changed"] == [] and first["backward"] == 0  # no update, and no backward either
+        # no update; the backward ran (it does not wait for the agreement), its gradients dropped
+        assert first["changed"] == [] and first["backward"] == 1 and first["grads"] == 0
         assert any("rank 1: loss/det/a=nan" in d for d in first["detail"]), first["detail"]
-        assert second["reason"] is None and second["backward"] == 1
+        assert second["reason"] is None and second["backward"] == 2
         changed = set(second["changed"])
         assert {"heads.b.weight", "heads.c.weight", "heads.a.weight", "trunk.0.0.weight"} <= changed
         assert not any(n.startswith(("heads.never.", "frozen.")) for n in changed), changed  # no weight decay either

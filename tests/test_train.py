@@ -316,10 +316,11 @@ def _partial_task_worker(rank: int, world: int, port: int, cfg, out_path: str) -
     ps = [torch.nn.Parameter(torch.zeros(3)) for _ in range(4)]
     loss = sum(v * ps[i].sum() for i, v in {0: {0: 1.0, 1: 2.0}, 1: {1: 4.0, 2: 8.0}}[rank].items())  # grad v
     sync = GradSync(ps)
-    flags = sync.agree(torch.tensor([float(rank == 1), 0.0]), loss).flags  # a flag set: nothing armed
-    counts = sync.agree(torch.zeros(2), loss).counts
+    sync.agree(torch.tensor([float(rank == 1), 0.0]), loss)
+    flags = sync.finish().flags  # a flag set: nothing armed
+    sync.agree(torch.zeros(2), loss)
     loss.backward()
-    sync.finish()
+    counts = sync.finish().counts
     out["sync"] = all_gather_objects({"flags": flags, "counts": counts,
                                       "grads": [None if p.grad is None else p.grad.tolist() for p in ps]})
 

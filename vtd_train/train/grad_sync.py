@@ -24,30 +24,39 @@ ranks hold the same set (the default schedule) this is exactly DDP's average.
 1. *After the forward, before the backward* — :meth:`GradSync.agree`: each rank walks its loss's
    autograd graph (:func:`~vtd_train.train.grad_buckets.reachable`) for the parameters whose
    ``AccumulateGrad`` node it reaches — exactly those its backward will give a gradient, the
-   set DDP's ``find_unused_parameters`` computes — and all-reduces (SUM) one small float vector
-   ``[non-finite flags per task ..., presence per trainable parameter ...]``. That is the
-   step's one host sync and its one wait for the slowest rank. Every rank now knows ``n_p``
-   for every parameter and whether any rank's loss is non-finite; if one is, every rank skips
-   the backward and the update together. (The graph, not the batch's label presence, decides
-   presence: it is exact whatever the model does with a task's labels — a head that runs
-   only on positive RoIs, a decoder frozen — and it keeps the runtime free of model knowledge.)
-   The price, against DDP: ranks meet here, so a rank whose forward finished first waits
-   instead of starting its backward (``StepOutput.agree_s``; load imbalance between ranks'
-   batches, not communication).
+   set DDP's ``find_unused_parameters`` computes — and *launches* an asynchronous all-reduce
+   (SUM) of one small float vector ``[non-finite flags per task ..., presence per trainable
+   parameter ...]``, then returns: the backward starts at once. (The graph, not the batch's
+   label presence, decides presence: it is exact whatever the model does with a task's labels —
+   a head that runs only on positive RoIs, a decoder frozen — and it keeps the runtime free of
+   model knowledge.)
 2. *During the backward* — a ``register_post_accumulate_grad_hook`` on every trainable
-   parameter copies ``g / n_p`` into its bucket's flat buffer, in the communication dtype, and
-   drops the local gradient. Buckets (:mod:`~vtd_train.train.grad_buckets`: reverse
-   registration order, ``bucket_mb`` each, a 1 MB first one, as DDP) are sent with an
-   asynchronous all-reduce as soon as every member *this rank's loss reaches* has arrived;
-   members fed only on other ranks are zeros here and are never waited for, and a bucket with
-   no local member at all is sent as soon as its turn comes. Buckets are sent in bucket order
-   on every rank (collectives must be issued in the same order everywhere, or gloo and NCCL
-   hang): like DDP's, a bucket that fills early waits for the earlier ones. Only parameters fed
-   somewhere are packed, so decoders no rank fed cost no bytes.
-3. *After the backward* — :meth:`GradSync.finish`: send what is left (in order), wait for every
-   all-reduce, cast the buckets back to the parameters' dtype and hand the gradients back as
-   views of the flat buffers (no copy; ``zero_grad(set_to_none=True)`` drops them before the
-   next step). The optimizer step follows.
+   parameter. Until the agreement has arrived (each hook polls it without blocking: gloo's
+   ``Work.is_completed``; on CUDA an event behind a pinned-memory copy made on a side stream,
+   so neither the host nor the backward's stream waits), a gradient simply stays in ``p.grad``.
+   The first hook that finds it arrived *arms* the step — every rank now knows ``n_p`` for
+   every parameter and whether any rank's loss is non-finite — and packs the gradients kept so
+   far; from then on each hook copies ``g / n_p`` into its bucket's flat buffer, in the
+   communication dtype, and drops the local gradient. Buckets
+   (:mod:`~vtd_train.train.grad_buckets`: reverse registration order, ``bucket_mb`` each, a
+   1 MB first one, as DDP) are sent with an asynchronous all-reduce as soon as every member
+   *this rank's loss reaches* has arrived; members fed only on other ranks are zeros here and are
+   never waited for, and a bucket with no local member at all is sent as soon as its turn
+   comes. Buckets are sent in bucket order on every rank (collectives must be issued in the same
+   order everywhere, or gloo and NCCL hang; the agreement, issued first, always precedes them):
+   like DDP's, a bucket that fills early waits for the earlier ones. Only parameters fed
+   somewhere are packed, so decoders no rank fed cost no bytes. So the ranks meet where DDP's
+   do — at the end of the backward, a fast rank's backward running on while a slow one still
+   does its forward — not between forward and backward.
+3. *After the backward* — :meth:`GradSync.finish`: wait for the agreement if it has not arrived
+   (then arm and pack everything now: ``StepOutput.agree_s``, waiting for a slower rank's
+   forward), send what is left (in order), wait for every all-reduce, cast the buckets back to
+   the parameters' dtype and hand the gradients back as views of the flat buffers (no copy;
+   ``zero_grad(set_to_none=True)`` drops them before the next step). If the agreement flags a
+   non-finite loss on any rank, nothing was sent: every rank drops the gradients its (wasted)
+   backward computed and skips the update, together. The optimizer step follows.
+   :meth:`GradSync.agreement` waits for the agreement before the backward instead (the
+   schedule the tests pin down; TrainStep does not use it).
 
 **Communication dtype.** ``comm_dtype`` (config ``grad_sync.comm_dtype: auto``: the training
 precision's — fp16 or bf16 — else fp32) is DDP's ``fp16_compress_hook`` / ``bf16_compress_hook``
@@ -67,16 +76,19 @@ fp16 hook). :func:`replica_divergence` checks the replicas at every report.
 autograd ``Function`` returning ``None`` for it) counts as fed on that rank with a zero
 gradient (its hook still runs). A gradient that arrives for a parameter the walk did not
 foresee, or a second accumulation after its bucket was sent (two backward calls in a step,
-reentrant activation checkpointing), is a ``RuntimeError``, not a wrong sum; ``overlap=False``
+reentrant activation checkpointing), is a ``RuntimeError``, not a wrong sum, and so is a
+gradient already held when :meth:`GradSync.agree` is called (no accumulation across steps: the
+previous step's gradients are views of the buckets, whose packing changes per step);
+``overlap=False``
 (``grad_sync.overlap: false``) copies every gradient after the backward instead and sends the
 buckets then — the previous post-backward sync's schedule. With one process nothing is sent.
 
 **Why not DDP.** ``find_unused_parameters=True`` also keeps a globally unused gradient ``None``
 and averages a locally unused one with zeros, but (a) it divides by the world size, diluting a
-decoder that only some ranks fed; (b) a rank cannot skip its backward after a non-finite loss
-without hanging the others, so non-finite agreement needs a collective before the backward
-anyway — here it carries the presence vector too; (c) it sends every bucket every step, fed or
-not (``benchmarks/grad_sync_bench.py`` measures both; benchmarks/RESULTS.md). Frozen parameters
+decoder that only some ranks fed; (b) it has no non-finite agreement: a rank that saw a NaN
+loss cannot skip alone without hanging the others, so every rank must learn it before any
+rank updates — here that travels with the presence vector; (c) it sends every bucket every
+step, fed or not (``benchmarks/grad_sync_bench.py`` measures both; benchmarks/RESULTS.md). Frozen parameters
 (``requires_grad=False``) are simply not in the list. Mutable buffers (``BatchNorm`` running
 statistics with ``norm: bn``) are broadcast from rank 0 before each forward, like DDP's
 ``broadcast_buffers``.
@@ -87,7 +99,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,8 +174,9 @@ class Agreement:
 @dataclass(frozen=True)
 class Launch:
     """One bucket's all-reduce: its fixed index, the bytes sent, when it was issued
-    (``phase``: ``"agree"`` — before the backward, no local member —, ``"backward"`` — from a
-    gradient hook — or ``"finish"`` — after the backward) and ``time.perf_counter()`` then."""
+    (``phase``: ``"agree"`` — from :meth:`GradSync.agreement` called before the backward, a
+    bucket with no local member —, ``"backward"`` — from a gradient hook — or ``"finish"`` —
+    after the backward) and ``time.perf_counter()`` then."""
 
     bucket: int
     nbytes: int
@@ -174,10 +187,17 @@ class Launch:
 @dataclass
 class SyncStats:
     """The last step's communication: the agreement vector's bytes and the bucket launches, in
-    the order issued (0 bytes and none with one process)."""
+    the order issued (0 bytes and none with one process); ``armed``: where the agreement was
+    first read (``"backward"``: in a gradient hook, ``"finish"`` or ``"agree"``, see
+    :class:`Launch`); ``agree_wait_s``: time :meth:`GradSync.finish` (or
+    :meth:`GradSync.agreement`) blocked on the agreement — 0 when it had arrived during the
+    backward —; ``grad_wait_s``: time :meth:`GradSync.finish` then waited for the buckets."""
 
     agree_bytes: int = 0
     launches: list[Launch] = field(default_factory=list)
+    armed: str | None = None
+    agree_wait_s: float = 0.0
+    grad_wait_s: float = 0.0
 
     @property
     def grad_bytes(self) -> int:
@@ -186,6 +206,22 @@ class SyncStats:
     @property
     def bytes(self) -> int:
         return self.agree_bytes + self.grad_bytes
+
+
+@dataclass
+class _Pending:
+    """An agreement in flight: the summed vector, on the host once ``ready()`` (``wait()``
+    blocks until then), the number of flag slots, this rank's presence, and the parameters
+    whose gradient arrived before the agreement did (kept in ``p.grad`` until then).
+    ``keep``: tensors the all-reduce still uses."""
+
+    vec: Tensor
+    ready: Callable[[], bool]
+    wait: Callable[[], Any]
+    k: int
+    local: list[bool]
+    arrived: list[int] = field(default_factory=list)
+    keep: tuple[Tensor, ...] = ()
 
 
 @dataclass
@@ -211,6 +247,10 @@ def _grad_hook(ref: weakref.ref, index: int):
             sync._grad_ready(index)
 
     return hook
+
+
+def _always() -> bool:
+    return True  # (one process: the "agreement" is this rank's own vector)
 
 
 def _remove_hooks(handles: list[Any]) -> None:
@@ -251,6 +291,9 @@ class GradSync:
         # objects every step (autograd keeps a leaf's accumulator only while something holds it).
         self._accumulators = {torch.autograd.graph.get_gradient_edge(p).node: i for i, p in enumerate(self.params)}
         self._step: _Step | None = None
+        self._pending: _Pending | None = None
+        self._agreement: Agreement | None = None
+        self._side: torch.cuda.Stream | None = None
         # Hooks run on autograd's threads: the calling thread for CPU work, one thread per
         # device for CUDA, so a model spread over devices (or CPU + CUDA) runs two at once; the
         # lock serialises the bucket state and keeps the buckets' send order the same everywhere.
@@ -284,13 +327,14 @@ class GradSync:
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def agree(self, flags: Tensor, loss: Tensor | None) -> Agreement:
+    def agree(self, flags: Tensor, loss: Tensor | None) -> None:
         """After the forward, before the backward of ``loss`` (``None``: this rank backpropagates
-        nothing): all-reduce (SUM) ``flags`` with this rank's parameter presence — the parameters
-        ``loss``'s graph reaches — and, unless a flag is set or no rank has a gradient, arm the
-        gradient hooks for the backward. The step's host synchronisation."""
+        nothing): launch the all-reduce (SUM) of ``flags`` with this rank's parameter presence —
+        the parameters ``loss``'s graph reaches — and return at once. The gradient hooks read
+        the result as soon as it has arrived (and arm the step: buckets, counts); the backward
+        does not wait for it. :meth:`agreement` waits for it; :meth:`finish` returns it."""
         with self._lock:
-            self._step = None
+            self._step = self._pending = self._agreement = None
         if self.world > 1:
             held = [i for i, p in enumerate(self.params) if p.grad is not None]
             if held:  # a previous step's gradients are views of the buckets, whose layout changes per step
@@ -300,35 +344,66 @@ class GradSync:
         local = [False] * len(self.params)
         for i in reachable(loss, self._accumulators):
             local[i] = True
-        k = flags.numel()
         presence = torch.tensor(local, dtype=torch.float32).to(flags.device, non_blocking=True)
         vec = torch.cat([flags.to(torch.float32).reshape(-1), presence])
         self.stats = SyncStats()
+        k = flags.numel()
+        if self.world == 1:
+            pend = _Pending(vec=vec, ready=_always, wait=_always, k=k, local=local)
+        elif vec.device.type == "cuda":
+            # On a side stream, so that the backward's kernels (queued behind the forward on the
+            # current stream) do not wait for the slowest rank: the all-reduce, then the sum
+            # copied to pinned host memory behind an event a hook can poll from any thread.
+            side = self._side_stream(vec.device)
+            side.wait_stream(torch.cuda.current_stream(vec.device))
+            with torch.cuda.stream(side):
+                work = dist.all_reduce(vec, async_op=True)
+                work.wait()  # the side stream waits for the collective (not the host)
+                host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
+                host.copy_(vec, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(side)
+            pend = _Pending(vec=host, ready=event.query, wait=event.synchronize, k=k, local=local, keep=(vec,))
+        else:
+            work = dist.all_reduce(vec, async_op=True)
+            pend = _Pending(vec=vec, ready=work.is_completed, wait=work.wait, k=k, local=local)
         if self.world > 1:
-            dist.all_reduce(vec)
             self.stats.agree_bytes = vec.numel() * vec.dtype.itemsize
-        values = vec.tolist()
-        agreement = Agreement(flags=values[:k], counts=[int(round(c)) for c in values[k:]])
-        if self.world > 1 and not agreement.nonfinite and agreement.any_grad:
-            buckets = step_buckets(self.buckets, agreement.counts, local)
-            where = {i: (sb, c, off, n) for sb in buckets for i, c, off, n in sb.members}
-            with self._lock:
-                self._step = _Step(buckets=buckets, where=where, local={i for i, x in enumerate(local) if x},
-                                   counts=agreement.counts)
-                if self.overlap:  # leading buckets this rank feeds nothing of go now
-                    self._send_ready("agree")
-        return agreement
+        with self._lock:
+            self._pending = pend
 
-    def finish(self) -> None:
-        """After the backward: send the buckets not sent yet (in order), wait for every
-        all-reduce and hand each fed parameter its averaged gradient (views of the buckets'
-        buffers); parameters fed on no rank are left with ``grad = None``. A no-op when
-        :meth:`agree` armed nothing (one process, a skipped step)."""
+    def agreement(self) -> Agreement:
+        """Wait for the agreement :meth:`agree` launched (a no-op once it is known) and arm the
+        step; identical on every rank. Called before the backward, it is the old schedule's
+        meeting point (buckets this rank feeds nothing of go at once)."""
+        with self._lock:
+            if self._agreement is None:
+                self._arm("agree", wait=True)
+            assert self._agreement is not None
+            return self._agreement
+
+    def finish(self) -> Agreement:
+        """After the backward: wait for the agreement if it has not arrived, send the buckets not
+        sent yet (in order), wait for every all-reduce and hand each fed parameter its averaged
+        gradient (views of the buckets' buffers); parameters fed on no rank are left with
+        ``grad = None``. When the agreement says a loss was non-finite somewhere, every rank drops
+        the gradients it computed and nothing is sent. Returns the agreement."""
+        t0 = time.perf_counter()
         with self._lock:  # (backward() has returned, so no hook runs now; the lock orders the memory all the same)
-            st, self._step = self._step, None
-            if st is None:
-                return
-            self._send_ready("finish", st=st, force=True)
+            if self._agreement is None:
+                self._arm("finish", wait=True)
+            t1 = time.perf_counter()
+            agreement, st, self._step = self._agreement, self._step, None
+            assert agreement is not None
+            if st is not None:
+                self._send_ready("finish", st=st, force=True)
+        self.stats.agree_wait_s = t1 - t0
+        if agreement.nonfinite:  # nothing was armed: this rank's gradients go, unsent
+            for p in self.params:
+                p.grad = None
+            return agreement
+        if st is None:  # one process, or no gradient anywhere
+            return agreement
         for sb in st.buckets:
             assert sb.work is not None
             sb.work.wait()
@@ -343,22 +418,63 @@ class GradSync:
             if c == 0 and self.params[i].grad is not None:
                 raise RuntimeError(f"{self._name(i)} has a gradient although no rank's loss reached it before the "
                                    f"backward (a backward of another loss inside the step?)")
+        self.stats.grad_wait_s = time.perf_counter() - t1
+        return agreement
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self._side is None:
+            self._side = torch.cuda.Stream(device)
+        return self._side
 
     def _name(self, i: int) -> str:
         return f"trainable parameter #{i} {tuple(self.params[i].shape)}"
 
-    def _grad_ready(self, i: int) -> None:
-        """Hook body: parameter ``i``'s gradient is accumulated. Copy it into its bucket and
-        send whatever buckets are complete, in order."""
-        with self._lock:
-            self._grad_ready_locked(i)
-
-    def _grad_ready_locked(self, i: int) -> None:
-        st = self._step
-        if st is None:  # a backward outside an armed step is not ours to send
+    def _arm(self, phase: str, *, wait: bool) -> None:
+        """(Under the lock.) Read the agreement in flight — waiting for it with ``wait``, else only
+        if it has arrived —, and unless a flag is set or no rank has a gradient, arm the step:
+        its buckets, the gradients that arrived meanwhile packed, the buckets ready sent."""
+        pend = self._pending
+        if pend is None:
+            raise RuntimeError("GradSync.finish/agreement without GradSync.agree in this step")
+        if not wait and not pend.ready():
             return
+        pend.wait()
+        values = pend.vec.tolist()
+        self._pending = None
+        agreement = Agreement(flags=values[: pend.k], counts=[int(round(c)) for c in values[pend.k:]])
+        self._agreement = agreement
+        self.stats.armed = phase
+        if self.world == 1 or agreement.nonfinite or not agreement.any_grad:
+            return
+        buckets = step_buckets(self.buckets, agreement.counts, pend.local)
+        where = {i: (sb, c, off, n) for sb in buckets for i, c, off, n in sb.members}
+        st = self._step = _Step(buckets=buckets, where=where, local={i for i, x in enumerate(pend.local) if x},
+                                counts=agreement.counts)
+        for i in pend.arrived:
+            self._accept(st, i)
+        if self.overlap:  # complete buckets, and leading ones this rank feeds nothing of, go now
+            self._send_ready(phase, st=st)
+
+    def _grad_ready(self, i: int) -> None:
+        """Hook body: parameter ``i``'s gradient is accumulated. Before the agreement has arrived,
+        keep it where it is (and check whether the agreement has arrived now); after, copy it
+        into its bucket and send whatever buckets are complete, in order."""
+        with self._lock:
+            st = self._step
+            if st is None:
+                pend = self._pending
+                if pend is None:  # not in a step this sync launched, or one it will not send
+                    return
+                pend.arrived.append(i)
+                self._arm("backward", wait=False)
+                return
+            self._accept(st, i)
+            self._send_ready("backward", st=st)
+
+    def _accept(self, st: _Step, i: int) -> None:
+        """(Under the lock.) Pack parameter ``i``'s gradient into its bucket."""
         slot = st.where.get(i)
         if slot is None or i not in st.local:
             raise RuntimeError(f"{self._name(i)} got a gradient although this rank's loss did not reach it before the "
@@ -369,7 +485,6 @@ class GradSync:
                                f"sending (two backward calls, reentrant activation checkpointing): use grad_sync.overlap: false")
         self._fill(sb, i, c, off, n, from_grad=True)
         sb.pending -= 1
-        self._send_ready("backward", st=st)
 
     def _fill(self, sb: StepBucket, i: int, count: int, off: int, n: int, *, from_grad: bool) -> None:
         """Write ``grad / count`` of parameter ``i`` (zeros: none here, or ``from_grad=False``)

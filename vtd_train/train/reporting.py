@@ -19,7 +19,8 @@ Metric keys: ``epoch``, ``step``, ``batch``, ``steps_per_epoch``, ``total_steps`
 ``overflow_steps``, ``epoch_losses``, ``replica_divergence``, ``optimizer``, ``precision``,
 ``world_size``, ``resumed_from_step``, ``checkpoint`` (bool) and rank 0's cumulative times
 ``time/{step,data_wait,agree,allreduce,monitor,report,checkpoint}_s`` since the (re)start of the workers
-(the overhead benchmark reads these), and ``time/wall_s``, rank 0's wall time from then to this
+(the overhead benchmark reads these; ``agree`` and ``allreduce`` are the waits after the backward
+for the gradient sync's agreement and then its buckets, :class:`~vtd_train.train.step.StepOutput`), and ``time/wall_s``, rank 0's wall time from then to this
 report's start (the checkpoint benchmark reads these).
 """
 

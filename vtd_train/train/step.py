@@ -1,15 +1,16 @@
-"""One optimizer step: autocast forward → loss sum → agreement across ranks → (scaled) backward
-with the gradient all-reduces overlapped → unscale / clip → optimizer step, or a skip on every
-rank together.
+"""One optimizer step: autocast forward → loss sum → agreement across ranks launched → (scaled)
+backward with the gradient all-reduces overlapped → unscale / clip → optimizer step, or a skip on
+every rank together.
 
 Non-finite handling (STYLE §8: never step on one rank while another skips):
 
 * every loss term is checked on the device after the forward; the per-task flags travel in the
-  one small all-reduce that precedes the backward, with the gradient-presence vector
+  one small all-reduce launched before the backward, with the gradient-presence vector
   (:meth:`GradSync.agree`), so every rank knows whether *any* rank saw a non-finite loss, and in
-  which tasks, before it backpropagates. If so, every rank skips the backward and the update
-  together (no gradient is computed or sent); the ranks that saw one name their terms in
-  :attr:`StepOutput.nonfinite` (gathered from all ranks; this only happens on such steps).
+  which tasks, before any gradient is sent. If so, no bucket is sent, every rank drops the
+  gradients its backward computed and skips the update, together (the backward is not waited
+  for the agreement, so it runs, wasted, on such steps); the ranks that saw one name their
+  terms in :attr:`StepOutput.nonfinite` (gathered from all ranks; only on such steps).
 * with fp16 the GradScaler skips steps whose (identical, all-reduced) gradients overflow; that is
   normal loss-scale calibration (``reason="overflow"``), not an error, and every rank's scaler
   decides the same (see :mod:`vtd_train.train.grad_sync`).
@@ -23,7 +24,6 @@ limit, on every rank at the same step.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,10 +54,11 @@ class StepOutput:
     ``"no_grad"`` (no trainable parameter got a gradient on any rank: nothing to update).
     ``nonfinite_tasks``: tasks whose loss was non-finite on any rank; ``nonfinite``: the terms,
     ``"rank R: loss/<task>/<term>=nan"``, from every rank. ``local_nonfinite``: this rank's batch
-    produced a non-finite loss. ``agree_s``: time in the agreement all-reduce before the backward,
-    which includes waiting for the slowest rank to finish its forward; ``allreduce_s``: time after
-    the backward until every gradient all-reduce has finished (what the overlap with the
-    backward did not hide).
+    produced a non-finite loss. ``agree_s``: time this rank waited after its backward for the
+    agreement (the presence / non-finite all-reduce; 0 when it arrived during the backward): it
+    is waiting for a slower rank's forward; ``allreduce_s``: time after that until every gradient
+    all-reduce has finished (what the overlap with the backward did not hide, and waiting for a
+    slower rank's backward).
     """
 
     losses: dict[str, float]
@@ -132,12 +133,16 @@ class TrainStep:
         flags = torch.zeros(len(FLAG_SLOTS), device=values.device)
         slots = torch.tensor([_SLOT["total"], *(_SLOT[_task_of(k)] for k in keys)], device=values.device)
         flags.scatter_reduce_(0, slots, bad.float(), reduce="amax")
-        # One all-reduce before the backward: every rank learns whether any rank's loss is
-        # non-finite (then all skip the backward) and which parameters get a gradient where.
-        # (A batch whose labelled tasks all sit in frozen modules has nothing to differentiate.)
-        t0 = time.perf_counter()
-        agreed = self.sync.agree(flags, total if total.requires_grad else None)
-        agree_s = time.perf_counter() - t0
+        # One small all-reduce launched before the backward and not waited for: every rank learns
+        # whether any rank's loss is non-finite and which parameters get a gradient where. The
+        # backward runs meanwhile (the gradient hooks arm the buckets once the sum has arrived),
+        # so the ranks meet at the end of the backward, as DDP's do. (A batch whose labelled
+        # tasks all sit in frozen modules has nothing to differentiate.)
+        self.sync.agree(flags, total if total.requires_grad else None)
+        if total.requires_grad:
+            scaler.scale(total).backward()  # buckets are all-reduced from the gradient hooks meanwhile
+        agreed = self.sync.finish()  # every rank's gradients averaged, or, on a non-finite step, dropped
+        agree_s, allreduce_s = self.sync.stats.agree_wait_s, self.sync.stats.grad_wait_s
         vals = values.tolist()
         local = dict(zip(keys, vals[1:]))
         local_bad = any(not math.isfinite(v) for v in vals)
@@ -158,11 +163,6 @@ class TrainStep:
                 losses=local, total=vals[0], reason="no_grad", nonfinite_tasks=(), nonfinite=(),
                 local_nonfinite=False, grad_norm=0.0, loss_scale=self.precision.loss_scale, lr=lr, agree_s=agree_s,
             )
-        if total.requires_grad:
-            scaler.scale(total).backward()  # buckets are all-reduced from the gradient hooks meanwhile
-        t1 = time.perf_counter()
-        self.sync.finish()
-        allreduce_s = time.perf_counter() - t1
 
         if scaler.is_enabled():
             scaler.unscale_(opt)
