@@ -65,8 +65,8 @@ VARIANTS = ("overlap", "post", "ddp")
 
 
 def _shards(work: Path) -> str:
-    from data_pipeline.convert import ConvertOptions, convert
-    from data_pipeline.synth import generate
+    from data_pipeline.bdd100k.convert import ConvertOptions, convert
+    from data_pipeline.bdd100k.synth import generate
 
     shards = work / "shards"
     if not (shards / "manifest.json").exists():
