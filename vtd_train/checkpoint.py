@@ -45,7 +45,6 @@ from data_pipeline.errors import VTDInputError
 from vtd_train.model.config import config_from_dict
 from vtd_train.model.vtdnet import VTDNet, VTDNetConfig
 from vtd_train.taskprompter.config import TaskPrompterConfig
-from vtd_train.taskprompter.model import TaskPrompter
 
 MODEL_WEIGHTS = "model.pt"
 MODEL_JSON = "model.json"
@@ -53,12 +52,23 @@ CHECKSUMS = "checksums.json"
 FORMAT_VERSION = 1
 CHECKSUMS_VERSION = 1
 _CHUNK = 8 << 20
-#: model families a checkpoint can hold: family name → (config class, model class)
-FAMILIES = {"vtdnet": (VTDNetConfig, VTDNet), "taskprompter": (TaskPrompterConfig, TaskPrompter)}
+#: model families a checkpoint can hold: family name → config class
+FAMILIES = {"vtdnet": VTDNetConfig, "taskprompter": TaskPrompterConfig}
+
+
+def model_class(family: str) -> type[torch.nn.Module]:
+    """The model class of ``family``. TaskPrompter's is imported on first use: its Swin pieces
+    come from timm, whose import (with huggingface_hub's) costs every VTDNet process, every Ray
+    worker included, over a second."""
+    if family == "taskprompter":
+        from vtd_train.taskprompter.model import TaskPrompter
+
+        return TaskPrompter
+    return VTDNet
 
 
 def family_of(cfg: Any) -> str:
-    for name, (cfg_cls, _) in FAMILIES.items():
+    for name, cfg_cls in FAMILIES.items():
         if isinstance(cfg, cfg_cls):
             return name
     raise TypeError(f"not a model config of a known family: {type(cfg).__name__}")
@@ -257,9 +267,8 @@ def load_model(uri: str, map_location: str | torch.device = "cpu", *, family: st
     held = _family(doc, jpath)
     if family is not None and held != family:
         raise CheckpointError(f"{jpath}: holds a {held} model; this command takes a {family} checkpoint")
-    cfg_cls, model_cls = FAMILIES[held]
-    cfg = config_from_dict(cfg_cls, doc["model"], source=jpath)
-    model = model_cls(cfg)
+    cfg = config_from_dict(FAMILIES[held], doc["model"], source=jpath)
+    model = model_class(held)(cfg)
     state = load_tensors(read_verified(uri, MODEL_WEIGHTS, files), wpath, map_location)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{wpath}: expected a state dict of tensors, got {type(state).__name__}")
