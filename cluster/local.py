@@ -77,6 +77,7 @@ def connect(
                 logging_level="warning", log_to_driver=True, _temp_dir=_own_temp_dir(),
                 runtime_env={"worker_process_setup_hook": SETUP_HOOK},
             )
+        _name_as_current(ctx.address_info["gcs_address"])
         embedded = True
     else:
         use_local_token()
@@ -93,6 +94,19 @@ def connect(
         metrics_export_port=port if embedded else _metrics_port(),
         num_cpus=res.get("CPU", 0.0), num_gpus=res.get("GPU", 0.0),
     )
+
+
+def _name_as_current(gcs_address: str) -> None:
+    """Write the embedded cluster's GCS address where its own processes resolve ``auto``.
+
+    Ray's job supervisor starts every job's driver with ``RAY_ADDRESS`` resolved from ``auto``
+    against the cluster's temp root: the ``ray_current_cluster`` file there, which ``ray start``
+    writes and ``ray.init`` does not; without it Ray falls back to any GCS process it finds on the
+    machine. Measured (2026-12-05): with two embedded clusters on one machine (a demo and a test
+    run), stage jobs submitted to the first cluster's Jobs API ran their ``vtd train`` on the
+    second one."""
+    temp_dir = ray._private.worker._global_node.get_temp_dir_path()
+    ray._private.utils.write_ray_address(gcs_address, temp_dir)
 
 
 def _loopback_only() -> None:

@@ -109,20 +109,38 @@ def test_stage_selection_takes_what_the_named_stages_need():
 # The real thing
 
 
+def job_driver_address() -> str:
+    """The ``RAY_ADDRESS`` a job submitted to the test session's cluster gets for its driver."""
+    import ray
+
+    from orchestrator.cli import _connect_jobs_api
+
+    client = _connect_jobs_api("http://" + ray._private.worker.get_dashboard_url()).client
+    job = client.submit_job(entrypoint=f"{sys.executable} -c \"import os; print('ADDR=' + os.environ['RAY_ADDRESS'])\"")
+    deadline = time.time() + 240
+    while (status := str(client.get_job_status(job))) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.time() < deadline, f"job {job} still {status}"
+        time.sleep(0.5)
+    logs = client.get_job_logs(job)
+    assert status == "SUCCEEDED", logs
+    return next(ln[5:].strip() for ln in logs.splitlines() if ln.startswith("ADDR="))
+
+
+@pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_dev_cluster_runs_pipeline_stages_and_down_stops_exactly_its_processes(tiny_shards, tmp_path):
+def test_dev_cluster_runs_pipeline_stages_and_down_stops_exactly_its_processes(ray_cluster, tiny_shards, tmp_path):
     # stands in for another cluster's process on this machine: `ray stop` would kill it (its
     # command line names log_monitor.py), `vtd cluster down` must not
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(900)", "log_monitor.py"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        run_dev_cluster(tiny_shards, tmp_path, bystander)
+        run_dev_cluster(tiny_shards, tmp_path, bystander, ray_cluster.address)
     finally:
         bystander.kill()
         bystander.wait()
 
 
-def run_dev_cluster(tiny_shards: str, tmp_path: Path, bystander: subprocess.Popen) -> None:
+def run_dev_cluster(tiny_shards: str, tmp_path: Path, bystander: subprocess.Popen, session_gcs: str) -> None:
     d = tmp_path / "devc"
     state_file = d / "cluster.json"
     t0 = time.time()
@@ -168,6 +186,11 @@ def run_dev_cluster(tiny_shards: str, tmp_path: Path, bystander: subprocess.Pope
             capture_output=True, text=True, timeout=300)
         assert probe.returncode == 0, probe.stderr[-2000:]
         assert json.loads(probe.stdout.strip().splitlines()[-1]) == [state["gcs_address"], 2.0, state["gcs_address"]]
+        # with two clusters on the machine, a job submitted to the session's embedded cluster
+        # runs its driver there: the job supervisor resolves "auto" against the cluster's temp
+        # root (cluster.local writes the address file ``ray start`` writes), not against any GCS
+        # process it finds (measured before: stage jobs of one embedded cluster ran on another)
+        assert job_driver_address() == session_gcs
         # token authentication is on: the Jobs API refuses a request without the token
         with pytest.raises(urllib.error.HTTPError) as e:
             get_json(f"{dash}/api/jobs/", None)
