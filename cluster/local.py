@@ -183,6 +183,26 @@ def _own_temp_dir() -> str | None:
     return tempfile.mkdtemp(prefix="vtd-ray-")
 
 
+def one_machine_env() -> dict[str, str]:
+    """Settings for the processes of the embedded cluster, one machine on loopback that nothing
+    drains (clusters joined with ``--address``, KubeRay or ``vtd cluster up``, keep the defaults):
+
+    - gloo's and NCCL's sockets on the loopback interface (``GLOO_SOCKET_IFNAME`` /
+      ``NCCL_SOCKET_IFNAME``): measured, a 2-worker run's gloo pairs listened on ``::``, every
+      interface, while the rest of the cluster was on 127.0.0.1 (torch's rendezvous store:
+      ``vtd_train.train.rendezvous``);
+    - no Ray Train preemption watcher (an actor process per run polling Ray's node-drain state
+      for spot and autoscaler reclaims: nothing to watch on one machine)."""
+    env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    import psutil
+
+    lo = next((name for name, addrs in psutil.net_if_addrs().items()
+               if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addrs)), None)
+    if lo:
+        env.update(GLOO_SOCKET_IFNAME=lo, NCCL_SOCKET_IFNAME=lo)
+    return env
+
+
 @contextlib.contextmanager
 def _free_agent_port() -> Iterator[None]:
     """Start the embedded cluster's dashboard agent on a free port (and its GCS on a known one,
@@ -216,7 +236,7 @@ def _free_agent_port() -> Iterator[None]:
 
             # ... and stay in Ray's local-only mode, on loopback (:func:`_loopback_only`)
             local_only = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"} if not ray_constants.ENABLE_RAY_CLUSTER else {}
-            kwargs["env_vars"] = {**(kwargs.get("env_vars") or {}), **local_only,
+            kwargs["env_vars"] = {**(kwargs.get("env_vars") or {}), **local_only, **one_machine_env(),
                                   "RAY_ADDRESS": f"{ip}:{kwargs['gcs_server_port']}"}
         original(self, *args, **kwargs)
 

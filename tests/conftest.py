@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+import uuid
+from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # before anything imports ray
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -15,6 +19,8 @@ import pytest  # noqa: E402
 
 from data_pipeline.bdd100k.convert import ConvertOptions, convert  # noqa: E402
 from data_pipeline.bdd100k.synth import generate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # Parallel runs are opt-in (`pytest -n auto --dist loadgroup`): the README's command runs the
@@ -76,3 +82,101 @@ def ray_cluster():
     info = connect(num_cpus=4)  # with the dashboard: its Jobs API runs the pipeline tests' stage jobs
     yield info
     ray.shutdown()
+
+
+def cluster_listeners() -> list[tuple[int, str, int, str]]:
+    """(pid, address, port, process name) of every listening socket of the embedded cluster's
+    processes (those naming its session directory, and their children). This test process is
+    left out: it is the cluster's driver but also hosts other tests' servers (an orchestrator's
+    metrics endpoint)."""
+    import os
+
+    import psutil
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    mine: set[int] = set()
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if session in " ".join(p.info["cmdline"] or []):
+                mine |= {p.pid, *(c.pid for c in p.children(recursive=True))}
+        except psutil.Error:
+            continue
+    mine.discard(os.getpid())
+    out = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in mine:
+            try:
+                name = psutil.Process(c.pid).cmdline()[0][:80]
+            except (psutil.Error, IndexError):
+                name = "?"
+            out.append((c.pid, c.laddr.ip, c.laddr.port, name))
+    return out
+
+
+@pytest.fixture(scope="session")
+def scraped_run(ray_cluster, tiny_shards, tmp_path_factory):
+    """A real Prometheus scraping the shared cluster's metrics agent and a real orchestrator
+    metrics server, after a 3-step 2-worker CPU training run (``configs/tiny.yaml``) and a
+    pipeline with a failed stage: one run for the monitoring tests (tests/test_monitoring.py,
+    tests/test_deploy_monitoring.py), a Ray Train start-up less for the suite."""
+    from prometheus_server import PrometheusServer
+
+    from cluster.local import free_port
+    from orchestrator.metrics import PipelineMetrics
+    from orchestrator.state import StageRecord
+    from vtd_train.train.config import load_train_config
+    from vtd_train.train.launch import config_with, run_training
+
+    run, pipeline = f"deploy-{uuid.uuid4().hex[:8]}", f"cpf-{uuid.uuid4().hex[:8]}"
+    cfg = load_train_config(str(ROOT / "configs" / "tiny.yaml"), name=run,
+                            storage_path=str(tmp_path_factory.mktemp("deploy-runs")))
+    cfg = config_with(cfg, data={"uri": tiny_shards}, max_steps=3, report_every_steps=1,
+                      checkpoint={"every_steps": 0, "at_epoch_end": False})
+    port = free_port()
+    metrics = PipelineMetrics(port)
+    now = time.time()
+    metrics.stage(pipeline, cfg.stage, StageRecord(key="k", state="running", attempt=1, submitted_at=now,
+                                                     metrics={"queued_s": 1.5, "start_gap_s": 2.0}))
+    with PrometheusServer([f"127.0.0.1:{ray_cluster.metrics_export_port}", f"127.0.0.1:{port}"], scrape_interval_s=1.0) as prom:
+        start = time.time()
+        # the sockets the cluster's processes listen on while the run trains (tests/test_quiet.py)
+        listeners: set[tuple[int, str, int, str]] = set()
+        training = threading.Thread(target=lambda: result.append(run_training(cfg)), daemon=True)
+        result: list = []
+        training.start()
+        while training.is_alive():
+            listeners |= set(cluster_listeners())
+            time.sleep(0.5)
+        training.join()
+        assert result, "the monitored run failed (its error is above)"
+        result = result[0]
+        metrics.stage(pipeline, cfg.stage, StageRecord(key="k", state="succeeded", attempt=1, started_at=now, ended_at=time.time(),
+                                                         metrics={"queued_s": 1.5, "start_gap_s": 2.0, "first_step_gap_s": 9.0}))
+        metrics.stage(pipeline, "finetune_det", StageRecord(key="k2", state="failed", attempt=2, started_at=now, ended_at=time.time()))
+        metrics.submitted(pipeline, "finetune_det", 0.2)
+        steps = result.metrics["step"]
+        # the event counters a healthy run never increments, recorded by the real monitor in a Ray
+        # worker under a run of their own (the alerts on them must query real series too)
+        import ray
+
+        from vtd_train.train.monitoring import TrainMonitor
+
+        @ray.remote(num_cpus=0)
+        def events(run_name: str, stage: str) -> str:
+            with TrainMonitor(run_name, stage, 0, flush_interval_s=3600.0) as m:
+                m.record_step(losses={"loss/det/cls": float("nan")}, total_loss=float("nan"), lr=1e-3, loss_scale=0.5,
+                              step_time_s=0.2, data_wait_s=0.1, images=2, set_name="det", skipped=True)
+                m.record_bad_samples(2)
+                return m.backend
+
+        assert ray.get(events.remote(run + "-events", cfg.stage), timeout=120) == "ray"
+        prom.wait_for(f'sum(last_over_time(ray_vtd_train_steps_total{{run="{run}"}}[10m]))',
+                      lambda r: len(r) == 1 and float(r[0]["value"][1]) == steps * cfg.resources.num_workers, timeout_s=60)
+        prom.wait_for(f'vtd_pipeline_stage_state{{run="{pipeline}", state="failed", stage="finetune_det"}} == 1',
+                      lambda r: len(r) == 1, timeout_s=30)
+        # a few scrapes of them, so that rates and increases over them have two samples or more
+        prom.wait_for(f'count_over_time(ray_vtd_train_bad_samples_total{{run="{run}-events"}}[1m]) >= 3',
+                      lambda r: len(r) == 1, timeout_s=60)
+        yield {"prom": prom, "run": run, "pipeline": pipeline, "stage": cfg.stage, "start": start,
+               "metrics": result.metrics, "world": cfg.resources.num_workers, "listeners": listeners}

@@ -372,21 +372,11 @@ def test_prometheus_scrapes_train_metrics_from_ray_workers(prometheus):
 
 
 @pytest.mark.ray
-def test_prometheus_scrapes_a_real_cpu_training_run(prometheus, tiny_shards, tmp_path):
-    """A 3-step, 2-worker CPU run of the real training loop (vtd_train.train.launch), scraped;
-    the series agree with what the run reported through ray.train.report."""
-    from vtd_train.train.config import load_train_config
-    from vtd_train.train.launch import config_with, run_training
-
-    prom, run = prometheus, _run_name("train")
-    cfg = load_train_config(str(ROOT / "configs" / "tiny.yaml"), name=run, storage_path=str(tmp_path / "runs"))
-    cfg = config_with(cfg, data={"uri": tiny_shards}, max_steps=3, report_every_steps=1,
-                      checkpoint={"every_steps": 0, "at_epoch_end": False})
-    world = cfg.resources.num_workers
-    t0 = time.monotonic()
-    result = run_training(cfg)
-    t_fit = time.monotonic() - t0
-    m = result.metrics
+def test_prometheus_scrapes_a_real_cpu_training_run(scraped_run):
+    """A 3-step, 2-worker CPU run of the real training loop (vtd_train.train.launch, the suite's
+    shared ``scraped_run``), scraped; the series agree with what the run reported through
+    ray.train.report."""
+    prom, run, m, world = scraped_run["prom"], scraped_run["run"], scraped_run["metrics"], scraped_run["world"]
     # The workers are gone when fit() returns; Prometheus marks their series stale, so read the
     # last scraped samples.
     sel = f'{{run="{run}"}}'
@@ -396,7 +386,7 @@ def test_prometheus_scrapes_a_real_cpu_training_run(prometheus, tiny_shards, tmp
         flush reaches Prometheus a scrape or two after fit() returns)."""
         return prom.wait_for(f"last_over_time({name}{sel}[10m])", lambda r: _close(_by(r, *keys), expected), timeout_s=60)
 
-    settled("ray_vtd_train_steps_total", ("rank", "stage"), {(str(r), cfg.stage): m["step"] for r in range(world)})
+    settled("ray_vtd_train_steps_total", ("rank", "stage"), {(str(r), scraped_run["stage"]): m["step"] for r in range(world)})
     images = prom.wait_for(f"sum(last_over_time(ray_vtd_train_images_total{sel}[10m]))",
                            lambda r: len(r) == 1 and float(r[0]["value"][1]) == m["images_seen"], timeout_s=30)
     assert float(images[0]["value"][1]) == m["images_seen"] > 0
@@ -409,4 +399,3 @@ def test_prometheus_scrapes_a_real_cpu_training_run(prometheus, tiny_shards, tmp
     assert _close(lr, {("0",): m["lr"]}), (lr, m["lr"])
     scale = _by(prom.query(f'last_over_time(ray_vtd_train_loss_scale{{run="{run}", rank="0"}}[10m])'), "rank")
     assert _close(scale, {("0",): m["loss_scale"]}), (scale, m["loss_scale"])
-    print(f"\n[monitoring] real CPU run: fit {t_fit:.1f} s, scraped in {time.monotonic() - t0 - t_fit:.1f} s more")

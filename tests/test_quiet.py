@@ -69,35 +69,22 @@ def test_the_embedded_clusters_workers_install_it(ray_cluster):
 
 
 @pytest.mark.ray
-def test_the_embedded_cluster_listens_on_loopback_only(ray_cluster):
+def test_the_embedded_cluster_listens_on_loopback_only(ray_cluster, scraped_run):
     """Every listening socket of the embedded cluster's processes (GCS, raylet, agents, workers,
-    the metrics export) is on the loopback interface. This test process is left out: it is the
-    cluster's driver but also hosts other tests' servers (an orchestrator's metrics endpoint)."""
-    import os
+    the metrics export) is on the loopback interface, and so were those of the suite's 2-worker
+    training run while it ran (``scraped_run``): torch's rendezvous store on rank 0
+    (``vtd_train.train.rendezvous``) and the gloo pairs (``cluster.local.one_machine_env``), both
+    on every interface before."""
+    from conftest import cluster_listeners
 
-    import psutil
-    import ray
-
-    @ray.remote(num_cpus=0.01)
-    def pid() -> int:
-        return os.getpid()
-
-    ray.get(pid.remote(), timeout=120)  # a worker process is up
-    session = ray._private.worker._global_node.get_session_dir_path()
-    mine: set[int] = set()
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if session in " ".join(p.info["cmdline"] or []):
-                mine |= {p.pid, *(c.pid for c in p.children(recursive=True))}
-        except psutil.Error:
-            continue
-    mine.discard(os.getpid())
-    listening = [(c.pid, c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN and c.pid in mine]
-    ports = {port for _, _, port in listening}
+    listening = cluster_listeners()
+    ports = {port for _, _, port, _ in listening}
     assert ray_cluster.metrics_export_port in ports and int(ray_cluster.address.rsplit(":", 1)[1]) in ports
-    assert len({p for p, _, _ in listening}) >= 4, listening  # GCS, raylet, agents, a worker at least
-    outside = [x for x in listening if x[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert len({p for p, _, _, _ in listening}) >= 3, listening  # GCS, raylet, agents at least
+    seen = set(listening) | scraped_run["listeners"]
+    workers = {x for x in seen if "RayTrainWorker" in x[3]}
+    assert len({pid for pid, _, _, _ in workers}) == 2, f"both ranks' sockets seen while they trained: {sorted(seen)}"
+    outside = [x for x in seen if x[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not outside, outside
 
 

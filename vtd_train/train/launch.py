@@ -80,17 +80,16 @@ def build_trainer(cfg: TrainConfig, *, callbacks: tuple = ()):
     """The ``TorchTrainer`` of a run (Ray Train V2): gloo on CPU, NCCL on GPUs. ``callbacks``:
     ``ray.train.UserCallback`` s run on Ray Train's controller (a benchmark's recorder)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
-
     from vtd_train.train.failures import TorchTrainer  # deterministic errors are not retried
     from vtd_train.train.loop import train_loop_per_worker
+    from vtd_train.train.rendezvous import torch_config  # on loopback on the embedded cluster
 
     res = cfg.resources
     path, filesystem = _storage(cfg.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train_config": cfg},
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        torch_config=torch_config("nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
         run_config=RunConfig(
