@@ -49,6 +49,7 @@ from webdataset.writer import TarWriter
 from data_pipeline.bdd100k import format as B
 from data_pipeline import fsio
 from data_pipeline.shards import format as SF
+from data_pipeline.shards.writing import Skips, clean_family
 from data_pipeline.shards.format import INSTANCE_MEMBER, LABEL_MEMBER, encode_label_map
 from data_pipeline.errors import DataError, VTDInputError
 from data_pipeline.png import decode_png
@@ -136,7 +137,7 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
     # 1. Plan everything before touching the output: a bad label file fails here, output intact.
     families = {}
     for set_name, split in opts.families():
-        skips = _Skips(opts.on_error)
+        skips = Skips(opts.on_error)
         clips = _PLANNERS[set_name](opts.bdd_root, split, opts.clip_len, skips)
         families[(set_name, split)] = {"jobs": _shard_jobs(set_name, split, clips, opts), "skipped": skips.items}
 
@@ -147,7 +148,7 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
         if f.startswith(SF.MANIFEST_NAME + fsio.TMP_MARKER):  # debris of an interrupted manifest write
             fsio.remove(fsio.join(opts.out, f))
     for (set_name, split), fam in families.items():
-        _clean_family(opts.out, set_name, split, n_planned=len(fam["jobs"]), everything=opts.overwrite)
+        clean_family(opts.out, set_name, split, n_planned=len(fam["jobs"]), everything=opts.overwrite)
 
     # 3. Write the shards that are not already complete.
     jobs = [j for fam in families.values() for j in fam["jobs"]]
@@ -165,19 +166,6 @@ def convert(opts: ConvertOptions) -> dict[str, Any]:
 # =============================================================================================
 # Errors: raise or count
 # =============================================================================================
-
-
-class _Skips:
-    """Applies ``on_error`` to a DataError: re-raise it, or record it for the manifest."""
-
-    def __init__(self, on_error: str):
-        self.on_error = on_error
-        self.items: list[dict[str, Any]] = []
-
-    def handle(self, err: DataError) -> None:
-        if self.on_error == "raise":
-            raise err
-        self.items.append({"file": err.file, "frame": err.frame, "field": err.field, "error": err.message})
 
 
 # =============================================================================================
@@ -198,7 +186,7 @@ def _jpg_by_stem(names: list[str]) -> dict[str, str]:
     return {_stem(n): n for n in names if n.lower().endswith((".jpg", ".jpeg"))}
 
 
-def _load_frames(root: str, rel: str, skips: _Skips) -> list[tuple[int, dict]] | None:
+def _load_frames(root: str, rel: str, skips: Skips) -> list[tuple[int, dict]] | None:
     """The frames of a Scalabel/BDD100K label file as ``(position, frame)``; ``None`` if absent.
 
     Accepts a list of frames or ``{"frames": [...]}``. A malformed file is one DataError (then
@@ -251,7 +239,7 @@ def _frame_spec(name: str, image: str, **kw: Any) -> FrameSpec:
     return spec
 
 
-def _plan_det(root: str, split: str, clip_len: int, skips: _Skips) -> list[list[FrameSpec]]:
+def _plan_det(root: str, split: str, clip_len: int, skips: Skips) -> list[list[FrameSpec]]:
     """det set: frames of det_20 ∪ pose_21 ∪ drivable/lane masks, one frame per clip.
 
     Order: det_20 order, then pose-only frames in pose_21 order, then mask-only images by stem.
@@ -297,7 +285,7 @@ def _plan_det(root: str, split: str, clip_len: int, skips: _Skips) -> list[list[
     return clips
 
 
-def _plan_seg(root: str, split: str, clip_len: int, skips: _Skips) -> list[list[FrameSpec]]:
+def _plan_seg(root: str, split: str, clip_len: int, skips: Skips) -> list[list[FrameSpec]]:
     """seg set (10K images): every image with a sem_seg mask or an ins_seg bitmask, by stem."""
     img_dir, sem_dir, ins_dir = B.Layout.images_10k(split), B.Layout.sem_masks(split), B.Layout.ins_bitmasks(split)
     by_stem = _jpg_by_stem(fsio.list_files(fsio.join(root, img_dir)))
@@ -331,7 +319,7 @@ def _track_ids(frames: list[dict]) -> dict[str, int]:
     return {s: i for i, s in enumerate(ids)}
 
 
-def _plan_track(root: str, split: str, clip_len: int, skips: _Skips) -> list[list[FrameSpec]]:
+def _plan_track(root: str, split: str, clip_len: int, skips: Skips) -> list[list[FrameSpec]]:
     """track set: box_track_20 videos (mot, flow), then seg_track_20 bitmask videos (mots, mot,
     flow); each video's frames, ordered by frame index, cut into clips of consecutive frames."""
     bt_dir, st_dir = B.Layout.box_track_dir(split), B.Layout.seg_track_bitmasks(split)
@@ -441,19 +429,6 @@ def _shard_jobs(set_name: str, split: str, clips: list[list[FrameSpec]], opts: C
 # =============================================================================================
 
 
-def _clean_family(out: str, set_name: str, split: str, *, n_planned: int, everything: bool) -> None:
-    """Remove temp files of interrupted writes and shards beyond the plan (all shards if
-    ``everything``). Only names of this family's shard pattern are touched."""
-    d = fsio.join(out, SF.shard_dir(set_name, split))
-    pat = re.compile(rf"{set_name}-{split}-(\d{{6}})\.tar(\.json)?")
-    for f in fsio.list_files(d):
-        m = pat.fullmatch(f)
-        if fsio.TMP_MARKER in f and f.startswith(f"{set_name}-{split}-"):
-            fsio.remove(fsio.join(d, f))
-        elif m and (everything or int(m[1]) >= n_planned):
-            fsio.remove(fsio.join(d, f))
-
-
 def _complete_sidecar(job: ShardJob, opts: ConvertOptions) -> dict | None:
     """The sidecar of ``job`` if its shard is complete for the current plan, else None."""
     shard_uri = fsio.join(opts.out, job["path"])
@@ -509,7 +484,7 @@ def _run_jobs(jobs: list[ShardJob], opts: ConvertOptions, *, total: int, initial
 def _write_shard(job: ShardJob) -> dict[str, Any]:
     """Validate and write one shard atomically, then its sidecar; returns the sidecar."""
     shard_uri = fsio.join(job["out"], job["path"])
-    skips = _Skips(job["on_error"])
+    skips = Skips(job["on_error"])
     counts = empty_task_counts(job["set"])
     label_sets: dict[str, int] = {}
     with fsio.atomic_open(shard_uri, "wb") as f:
@@ -530,7 +505,7 @@ def _write_shard(job: ShardJob) -> dict[str, Any]:
     return sidecar
 
 
-def _write_clips(writer: TarWriter, job: ShardJob, skips: _Skips, counts: dict,
+def _write_clips(writer: TarWriter, job: ShardJob, skips: Skips, counts: dict,
                  label_sets: dict[str, int]) -> tuple[list[int], list[int]]:
     """Validate and write ``job``'s clips, counting their frames per task (``counts``) and per
     set of labelled tasks (``label_sets``); returns the frames of each clip written and the

@@ -43,7 +43,7 @@ from webdataset.writer import TarWriter
 
 from data_pipeline import fsio
 from data_pipeline.shards import format as SF
-from data_pipeline.bdd100k.convert import _clean_family, _Skips
+from data_pipeline.shards.writing import Skips, clean_family
 from data_pipeline.errors import DataError, VTDInputError
 from data_pipeline.png import decode_png
 
@@ -96,13 +96,13 @@ def convert_cityscapes3d(opts: Cityscapes3DConvertOptions) -> dict[str, Any]:
         raise FileExistsError(f"{manifest_uri} already exists; pass overwrite=True (--overwrite) to replace the output")
     plans = {}
     for split in opts.splits:  # plan everything first: a bad listing fails before any write
-        skips = _Skips(opts.on_error)
+        skips = Skips(opts.on_error)
         frames = _plan_split(opts.root, split, skips)
         plans[split] = {"jobs": _jobs(split, frames, opts), "skipped": skips.items}
     if opts.overwrite:
         fsio.remove(manifest_uri)
     for split, plan in plans.items():
-        _clean_family(opts.out, SET_NAME, split, n_planned=len(plan["jobs"]), everything=True)
+        clean_family(opts.out, SET_NAME, split, n_planned=len(plan["jobs"]), everything=True)
     jobs = [j for plan in plans.values() for j in plan["jobs"]]
     sidecars = _run(jobs, opts)
     manifest = _manifest(opts, plans, sidecars)
@@ -115,7 +115,7 @@ def convert_cityscapes3d(opts: Cityscapes3DConvertOptions) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _plan_split(root: str, split: str, skips: _Skips) -> list[dict[str, Any]]:
+def _plan_split(root: str, split: str, skips: Skips) -> list[dict[str, Any]]:
     """Frames of ``split``: every ``leftImg8bit`` image with its label files (by city and base),
     sorted by city and name. A label file without its image is a DataError."""
     found: dict[str, dict[tuple[str, str], str]] = {}
@@ -179,7 +179,7 @@ def _run(jobs: list[dict], opts: Cityscapes3DConvertOptions) -> dict[str, dict]:
 
 def _write_shard(job: dict[str, Any]) -> dict[str, Any]:
     uri = fsio.join(job["out"], job["path"])
-    skips = _Skips(job["on_error"])
+    skips = Skips(job["on_error"])
     tasks = {t: {"samples": 0, "instances": 0} for t in TASKS}
     label_sets: dict[str, int] = {}
     offsets: list[int] = []
