@@ -1,6 +1,19 @@
 """Classification group: image tagging (weather, scene) from image features C5 (paper §4.1).
 
-Global average pooling on C5, then one dense layer per classification task.
+Global average pooling on C5, then one dense layer per classification task (the paper's
+decoder); with ``TaggingConfig.pooled_norm`` a batch norm standardises the pooled vector first.
+
+Why ``pooled_norm`` exists (the tiny preset turns it on; the paper's models keep it off): a
+ResNet trained *from scratch* normalises with GroupNorm (``BackboneConfig.norm: auto``), which
+sets every channel group's mean over the image to the same learned offset, so the pooled C5 of
+every image is nearly the same vector. Measured on the demo's curriculum checkpoint (24 det
+train images): per-channel standard deviation across images 1.5% of the mean magnitude. A dense
+layer on such inputs is badly conditioned: the common part dominates every gradient, and
+trained alone on those features (batch 2, AdamW lr 1e-3, 144 or 600 steps) it never leaves the
+majority class even on its training images (scene 37.5%), while the same layer behind a batch
+norm fits them (100%) and is above the majority class on validation (50% vs 37.5%); a linear
+probe on the standardised features reaches 62.5%. An ImageNet-pretrained backbone (frozen BN)
+has discriminative pooled features and needs none of this.
 """
 
 from __future__ import annotations
@@ -18,6 +31,8 @@ from data_pipeline.bdd100k.format import SCENES, WEATHERS
 class TaggingConfig:
     num_weathers: int = len(WEATHERS)
     num_scenes: int = len(SCENES)
+    #: BatchNorm1d on the pooled C5 before the dense layers (see the module docstring)
+    pooled_norm: bool = False
 
 
 @dataclass
@@ -29,10 +44,16 @@ class TagLogits:
 
 
 class TaggingDecoder(nn.Module):
-    """``forward(c5 [B, C, h, w]) -> TagLogits``."""
+    """``forward(c5 [B, C, h, w]) -> TagLogits``.
+
+    With ``pooled_norm`` the pooled ``[B, C]`` vector goes through a ``BatchNorm1d``: batch
+    statistics in training (running statistics when a training batch holds a single image,
+    whose variance is undefined), running statistics in evaluation.
+    """
 
     def __init__(self, cfg: TaggingConfig, in_channels: int) -> None:
         super().__init__()
+        self.norm = nn.BatchNorm1d(in_channels) if cfg.pooled_norm else None
         self.weather = nn.Linear(in_channels, cfg.num_weathers)
         self.scene = nn.Linear(in_channels, cfg.num_scenes)
         for layer in (self.weather, self.scene):  # near-uniform start (classifier heads: N(0, 0.01))
@@ -41,6 +62,10 @@ class TaggingDecoder(nn.Module):
 
     def forward(self, c5: Tensor) -> TagLogits:
         x = c5.mean(dim=(2, 3))
+        if self.norm is not None:
+            n = self.norm
+            x = F.batch_norm(x.float(), n.running_mean, n.running_var, n.weight, n.bias,
+                             training=self.training and x.shape[0] > 1, momentum=n.momentum, eps=n.eps)
         return TagLogits(weather=self.weather(x), scene=self.scene(x))
 
 
