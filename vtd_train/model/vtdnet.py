@@ -251,7 +251,7 @@ class VTDNetConfig:
             cross=CrossIBConfig(channels=16, num_heads=2),
             num_context_objects=10,
             # the from-scratch (GroupNorm) backbone's pooled C5 barely varies across images:
-            # standardise it before the tagging layers (classification.py says why)
+            # standardise it (detached) before the tagging layers (classification.py says why)
             tagging=TaggingConfig(pooled_norm=True),
         )
         base = cls.variant(variant, backbone)
