@@ -507,3 +507,24 @@ def test_config_from_dict_validates_keys_and_values():
         config_from_dict(VTDNetConfig, {"tasks": ["ins"]}, source="configs/x.yaml")
     with pytest.raises(VTDInputError, match=r"loss_weights: .*pose must be a non-negative number, got -1"):
         config_from_dict(VTDNetConfig, {"loss_weights": {"pose": -1}}, source="configs/x.yaml")
+
+
+def test_tiny_tagging_norm_learns_its_statistics_only_when_trained():
+    """The tiny preset's tagging decoder standardises the pooled C5 with a batch norm: a training
+    batch of two or more updates its running statistics, and a frozen decoder (a CPF stage that
+    fine-tunes another one) keeps them as they are; gradients never reach C5 through it."""
+    from vtd_train.model.classification import TaggingConfig, TaggingDecoder
+    from vtd_train.train.optim import freeze
+
+    torch.manual_seed(0)
+    dec = TaggingDecoder(TaggingConfig(pooled_norm=True), in_channels=8).train()
+    c5 = torch.randn(4, 8, 3, 5, requires_grad=True)
+    before = dec.norm.running_mean.clone()
+    out = dec(c5)
+    assert not torch.equal(dec.norm.running_mean, before)
+    (out.weather.sum() + out.scene.sum()).backward()
+    assert c5.grad is None and dec.weather.weight.grad is not None
+    freeze(dec, ("norm", "weather", "scene"))
+    frozen = (dec.norm.running_mean.clone(), dec.norm.running_var.clone())
+    dec(torch.randn(4, 8, 3, 5))
+    assert torch.equal(dec.norm.running_mean, frozen[0]) and torch.equal(dec.norm.running_var, frozen[1])

@@ -56,7 +56,9 @@ class TaggingDecoder(nn.Module):
 
     With ``pooled_norm`` the pooled ``[B, C]`` vector is detached and goes through a
     ``BatchNorm1d``: batch statistics in training (running statistics when a training batch
-    holds a single image, whose variance is undefined), running statistics in evaluation.
+    holds a single image, whose variance is undefined, or when the decoder is frozen: a CPF
+    fine-tuning stage of another decoder leaves this one bit-identical), running statistics in
+    evaluation.
     """
 
     def __init__(self, cfg: TaggingConfig, in_channels: int) -> None:
@@ -73,7 +75,8 @@ class TaggingDecoder(nn.Module):
         if self.norm is not None:
             n = self.norm
             x = F.batch_norm(x.detach().float(), n.running_mean, n.running_var, n.weight, n.bias,
-                             training=self.training and x.shape[0] > 1, momentum=n.momentum, eps=n.eps)
+                             training=self.training and x.shape[0] > 1 and n.weight.requires_grad,
+                             momentum=n.momentum, eps=n.eps)
         return TagLogits(weather=self.weather(x), scene=self.scene(x))
 
 
