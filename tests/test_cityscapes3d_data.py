@@ -223,3 +223,28 @@ def test_cli_convert_positional(cs_root, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["tasks"]["det3d"]["samples"] == 4
     assert main(["data", "convert", "--format", "cityscapes3d", str(cs_root), str(out), "--quiet", "--sets", "det"]) == 2
     assert "--sets" in capsys.readouterr().err
+
+
+def test_inspect_reads_cityscapes3d_shards(cs_shards, tmp_path, capsys):
+    """``vtd data inspect`` decodes every sample with the Cityscapes-3D reader and counts what the
+    converter's manifest counts; a damaged shard is named."""
+    from data_pipeline.shards.inspect import inspect_shards
+    from vtd_train.cli import main
+
+    report = inspect_shards(cs_shards)
+    manifest = json.loads((Path(cs_shards) / "manifest.json").read_text())
+    assert report["benchmark"] == "cityscapes3d"
+    for key in ("cityscapes/train", "cityscapes/val"):
+        got, want = report["sets"][key], manifest["sets"][key]
+        assert list(got["tasks"]) == ["sem", "depth", "det3d"] and got["tasks"] == want["tasks"]
+        assert (got["samples"], got["shards"]) == (want["samples"], len(want["shards"]))
+    assert report["totals"]["tasks"]["det3d"]["instances"] > 0
+    assert main(["data", "inspect", cs_shards]) == 0
+    assert "cityscapes/val: 4 frames" in capsys.readouterr().out
+
+    bad = tmp_path / "shards"
+    shutil.copytree(cs_shards, bad)
+    shard = bad / manifest["sets"]["cityscapes/val"]["shards"][0]["path"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"cityscapes-val-000000\.tar.*truncated"):
+        inspect_shards(str(bad))

@@ -158,3 +158,17 @@ def test_ray_training_and_vtd_evaluate(ray_run, cs3d_shards):
     results = json.loads((out_dir / "det3d" / "results.json").read_text())  # the official script's own output
     assert results["eval_params"]["matching_method"] == "Modal"
     assert "Depth RMSE" in buf.getvalue() and "(paper TaskPrompter 32.94)" in buf.getvalue()
+
+
+def test_model_init_writes_the_configs_family(tmp_path):
+    """``vtd model init`` (a pipeline's ``init`` stage) builds the config's family, seeded as
+    ``vtd train`` seeds: the same weights the training run starts from."""
+    from vtd_train.checkpoint_ops import init_checkpoint
+    from vtd_train.train.families import build_model
+
+    init_checkpoint(str(CONFIG), str(tmp_path / "m"))
+    model, cfg, meta = load_model(str(tmp_path / "m"), family="taskprompter")
+    assert cfg == load_train_config(str(CONFIG)).model and meta["step"] == 0
+    torch.manual_seed(load_train_config(str(CONFIG)).seed)
+    fresh = build_model(load_train_config(str(CONFIG)))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))

@@ -23,10 +23,11 @@ def init_checkpoint(config_path: str, out: str) -> str:
     """Write the model of training config ``config_path``, initialised with its seed as
     ``vtd train`` would, untrained, as a checkpoint at ``out`` (a reference point)."""
     from vtd_train.train.config import load_train_config
+    from vtd_train.train.families import build_model
 
     cfg = load_train_config(config_path)
     torch.manual_seed(cfg.seed)
-    model = VTDNet(cfg.model)
+    model = build_model(cfg)  # the config's model family
     save_model(out, model, cfg.model, meta={"step": 0, "epoch": 0, "run": cfg.name, "stage": cfg.stage,
                                             "config": cfg.to_dict()})
     return out

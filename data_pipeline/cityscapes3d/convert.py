@@ -46,6 +46,7 @@ from data_pipeline.shards import format as SF
 from data_pipeline.shards.writing import Skips, clean_family
 from data_pipeline.errors import DataError, VTDInputError
 from data_pipeline.png import decode_png
+from data_pipeline.shards.inspect import add_frame_counts, label_set_key
 
 from . import geometry as G
 from .format import BENCHMARK, DET3D_CLASS_ID, LABEL_ID, LABEL_TO_TRAIN, MAX_LABEL_ID, SET_NAME, SPLITS, TASKS, Layout
@@ -197,10 +198,8 @@ def _write_shard(job: dict[str, Any]) -> dict[str, Any]:
                 sample.update({SF.frame_member(0, k): v for k, v in members.items()})
                 offsets.append(writer.tarstream.offset)
                 writer.write(sample)
-                for t in record["tasks"]:
-                    tasks[t]["samples"] += 1
-                    tasks[t]["instances"] += len(record["boxes3d"]) if t == "det3d" else 0
-                key = ",".join(t for t in TASKS if t in record["tasks"])
+                add_frame_counts(tasks, record)  # the counting rule `vtd data inspect` checks against
+                key = label_set_key(record, TASKS)
                 label_sets[key] = label_sets.get(key, 0) + 1
         finally:
             writer.close()

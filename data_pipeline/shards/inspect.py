@@ -12,8 +12,13 @@ counting rule lives here and the converter uses the same functions for its manif
 reports are comparable:
 
 * ``samples`` of a task: frames whose ``tasks`` include it;
-* ``instances``: ``len(instances)`` for det / ins / mot / mots, ``len(pose)`` for pose, and 0 for
-  the pixel and image-level tasks (tag, sem, drivable, lane, flow).
+* ``instances``: ``len(instances)`` for det / ins / mot / mots, ``len(pose)`` for pose,
+  ``len(boxes3d)`` for det3d (Cityscapes-3D), and 0 for the pixel and image-level tasks (tag, sem,
+  drivable, lane, flow, depth).
+
+Cityscapes-3D shards (manifest ``benchmark: cityscapes3d``) are read with that benchmark's own
+decoder (:func:`data_pipeline.cityscapes3d.decode.decode_sample`: JSON, PNGs, run-length maps),
+their tasks (sem, depth, det3d) named and ordered as its converter names them.
 
 Pseudo-labels (:mod:`data_pipeline.loading.pseudo`) are counted by the same rule: a pseudo family's root
 on its own (its shards read, per set and task the frames and instances labelled), or joined to
@@ -23,6 +28,7 @@ training loader's join gives, read from both families in lockstep).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +36,7 @@ from typing import Any
 from data_pipeline import fsio
 from data_pipeline.shards import format as SF
 from data_pipeline.bdd100k.format import SET_TASKS, TASKS
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, VTDInputError
 from data_pipeline.loading.pseudo import (
     check_source,
     is_pseudo_family,
@@ -51,21 +57,26 @@ _TASK_MEMBER = {**{k: SF.LABEL_MEMBER[k] for k in ("drivable", "lane", "sem")}, 
 
 
 def frame_task_instances(frame: dict[str, Any]) -> dict[str, int]:
-    """``{task: instance count}`` for every task labelled in ``frame`` (a FrameRecord)."""
+    """``{task: instance count}`` for every task labelled in ``frame`` (a FrameRecord, or a
+    Cityscapes-3D frame record)."""
     out = {}
     for task in frame.get("tasks", {}):
         if task in INSTANCE_TASKS:
             out[task] = len(frame.get("instances") or ())
         elif task == "pose":
             out[task] = len(frame.get("pose") or ())
+        elif task == "det3d":
+            out[task] = len(frame.get("boxes3d") or ())
         else:
             out[task] = 0
     return out
 
 
-def empty_task_counts(set_name: str) -> dict[str, dict[str, int]]:
-    """Zero counts for the tasks of ``set_name``, in ``TASKS`` order."""
-    return {t: {"samples": 0, "instances": 0} for t in TASKS if t in SET_TASKS.get(set_name, ())}
+def empty_task_counts(set_name: str, tasks: tuple[str, ...] = TASKS) -> dict[str, dict[str, int]]:
+    """Zero counts for the tasks of ``set_name``, in ``tasks`` order (a Cityscapes-3D set: all of
+    its benchmark's ``tasks``)."""
+    of_set = SET_TASKS.get(set_name, tasks)
+    return {t: {"samples": 0, "instances": 0} for t in tasks if t in of_set}
 
 
 def add_frame_counts(counts: dict[str, dict[str, int]], frame: dict[str, Any]) -> None:
@@ -76,11 +87,12 @@ def add_frame_counts(counts: dict[str, dict[str, int]], frame: dict[str, Any]) -
         c["instances"] += n
 
 
-def label_set_key(frame: dict[str, Any]) -> str:
-    """The tasks ``frame`` (a FrameRecord, whose tasks are among ``TASKS``) is labelled for, in
-    ``TASKS`` order, comma-joined (``""``: none): its key in a shard's ``label_sets`` counts."""
+def label_set_key(frame: dict[str, Any], order: tuple[str, ...] = TASKS) -> str:
+    """The tasks ``frame`` (a frame record whose tasks are among ``order``, its benchmark's tasks)
+    is labelled for, in that order, comma-joined (``""``: none): its key in a shard's
+    ``label_sets`` counts."""
     tasks = frame.get("tasks", {})
-    return ",".join(t for t in TASKS if t in tasks)
+    return ",".join(t for t in order if t in tasks)
 
 
 def merge_task_counts(into: dict[str, dict[str, int]], other: dict[str, dict[str, int]]) -> None:
@@ -90,8 +102,8 @@ def merge_task_counts(into: dict[str, dict[str, int]], other: dict[str, dict[str
         d["instances"] += c["instances"]
 
 
-def sort_task_counts(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    return {t: counts[t] for t in TASKS if t in counts} | {t: c for t, c in counts.items() if t not in TASKS}
+def sort_task_counts(counts: dict[str, dict[str, int]], order: tuple[str, ...] = TASKS) -> dict[str, dict[str, int]]:
+    return {t: counts[t] for t in order if t in counts} | {t: c for t, c in counts.items() if t not in order}
 
 
 def list_shards(uri: str) -> list[tuple[str, str, str]]:
@@ -141,13 +153,36 @@ def _check_sample(uri: str, sample: dict[str, Any], set_name: str, split: str) -
     return clip
 
 
-def _read_shard(uri: str, set_name: str, split: str, pseudo_url: str | None = None) -> dict[str, Any]:
+def _check_cityscapes_sample(uri: str, sample: dict[str, Any], set_name: str, split: str) -> dict[str, Any]:
+    """A Cityscapes-3D sample decoded as the training loader decodes it (its image, label and
+    disparity PNGs included); returns the clip (its one frame record); raises :class:`DataError`."""
+    from data_pipeline.cityscapes3d.decode import decode_sample
+
+    frame = decode_sample({**sample, "__url__": uri})
+    header = json.loads(bytes(sample[SF.CLIP_MEMBER]))
+    if header.get("split") != split:
+        raise DataError(uri, f"clip is {header.get('set')}/{header.get('split')}, shard is {set_name}/{split}",
+                        frame=sample["__key__"])
+    return {"set": set_name, "split": split, "frames": [frame.record]}
+
+
+#: Per benchmark: the sample check and the task order of ``label_sets`` keys.
+def _benchmark_reader(benchmark: str) -> tuple[Any, tuple[str, ...]]:
+    if benchmark == "cityscapes3d":
+        from data_pipeline.cityscapes3d.format import TASKS as CS_TASKS
+
+        return _check_cityscapes_sample, CS_TASKS
+    return _check_sample, TASKS
+
+
+def _read_shard(uri: str, set_name: str, split: str, pseudo_url: str | None = None, benchmark: str = "bdd100k") -> dict[str, Any]:
     """Read one shard as the training loader would and count what it holds: ``{"samples"
     (frames), "clips", "clip_frames", "sample_offsets", "label_sets", "tasks", "end", "cut"}``
     (``end``: the byte after the last complete sample; ``cut``: the :class:`TruncatedTarError`
     when the data ends inside a member — the sample it cut is not counted). With
     ``pseudo_url``, also the pseudo-labels joined from that pseudo shard, under ``pseudo``.
     Raises :class:`DataError` on a corrupt sample or a member training would reject."""
+    check_sample, order = _benchmark_reader(benchmark)
     counts: dict[str, dict[str, int]] = {}
     clip_frames: list[int] = []
     offsets: list[int] = []
@@ -158,7 +193,7 @@ def _read_shard(uri: str, set_name: str, split: str, pseudo_url: str | None = No
         entries = _Cut(iter_members(f, uri))
         for start, stop, sample in group_samples(entries, uri):
             try:
-                clip = _check_sample(uri, sample, set_name, split)
+                clip = check_sample(uri, sample, set_name, split)
             except DataError:
                 if entries.error is not None:  # the last sample, cut short by the truncation
                     break
@@ -166,7 +201,7 @@ def _read_shard(uri: str, set_name: str, split: str, pseudo_url: str | None = No
             clips[sample["__key__"]] = clip
             for frame in clip["frames"]:
                 add_frame_counts(counts, frame)
-                k = label_set_key(frame)
+                k = label_set_key(frame, order)
                 label_sets[k] = label_sets.get(k, 0) + 1
             clip_frames.append(len(clip["frames"]))
             offsets.append(start)
@@ -194,7 +229,8 @@ def _trailer(uri: str, end: int, size: int) -> tuple[bool, str | None]:
     return len(rest) < END_OF_ARCHIVE, None
 
 
-def check_shard(uri: str, set_name: str, split: str, entry: dict[str, Any], pseudo_url: str | None = None) -> dict[str, Any]:
+def check_shard(uri: str, set_name: str, split: str, entry: dict[str, Any], pseudo_url: str | None = None,
+                benchmark: str = "bdd100k") -> dict[str, Any]:
     """Read shard ``uri`` (:func:`_read_shard`) and check it against its manifest ``entry``: size,
     frames, clips, each sample's frames and byte offset, the per-task and per-label-set counts and
     the tar's end-of-archive blocks. Returns :func:`_read_shard`'s counts; raises
@@ -204,7 +240,7 @@ def check_shard(uri: str, set_name: str, split: str, entry: dict[str, Any], pseu
         size = fsio.size(uri)
     except FileNotFoundError:
         raise DataError(uri, "missing: the manifest lists this shard") from None
-    got = _read_shard(uri, set_name, split, pseudo_url)
+    got = _read_shard(uri, set_name, split, pseudo_url, benchmark)
     frames, want = got["samples"], entry["samples"]
     cut, problem = (True, None) if got["cut"] is not None else _trailer(uri, got["end"], size)
     if cut:
@@ -263,7 +299,7 @@ def inspect_shards(uri: str, pseudo: str | None = None) -> dict[str, Any]:
     """Read every shard the manifest at ``uri`` (a converter output root) lists, count what is
     inside and check it against the manifest (:func:`check_shard`).
 
-    Returns ``{"uri", "sets": {"<set>/<split>": {"shards", "bytes", "samples" (frames), "clips",
+    Returns ``{"uri", "benchmark" (bdd100k | cityscapes3d), "sets": {"<set>/<split>": {"shards", "bytes", "samples" (frames), "clips",
     "tasks": {task: {"samples", "instances"}}}}, "totals": {same keys, summed}}``.
     With ``pseudo`` (a pseudo family made from these shards), the sets it covers also get
     ``"pseudo": {task: {"samples", "instances"}}``, the pseudo-labels joined (frames lacking the
@@ -274,16 +310,20 @@ def inspect_shards(uri: str, pseudo: str | None = None) -> dict[str, Any]:
     not what the manifest says, or names a shard the manifest does not list (or, with
     ``pseudo``, when the pseudo family does not match).
     """
-    from data_pipeline.shards.manifest import check_shard_entry, read_manifest
+    from data_pipeline.shards.manifest import benchmark_tasks, check_shard_entry, read_manifest
 
     if pseudo is None and is_pseudo_family(uri):
         return inspect_pseudo(uri)
     manifest = read_manifest(uri)
     mpath = fsio.join(uri, SF.MANIFEST_NAME)
+    tasks = benchmark_tasks(manifest, mpath)
+    benchmark = manifest.get("benchmark", "bdd100k")
+    if pseudo is not None and benchmark != "bdd100k":
+        raise VTDInputError(f"--pseudo: pseudo-labels are made for BDD100K shards; {uri} holds {benchmark}")
     listed: dict[str, tuple[str, str, dict[str, Any]]] = {}
     for key, fam in manifest["sets"].items():
         for sh in fam["shards"]:
-            check_shard_entry(sh, mpath, f"sets.{key}.shards")
+            check_shard_entry(sh, mpath, f"sets.{key}.shards", tasks=tasks)
             listed[sh["path"]] = (fam["set"], fam["split"], sh)
     unlisted = [rel for _, _, rel in list_shards(uri) if rel not in listed]
     if unlisted:
@@ -300,7 +340,7 @@ def inspect_shards(uri: str, pseudo: str | None = None) -> dict[str, Any]:
         key = f"{set_name}/{split}"
         entry = sets.setdefault(
             key,
-            {"shards": 0, "bytes": 0, "samples": 0, "clips": 0, "tasks": empty_task_counts(set_name)},
+            {"shards": 0, "bytes": 0, "samples": 0, "clips": 0, "tasks": empty_task_counts(set_name, tasks)},
         )
         pseudo_url = None
         if key in pseudo_paths:
@@ -309,7 +349,7 @@ def inspect_shards(uri: str, pseudo: str | None = None) -> dict[str, Any]:
                                 field=f"sets.{key}")
             pseudo_url = fsio.join(pseudo, rel)
             entry.setdefault("pseudo", {})
-        got = check_shard(shard_uri, set_name, split, sh, pseudo_url)
+        got = check_shard(shard_uri, set_name, split, sh, pseudo_url, benchmark)
         entry["shards"] += 1
         entry["bytes"] += sh.get("bytes", 0)
         entry["samples"] += got["samples"]
@@ -321,15 +361,15 @@ def inspect_shards(uri: str, pseudo: str | None = None) -> dict[str, Any]:
     if pseudo is not None:
         totals["pseudo"] = {}
     for entry in sets.values():
-        entry["tasks"] = sort_task_counts(entry["tasks"])
+        entry["tasks"] = sort_task_counts(entry["tasks"], tasks)
         for k in ("shards", "bytes", "samples", "clips"):
             totals[k] += entry[k]
         merge_task_counts(totals["tasks"], entry["tasks"])
         if "pseudo" in entry:
             entry["pseudo"] = sort_task_counts(entry["pseudo"])
             merge_task_counts(totals["pseudo"], entry["pseudo"])
-    totals["tasks"] = sort_task_counts(totals["tasks"])
-    out = {"uri": uri, "sets": sets, "totals": totals}
+    totals["tasks"] = sort_task_counts(totals["tasks"], tasks)
+    out = {"uri": uri, "benchmark": benchmark, "sets": sets, "totals": totals}
     if pseudo is not None:
         totals["pseudo"] = sort_task_counts(totals["pseudo"])
         out["pseudo_uri"] = pseudo
