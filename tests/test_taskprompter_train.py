@@ -172,3 +172,26 @@ def test_model_init_writes_the_configs_family(tmp_path):
     torch.manual_seed(load_train_config(str(CONFIG)).seed)
     fresh = build_model(load_train_config(str(CONFIG)))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_demo_arguments_config_and_flagging(tmp_path):
+    """``vtd demo --benchmark cityscapes3d``: its arguments, the training config it runs (the tiny
+    config pointed into the workdir) and the comparison that flags a metric that did not improve
+    (RMSE: lower is better; a missing metric did not improve)."""
+    from vtd_train.cli import build_parser
+    from vtd_train.demo_cityscapes3d import compare_metrics, write_config
+
+    a = build_parser().parse_args(["demo", "--benchmark", "cityscapes3d", "--workdir", str(tmp_path)])
+    assert (a.benchmark, a.size, a.func.__name__) == ("cityscapes3d", None, "_cmd_demo")
+    assert build_parser().parse_args(["demo"]).benchmark == "bdd100k"  # today's demo stays the default
+    cfg = load_train_config(str(write_config(tmp_path, tmp_path / "shards")))
+    assert cfg.family == "taskprompter" and cfg.data.uri == str(tmp_path / "shards")
+    assert cfg.storage_path == str(tmp_path / "runs") and cfg.epochs == load_train_config(str(CONFIG)).epochs
+
+    lines, bad = compare_metrics({"mds": 0.0, "miou": 10.0, "rmse_depth": 9.0}, {"mds": 5.0, "miou": 30.0, "rmse_depth": 4.0})
+    assert bad == [] and "3 of 3 metrics improved" in lines[-1] and "+20.00" in lines[2] and "-5.00" in lines[3]
+    lines, bad = compare_metrics({"mds": 0.0, "miou": 10.0, "rmse_depth": 4.0}, {"mds": 0.0, "miou": 30.0, "rmse_depth": 9.0})
+    assert bad == ["mds", "rmse_depth"] and lines[1].endswith("<- did not improve") and lines[3].endswith("<- did not improve")
+    assert "did not improve: mds, rmse_depth" in lines[-1]
+    _, bad = compare_metrics({"mds": 0.0, "miou": 10.0, "rmse_depth": 4.0}, {"miou": 30.0, "rmse_depth": 3.0})
+    assert bad == ["mds"]

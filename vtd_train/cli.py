@@ -85,9 +85,13 @@ def _cmd_data_bench(a: argparse.Namespace) -> int:  # pragma: no cover - thin
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
+    if a.benchmark == "cityscapes3d":
+        from vtd_train.demo_cityscapes3d import run_cityscapes3d_demo
+
+        return run_cityscapes3d_demo(workdir=a.workdir, seed=a.seed, size=a.size or "small")
     from vtd_train.demo import run_demo
 
-    return run_demo(workdir=a.workdir, seed=a.seed, size=a.size)
+    return run_demo(workdir=a.workdir, seed=a.seed, size=a.size or "tiny")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,10 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_data_inspect)
 
-    d = sub.add_parser("demo", help="the main job: synth → shards → loader (→ train → evaluate)")
+    d = sub.add_parser("demo", help="the main job: synth → shards → train → evaluate (bdd100k: the CPF pipeline of "
+                       "VTDNet; cityscapes3d: the tiny TaskPrompter, trained vs untrained)")
+    d.add_argument("--benchmark", choices=("bdd100k", "cityscapes3d"), default="bdd100k",
+                   help="bdd100k: VTDNet, jobs/cpf.yaml; cityscapes3d: TaskPrompter, configs/taskprompter-tiny.yaml")
     d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--seed", type=_seed, default=0)
-    d.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    d.add_argument("--seed", type=_seed, default=0, help="the synthetic dataset's seed")
+    d.add_argument("--size", choices=("tiny", "small"), default=None,
+                   help="synthetic dataset size (default: tiny for bdd100k, small for cityscapes3d)")
     d.set_defaults(func=_cmd_demo)
 
     _add_optional_commands(sub)

@@ -51,7 +51,9 @@ PAPER_ROWS: Final = {
     "TaskPrompter (paper, Swin-B)": {"mds": 32.94, "miou": 77.72, "rmse_depth": 6.78},
     "Multi-task baseline (paper, Swin-B)": {"mds": 29.69, "miou": 76.90, "rmse_depth": 7.00},
 }
-_LABELS: Final = {"mds": "3D det mDS ↑", "miou": "Semseg mIoU ↑", "rmse_depth": "Depth RMSE ↓"}
+METRIC_LABELS: Final = {"mds": "3D det mDS ↑", "miou": "Semseg mIoU ↑", "rmse_depth": "Depth RMSE ↓"}
+#: Metrics where lower is better (the others: higher).
+LOWER_IS_BETTER: Final = frozenset({"rmse_depth"})
 
 
 class DepthRMSE:
@@ -183,7 +185,7 @@ def report_markdown(metrics: dict[str, float], missing: dict[str, str], info: di
     lines = [f"# Cityscapes-3D evaluation: {info['checkpoint']} on {info['split']}", "",
              f"{info['labelled']['frames']} frames of {info['data']}; model input {info['input_size'][0]}×{info['input_size'][1]}, "
              "scored at the stored resolution.", "",
-             "| model | " + " | ".join(_LABELS[k] for k in METRIC_KEYS) + " |",
+             "| model | " + " | ".join(METRIC_LABELS[k] for k in METRIC_KEYS) + " |",
              "|---|" + "---:|" * len(METRIC_KEYS)]
     lines.append("| **this run** | " + " | ".join(cell(metrics.get(k)) for k in METRIC_KEYS) + " |")
     for name, row in PAPER_ROWS.items():
@@ -216,6 +218,6 @@ def evaluate_command(args: Any) -> int:
     for k in METRIC_KEYS:
         v = r["metrics"].get(k)
         shown = f"{v:6.2f}" if v is not None else f"     — ({r['missing'].get(k)})"
-        print(f"  {_LABELS[k]:<15} {shown}   (paper TaskPrompter {paper[k]:.2f})")
+        print(f"  {METRIC_LABELS[k]:<15} {shown}   (paper TaskPrompter {paper[k]:.2f})")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
