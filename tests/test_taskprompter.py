@@ -88,6 +88,29 @@ def test_paper_parameter_count_matches_the_public_code():
     assert abs(n - REFERENCE_PARAMS) < 200_000  # measured: 303,540,676 (no DCN offset convs here)
 
 
+def test_model_info_counts_on_the_meta_device_as_on_weights(capsys):
+    """``vtd model info --family taskprompter``: the paper model's parameters (the count above) and
+    MACs, counted on the meta device; those counts equal a count on a real (tiny) model's forward."""
+    import json
+
+    from vtd_train.cli import main
+    from vtd_train.model.info import count_flops, taskprompter_info
+
+    assert main(["model", "info", "--family", "taskprompter", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params_m"] == round(303_540_676 / 1e6, 2) and info["resized_to"] == [768, 1536]
+    assert info["gmacs"] > 1000 and set(info["gmacs_by_module"]) == {"PromptSwin", "TaskFeatures", "DenseHead", "FCOS3DHead"}
+    t = taskprompter_info("tiny")
+    torch.manual_seed(0)
+    model = TaskPrompter(tiny()).eval().requires_grad_(False)  # as taskprompter_info counts
+    with torch.no_grad():
+        flops, _, _ = count_flops(model.forward, torch.zeros(1, 3, 128, 256))
+    assert t["gmacs"] == round(flops / 2e9, 1) and t["params_m"] == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    assert taskprompter_info("baseline")["params_m"] < info["params_m"]  # no prompts, no prompt decoders
+    assert main(["model", "info", "--family", "taskprompter", "--variant", "tiny", "--height", "100"]) == 2
+    assert "multiple of" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ overfit
 
 

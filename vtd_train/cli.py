@@ -162,10 +162,14 @@ def _add_optional_commands(sub) -> None:
     """Commands whose implementation lives in the model / evaluation packages."""
     m = sub.add_parser("model", help="model facts").add_subparsers(dest="model_command", required=True)
     info = m.add_parser("info", help="parameter count and GMACs of a model variant")
-    info.add_argument("--backbone", default="resnet50")
-    info.add_argument("--variant", default="vtdnet", help="vtdnet | mt | single:TASK")
-    info.add_argument("--height", type=_pixels, default=720)
-    info.add_argument("--width", type=_pixels, default=1280)
+    info.add_argument("--family", choices=("vtdnet", "taskprompter"), default="vtdnet")
+    info.add_argument("--backbone", default="resnet50", help="VTDNet's backbone")
+    info.add_argument("--variant", default=None, help="vtdnet: vtdnet (default) | mt | single:TASK; "
+                      "taskprompter: paper (default, Swin-B) | tiny | baseline | single:TASK")
+    info.add_argument("--height", type=_pixels, default=None, help="input height (default: vtdnet 720, taskprompter "
+                      "the variant's input, paper 1024)")
+    info.add_argument("--width", type=_pixels, default=None, help="input width (default: vtdnet 1280, taskprompter "
+                      "the variant's input, paper 2048)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_cmd_model_info)
     mi = m.add_parser("init", help="an untrained checkpoint of a training config's model (seeded as `vtd train` seeds)")
@@ -268,9 +272,14 @@ def _cmd_tune(a: argparse.Namespace) -> int:
 
 
 def _cmd_model_info(a: argparse.Namespace) -> int:
-    from vtd_train.model.info import model_info
+    if a.family == "taskprompter":
+        from vtd_train.model.info import taskprompter_info
 
-    info = model_info(backbone=a.backbone, variant=a.variant, height=a.height, width=a.width)
+        info = taskprompter_info(variant=a.variant or "paper", height=a.height, width=a.width)
+    else:
+        from vtd_train.model.info import model_info
+
+        info = model_info(backbone=a.backbone, variant=a.variant or "vtdnet", height=a.height or 720, width=a.width or 1280)
     if a.json:
         print(json.dumps(info, indent=2))
     else:

@@ -1,4 +1,5 @@
-"""Model facts for ``vtd model info``: parameter count and inference MACs (paper Table 13).
+"""Model facts for ``vtd model info``: parameter count and inference MACs (paper Table 13), of
+VTDNet (:func:`model_info`) and of TaskPrompter (:func:`taskprompter_info`).
 
 ``params_m``: all parameters (trainable or not; frozen batch-norm statistics are buffers) in
 millions. ``gmacs``: multiply-accumulates of one ``predict`` call on a single
@@ -147,4 +148,74 @@ def model_info(
         "gmacs_by_module": {k: round(v / 2e9, 2) for k, v in per_module.items() if v},
         "excluded": "element-wise ops, norms, activations, softmax, interpolation, NMS, flow correlation, "
         "mask pasting, deformable-conv offset sampling",
+    }
+
+
+def taskprompter_config(variant: str):
+    """``paper`` (Swin-B, the Cityscapes-3D report's model), ``tiny`` (the CPU model),
+    ``baseline`` (the paper's multi-task baseline: no task prompts) or ``single:TASK`` (the
+    paper model with one task's head)."""
+    from dataclasses import replace as dc_replace
+
+    from data_pipeline.errors import VTDInputError
+    from vtd_train.taskprompter.config import VARIANTS
+
+    name, _, task = variant.partition(":")
+    if name == "baseline" and not task:
+        return dc_replace(VARIANTS["paper"](), prompting=False)
+    if name == "single" and task:
+        try:
+            return dc_replace(VARIANTS["paper"](), tasks=(task,))
+        except ValueError as e:
+            raise VTDInputError(f"--variant {variant!r}: {e}") from None
+    if name in VARIANTS and not task:
+        return VARIANTS[name]()
+    raise VTDInputError(f"--variant {variant!r}: a TaskPrompter variant is one of {sorted(VARIANTS)}, baseline, single:TASK")
+
+
+def taskprompter_info(variant: str = "paper", height: int | None = None, width: int | None = None, *, config=None) -> dict:
+    """``{"params_m", "gmacs", "gflops", ...}`` of a TaskPrompter variant (:func:`taskprompter_config`)
+    taking ``height × width`` images (default: the variant's input size; the paper model takes
+    1024×2048 and resizes it by 0.75 inside, so its figures are those of the 768×1536 forward it
+    trains and evaluates with).
+
+    The model is built and run on the meta device: shapes only, no weights or memory, so Swin-B
+    at 1024×2048 counts in seconds on a CPU; the counts (FlopCounterMode's formulas, as for VTDNet)
+    depend on shapes alone. The 3D boxes' decoding (score filter, NMS) is not counted, nor are
+    element-wise ops, norms, activations, softmax and interpolation."""
+    from dataclasses import replace as dc_replace
+
+    from data_pipeline.errors import VTDInputError
+    from vtd_train.taskprompter.model import TaskPrompter
+
+    cfg = config if config is not None else taskprompter_config(variant)
+    if height is not None or width is not None:
+        size = (height or cfg.image_size[0], width or cfg.image_size[1])
+        try:
+            cfg = dc_replace(cfg, image_size=size)
+        except ValueError as e:
+            raise VTDInputError(f"--height/--width {size[0]}x{size[1]}: {e}") from None
+    with torch.device("meta"):
+        # no gradients: a Parameter a module takes as input (the task prompts) trips the
+        # counter's module tracker when it requires grad
+        model = TaskPrompter(cfg).eval().requires_grad_(False)
+        image = torch.empty(1, 3, *cfg.image_size)
+    params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        flops, per_module, _ = count_flops(model.forward, image)  # .forward: the parts are the outermost modules
+    per_module.pop("deform_conv2d (op)", None)
+    return {
+        "family": "taskprompter",
+        "variant": variant if config is None else "custom",
+        "backbone": f"swin (embed {cfg.swin.embed_dim}, depths {'-'.join(map(str, cfg.swin.depths))}, window {cfg.swin.window_size})",
+        "tasks": list(cfg.tasks),
+        "prompting": cfg.prompting,
+        "height": cfg.image_size[0],
+        "width": cfg.image_size[1],
+        "resized_to": list(cfg.resized_size),
+        "params_m": round(params / 1e6, 2),
+        "gmacs": round(flops / 2e9, 1),
+        "gflops": round(flops / 1e9, 1),
+        "gmacs_by_module": {k: round(v / 2e9, 2) for k, v in per_module.items() if v},
+        "excluded": "element-wise ops, norms, activations, softmax, interpolation, 3D box decoding and NMS",
     }
