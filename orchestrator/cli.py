@@ -166,6 +166,7 @@ def _cmd_status(a: argparse.Namespace) -> int:
     import json
 
     from orchestrator.stages import with_evaluations
+    from vtd_train.train.families import headline
 
     spec, m, run_dir = _manifest(a)
     if a.json:
@@ -183,8 +184,8 @@ def _cmd_status(a: argparse.Namespace) -> int:
             continue
         wall = f"{rec.ended_at - rec.started_at:5.0f} s" if rec.ended_at and rec.started_at else "      "
         extra = ""
-        if rec.state == "succeeded" and "scores" in rec.outputs and rec.outputs["scores"].get("vtda") is not None:
-            extra = f"  VTDA {rec.outputs['scores']['vtda']:.1f}"
+        if rec.state == "succeeded" and "metrics_file" in rec.outputs and (h := headline(spec.family, rec.outputs)):
+            extra = f"  {h}"
         if rec.error and rec.state != "succeeded":
             extra += f"  ({rec.error})"
         print(f"  {name:<28} {rec.state:<10} attempt {rec.attempt}  {wall}  {rec.job_id or ''}{extra}")

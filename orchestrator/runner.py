@@ -267,8 +267,9 @@ class Orchestrator:
             self._verified.add(st.name)
             extra = ""
             if st.kind == "evaluate":
-                v = rec.outputs["scores"].get("vtda")
-                extra = f", VTDA {v:.1f}" if v is not None else ""
+                from vtd_train.train.families import headline
+
+                extra = f", {h}" if (h := headline(self.spec.family, rec.outputs)) else ""
             self.log(f"[{self.run_name}] {st.name}: succeeded in {rec.ended_at - rec.started_at:.0f} s{extra}")
             self.metrics.stage(self.run_name, st.name, rec)
             return

@@ -6,7 +6,7 @@ File layout (``jobs/cpf.yaml`` is the annotated example)::
     pipeline: cpf                      # name; the default run name is <pipeline>-<profile>
     stages:
       <name>:
-        kind: init | train | tune | pseudo_label | merge
+        kind: init | train | tune | pseudo_label | merge    # a taskprompter pipeline: init, train
         needs: [<stage>, ...]          # extra dependencies (init/inputs imply theirs)
         init: <stage>                  # train: start from that stage's checkpoint
         trainable: [<task>, ...]       # train: only these tasks' decoders train, the rest is frozen
@@ -36,6 +36,10 @@ File layout (``jobs/cpf.yaml`` is the annotated example)::
                                        # name applies to all its expansions), `enabled`, `lr_scale`
         retries, retry_backoff_s, poll_s, max_parallel, eval_height, eval_overlays
 
+The training stages of a pipeline build one model family (``model.family``: ``vtdnet``, as
+``jobs/cpf.yaml``, or ``taskprompter``, as ``jobs/taskprompter.yaml``); tasks, decoders and
+frozen prefixes are checked against that family's model, built on the meta device.
+
 A stage's training config is ``base`` ⊕ the stage's ``train`` ⊕ the profile's override for the
 stage, validated by :func:`vtd_train.train.config.train_config_from_dict` (the same schema as
 ``vtd train``; there is no second one). Storage, run name and input checkpoints are filled in
@@ -50,12 +54,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_pipeline.bdd100k.format import TASKS
+from data_pipeline.cityscapes3d.format import TASKS as CS_TASKS
 from data_pipeline.errors import VTDInputError
 from vtd_train.model.config import read_yaml_mapping
 from vtd_train.train.config import IMAGE_SETS, TrainConfig, train_config_from_dict
 from vtd_train.tune import SearchConfig, search_config_from_dict
 
 STAGE_KINDS = ("init", "train", "tune", "pseudo_label", "merge")
+#: Task names a pipeline file may use (BDD100K's for VTDNet, Cityscapes-3D's for TaskPrompter);
+#: a training stage's are checked against its model's tasks once its config is built.
+KNOWN_TASKS = tuple(dict.fromkeys(TASKS + CS_TASKS))
 PSEUDO_TASKS = ("sem", "pose")
 #: Keys a stage may have, per kind (beyond the common ones).
 _COMMON = {"kind", "needs", "evaluate", "retries", "resources", "enabled", "foreach"}
@@ -136,12 +144,15 @@ class Profile:
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """A pipeline file resolved for one profile: stages in a topological order."""
+    """A pipeline file resolved for one profile: stages in a topological order. ``family``: the
+    model family its training stages build (one per pipeline; :mod:`vtd_train.train.families`
+    says what that changes: stage kinds, evaluation metrics, report columns)."""
 
     source: str
     name: str
     profile: Profile
     stages: dict[str, Stage]
+    family: str = "vtdnet"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +187,9 @@ def _names(value: Any, where: str) -> tuple[str, ...]:
 
 def _tasks(value: Any, where: str) -> tuple[str, ...]:
     tasks = _names(value, where)
-    bad = [t for t in tasks if t not in TASKS]
+    bad = [t for t in tasks if t not in KNOWN_TASKS]
     if bad:
-        raise VTDInputError(f"{where}: unknown task(s) {bad}; tasks are {list(TASKS)}")
+        raise VTDInputError(f"{where}: unknown task(s) {bad}; tasks are {list(KNOWN_TASKS)}")
     return tasks
 
 
@@ -257,22 +268,21 @@ def _model_preset(base_preset: Any, variant: str) -> str:
     return f"tiny:{variant}" if tiny else variant
 
 
-def decoder_freeze(model_cfg, trainable: tuple[str, ...], where: str) -> tuple[str, ...]:
+def decoder_freeze(cfg: TrainConfig, trainable: tuple[str, ...], where: str) -> tuple[str, ...]:
     """The module-name prefixes to freeze so that only ``trainable`` tasks' decoders train
-    (everything else, shared parts included, frozen), as few prefixes as the module tree allows."""
-    import torch
+    (everything else, shared parts included, frozen), as few prefixes as the module tree allows;
+    the decoders are the model family's own (``model.decoder(task)``)."""
+    from vtd_train.train.families import meta_model
 
-    from vtd_train.model.vtdnet import VTDNet
-
-    with torch.device("meta"):
-        model = VTDNet(model_cfg)
+    model = meta_model(cfg)
     names: set[str] = set()
     ids = {id(m): n for n, m in model.named_modules()}
     for t in trainable:
         try:
             mods = model.decoder(t)
         except KeyError:
-            raise VTDInputError(f"{where}: trainable task {t!r} has no decoder in this model (tasks: {list(model.tasks)})") from None
+            raise VTDInputError(f"{where}: trainable task {t!r} has no decoder in this {cfg.family} model "
+                                f"(tasks: {list(cfg.model.tasks)})") from None
         if not mods and t != "mots":
             raise VTDInputError(f"{where}: trainable task {t!r} has no decoder")
         names.update(ids[id(m)] for m in mods)
@@ -365,18 +375,14 @@ def _stage(name: str, st: dict, stages: dict[str, dict], base: dict, overrides: 
         if trainable:
             if cfg.freeze:
                 raise VTDInputError(f"{where}: give either trainable or train.freeze, not both")
-            freeze = decoder_freeze(cfg.model, trainable, f"{where}.trainable")
+            freeze = decoder_freeze(cfg, trainable, f"{where}.trainable")
         if freeze:
             # the training config's own check: every prefix names parameters of the model
-            import torch
-
-            from vtd_train.model.vtdnet import VTDNet
+            from vtd_train.train.families import meta_model
             from vtd_train.train.optim import freeze as apply_freeze
 
-            with torch.device("meta"):
-                meta_model = VTDNet(cfg.model)
             try:
-                apply_freeze(meta_model, freeze)
+                apply_freeze(meta_model(cfg), freeze)
             except VTDInputError as e:
                 raise VTDInputError(f"{where}.train.freeze: {e}") from None
         cfg = dataclasses.replace(cfg, freeze=freeze)
@@ -498,7 +504,27 @@ def pipeline_from_dict(raw: Any, *, profile: str, source: str = "<pipeline>") ->
         if st["_template"] != n:
             templates.setdefault(st["_template"], []).append(n)
     built = {n: _stage(n, st, enabled, base, overrides, prof, source, templates) for n, st in enabled.items()}
-    return PipelineSpec(source=source, name=name, profile=prof, stages=_toposort(built, source))
+    family = _family(built, source)
+    return PipelineSpec(source=source, name=name, profile=prof, stages=_toposort(built, source), family=family)
+
+
+def _family(stages: dict[str, Stage], source: str) -> str:
+    """The one model family the pipeline's training stages build (``vtdnet`` when none trains),
+    and a check that every stage kind is one that family's pipelines have."""
+    from vtd_train.train.families import STAGE_KINDS as KINDS_OF
+
+    of = {n: st.train.family for n, st in stages.items() if st.train is not None}
+    families = sorted(set(of.values()))
+    if len(families) > 1:
+        first = {f: next(n for n, g in of.items() if g == f) for f in families}
+        raise VTDInputError(f"{source}: a pipeline trains one model family; "
+                            + ", ".join(f"stages.{n} builds {f}" for f, n in first.items()))
+    family = families[0] if families else "vtdnet"
+    for n, st in stages.items():
+        if st.kind not in KINDS_OF[family]:
+            raise VTDInputError(f"{source}: stages.{n}.kind: {st.kind!r} is not a stage of a {family} pipeline "
+                                f"(its kinds: {list(KINDS_OF[family])})")
+    return family
 
 
 def load_pipeline(path: str, *, profile: str) -> PipelineSpec:

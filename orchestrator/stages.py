@@ -20,6 +20,10 @@ merge           ``vtd model merge --base ... --decoder TASK=... --out checkpoint
 evaluate        ``vtd evaluate --checkpoint ... --out eval``                      ``eval/metrics.json``
 ==============  ===============================================================  =====================
 
+An evaluation's metrics are read as the pipeline's model family reports them
+(:func:`vtd_train.train.families.evaluation_summary`): VTDNet's VTD metrics with VTDA and its
+group scores, TaskPrompter's mDS, mIoU and depth RMSE.
+
 Outputs are recorded with content hashes (:func:`orchestrator.state.checkpoint_hash`), which
 the dependants' cache keys include.
 """
@@ -189,18 +193,15 @@ class StageExecutor:
             root = fsio.join(d, "pseudo")
             return {"pseudo": root, "hash": hash_files([fsio.join(root, "manifest.json")])}
         if st.kind == "evaluate":
-            from vtd_train.evaluation.vtda import METRIC_KEYS, score
+            from vtd_train.train.families import evaluation_summary
 
             mpath = fsio.join(d, "eval", "metrics.json")
             if not fsio.exists(mpath):
                 raise FileNotFoundError(f"{mpath}: the evaluation job ended without writing metrics")
-            doc = json.loads(fsio.read_bytes(mpath))
-            metrics = {k: doc[k] for k in METRIC_KEYS if k in doc}
-            scores = score(doc, source=mpath)
-            report = fsio.join(d, "eval", "report.html")
-            return {"metrics_file": mpath, "hash": hash_files([mpath]), "metrics": metrics,
-                    "scores": {k: v for k, v in scores.items() if k.startswith("vtda")},
-                    "report": report if fsio.exists(report) else None}
+            metrics, scores = evaluation_summary(self.spec.family, json.loads(fsio.read_bytes(mpath)), mpath)
+            reports = [r for r in (fsio.join(d, "eval", "report.html"), fsio.join(d, "eval", "report.md")) if fsio.exists(r)]
+            return {"metrics_file": mpath, "hash": hash_files([mpath]), "metrics": metrics, "scores": scores,
+                    "report": reports[0] if reports else None}
         raise VTDInputError(f"stage {st.name}: unknown kind {st.kind!r}")  # pragma: no cover
 
     @staticmethod

@@ -94,6 +94,17 @@ class TaskPrompter(nn.Module):
                 losses[k] = w["det3d"] * v
         return losses
 
+    def decoder(self, task: str) -> list[nn.Module]:
+        """The modules only ``task`` uses: its per-scale task-feature decoders (projections in the
+        baseline), its scale fusion and its head. Its prompts are parameters of the shared Swin,
+        which every task reads. (A pipeline's ``trainable: [task]`` trains these alone.)"""
+        if task not in self.cfg.tasks:
+            raise KeyError(f"the model has no {task!r} decoder (tasks: {list(self.cfg.tasks)})")
+        tf = self.task_features
+        per_scale = tf.decoders if self.cfg.prompting else tf.projections
+        fuse = [tf.multi_scale_fuse[task]] if task in tf.multi_scale_fuse else []
+        return [scale[task] for scale in per_scale] + fuse + [self.heads[task]]
+
     @torch.no_grad()
     def detect(self, out: TaskPrompterOutput) -> list[Det3DPrediction]:
         return decode(out.det3d, self.det_strides, self.cfg.det)

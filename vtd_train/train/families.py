@@ -95,3 +95,65 @@ def evaluate_model(model: nn.Module, cfg: TrainConfig, *, height: int | str) -> 
 
     return evaluate(model=model, data=cfg.data.uri, split=cfg.validation.split, overlays=0, distributed=False,
                     height=height, threads=threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a pipeline (orchestrator/) reads of a family: its tasks, its stage kinds, its evaluation
+# ---------------------------------------------------------------------------------------------
+
+#: Pipeline stage kinds a family's pipeline may use: the sweep scores VTDA, the pseudo-labels and
+#: the decoder merge are VTDNet's CPF protocol.
+STAGE_KINDS: dict[str, tuple[str, ...]] = {
+    "vtdnet": ("init", "train", "tune", "pseudo_label", "merge"),
+    "taskprompter": ("init", "train"),
+}
+
+
+def meta_model(cfg: TrainConfig) -> nn.Module:
+    """The run's model on the meta device (no memory): for checks of module names and tasks."""
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def evaluation_summary(family: str, doc: dict[str, Any], source: str) -> tuple[dict[str, float], dict[str, float]]:
+    """``(metrics, scores)`` of a ``vtd evaluate`` metrics.json ``doc``: vtdnet: the VTD metrics,
+    and VTDA with its four group scores; taskprompter: mDS, mIoU and depth RMSE, no scores."""
+    if family == "taskprompter":
+        from vtd_train.evaluation.cityscapes3d.evaluate import METRIC_KEYS as CS_KEYS
+
+        return {k: doc[k] for k in CS_KEYS if doc.get(k) is not None}, {}
+    from vtd_train.evaluation.vtda import METRIC_KEYS, score
+
+    scores = score(doc, source=source)
+    return {k: doc[k] for k in METRIC_KEYS if k in doc}, {k: v for k, v in scores.items() if k.startswith("vtda")}
+
+
+@dataclass(frozen=True)
+class ReportColumn:
+    key: str  #: a key of the evaluation's metrics or scores
+    header: str
+    digits: int = 1
+
+
+def report_columns(family: str) -> tuple[ReportColumn, ...]:
+    """The pipeline report's columns per evaluated stage: vtdnet: VTDA and its groups (the paper's
+    Table 5); taskprompter: the Cityscapes-3D report's Table 1 (mDS, mIoU, depth RMSE)."""
+    if family == "taskprompter":
+        return (ReportColumn("mds", "mDS ↑", 2), ReportColumn("miou", "mIoU ↑", 2), ReportColumn("rmse_depth", "RMSE ↓", 2))
+    return (ReportColumn("vtda", "VTDA"), *(ReportColumn(f"vtda_{g}", g) for g in ("cls", "seg", "loc", "ass")))
+
+
+def reference_rows(family: str) -> dict[str, dict[str, float]]:
+    """Published rows the pipeline report prints under the run's (keys as :func:`report_columns`)."""
+    if family == "taskprompter":
+        from vtd_train.evaluation.cityscapes3d.evaluate import PAPER_ROWS
+
+        return PAPER_ROWS
+    return {}
+
+
+def headline(family: str, outputs: dict[str, Any]) -> str:
+    """An evaluation stage's result in a few words (progress and status lines); "" without one."""
+    values = {**outputs.get("metrics", {}), **outputs.get("scores", {})}
+    cols = report_columns(family)[:1] if family == "vtdnet" else report_columns(family)
+    return ", ".join(f"{c.header.rstrip(' ↑↓')} {values[c.key]:.{c.digits}f}" for c in cols if values.get(c.key) is not None)
