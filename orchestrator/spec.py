@@ -185,11 +185,11 @@ def _names(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _tasks(value: Any, where: str) -> tuple[str, ...]:
+def _tasks(value: Any, where: str, known: tuple[str, ...] = KNOWN_TASKS) -> tuple[str, ...]:
     tasks = _names(value, where)
-    bad = [t for t in tasks if t not in KNOWN_TASKS]
+    bad = [t for t in tasks if t not in known]
     if bad:
-        raise VTDInputError(f"{where}: unknown task(s) {bad}; tasks are {list(KNOWN_TASKS)}")
+        raise VTDInputError(f"{where}: unknown task(s) {bad}; tasks are {list(known)}")
     return tasks
 
 
@@ -415,7 +415,7 @@ def _stage(name: str, st: dict, stages: dict[str, dict], base: dict, overrides: 
         req = st.get("require") or {}
         if not isinstance(req, dict):
             raise VTDInputError(f"{where}.require: expected a mapping set -> [task, ...], got {req!r}")
-        kw["require"] = {s: _tasks(v, f"{where}.require.{s}") for s, v in req.items()}
+        kw["require"] = {s: _tasks(v, f"{where}.require.{s}", TASKS) for s, v in req.items()}  # BDD100K's sets
         for k in ("sem_threshold", "pose_threshold"):
             if k in st:
                 v = st[k]

@@ -43,6 +43,8 @@ def cs3d_shards(tmp_path_factory) -> str:
 def test_config_family_switch_and_errors(tmp_path):
     cfg = load_train_config(str(CONFIG))
     assert cfg.family == "taskprompter" and cfg.model.image_size == (128, 256) and cfg.lr_schedule.policy == "poly"
+    # the plain form (a pipeline stage's config.yaml, train_state.json) reads back as the same config
+    assert train_config_from_dict(json.loads(json.dumps(cfg.to_dict())), source="x.yaml") == cfg
     base = {"data": {"uri": "x"}, "model": {"family": "taskprompter", "preset": "paper"}}
     assert train_config_from_dict(base).model.swin.embed_dim == 128
     bad = [({"model": {"family": "taskprompter", "preset": "huge"}}, "preset 'huge'"),

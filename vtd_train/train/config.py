@@ -447,8 +447,11 @@ class TrainConfig:
         return self.global_batch_size // self.resources.num_workers
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (for logs and ``train_state.json``)."""
-        return dataclasses.asdict(self)
+        """Plain-data form (for logs, ``train_state.json`` and the configs a pipeline stage writes:
+        :func:`train_config_from_dict` reads it back, the model's ``family`` included)."""
+        d = dataclasses.asdict(self)
+        d["model"] = {"family": self.family, **d["model"]}
+        return d
 
 
 # ---------------------------------------------------------------------------------------------
