@@ -57,7 +57,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_pipeline import fsio
 from data_pipeline.errors import VTDInputError
 from data_pipeline.loading.loader import LoaderConfig
 from data_pipeline.loading.sampler import SAMPLING_MODES
