@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -78,16 +79,15 @@ def run_cityscapes3d_demo(workdir: str, seed: int = 0, size: str = "small") -> i
     rc = train_command(argparse.Namespace(config=str(cfg_path), address=None, storage=None, name=None,
                                           result_json=str(result_json)))
     if rc != 0:
-        print(f"vtd demo: training stopped (exit {rc})")
+        print(f"vtd demo: training stopped (exit {rc})", file=sys.stderr)
         return rc
     trained_ck = json.loads(result_json.read_text())["checkpoint"]
     t_train = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    _threads(cfg)  # the Ray worker ran in its own process; this one evaluates
     trained = _evaluate(trained_ck, shards, work / "eval-trained")
     print(f"[5/5] trained in {t_train / 60:.1f} min, evaluated ({time.perf_counter() - t0:.1f} s); on the validation split:")
-    lines, not_improved = compare_metrics(untrained["metrics"], trained["metrics"])
+    lines, _ = compare_metrics(untrained["metrics"], trained["metrics"])
     for line in lines:
         print("      " + line)
     report_path = write_report(work, lines, untrained_ck, trained_ck)
