@@ -1,7 +1,7 @@
 """``jobs/taskprompter.yaml``: the pipeline file for both profiles (the paper's schedule; the tiny
 profile = ``configs/taskprompter-tiny.yaml``), errors naming file / stage / key, the family rules
-of a pipeline, and the tiny pipeline run through real Ray jobs (init → evaluate, train →
-evaluate) with mIoU / RMSE / mDS in its manifest and report."""
+of a pipeline, and the tiny pipeline run through real Ray jobs (init → evaluate, train on 2 gloo
+workers → evaluate) with mIoU / RMSE / mDS (cityscapesscripts' own) in its manifest and report."""
 
 from __future__ import annotations
 
@@ -94,6 +94,8 @@ def test_tiny_pipeline_as_ray_jobs(ray_cluster, tmp_path):
     from orchestrator.cli import _connect_jobs_api
     from orchestrator.runner import Orchestrator
     from orchestrator.state import RunManifest
+    from vtd_train.checkpoint import model_family
+    from vtd_train.train.checkpointing import load_checkpoint
 
     generate(tmp_path / "root", seed=0, size="tiny")
     shards = str(tmp_path / "shards")
@@ -101,7 +103,10 @@ def test_tiny_pipeline_as_ray_jobs(ray_cluster, tmp_path):
     raw = copy.deepcopy(raw_pipeline())
     p = raw["profiles"]["tiny"]
     p.update(poll_s=0.3, retries=0, retry_backoff_s=0)
-    p["base"].update(epochs=2, report_every_steps=4)
+    # 2 gloo workers (global batch 4): the family's Ray Train run is data-parallel (the replicas
+    # checked identical below); 4 epochs of 2 steps on the 8 frames
+    p["base"].update(epochs=4, global_batch_size=4, report_every_steps=4)
+    p["base"]["resources"].update(num_workers=2, cpus_per_worker=1)
     path = tmp_path / "taskprompter.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     spec = load_pipeline(str(path), profile="tiny")
@@ -112,11 +117,19 @@ def test_tiny_pipeline_as_ray_jobs(ray_cluster, tmp_path):
     assert orch.run() == 0, "\n".join(lines)
     m = RunManifest.load(orch.run_dir)
     assert m is not None and m.state == "succeeded"
-    assert m.stages["train"].outputs["global_step"] == 8  # 8 frames, batch 2, 2 epochs
+    assert m.stages["train"].outputs["global_step"] == 8  # 8 frames, batch 4, 4 epochs
+    tc = load_checkpoint(m.stages["train"].outputs["checkpoint"])
+    assert tc.meta["world_size"] == 2 and tc.meta["replica_divergence"] == 0.0
+    assert model_family(m.stages["train"].outputs["checkpoint"]) == "taskprompter"
+    losses = tc.progress.epoch_losses
+    assert len(losses) == 4 and losses[-1] < 0.9 * losses[0], losses
     before, after = (m.stages[f"eval-{s}"].outputs for s in ("untrained", "train"))
     for out in (before, after):
         assert set(out["metrics"]) == {"mds", "miou", "rmse_depth"} and out["scores"] == {}
         assert out["report"].endswith("report.md") and Path(out["report"]).exists()
+        # mDS is cityscapesscripts' own: its results file beside the report
+        results = json.loads((Path(out["report"]).parent / "det3d" / "results.json").read_text())
+        assert results["eval_params"]["matching_method"] == "Modal"
     assert after["metrics"]["miou"] > before["metrics"]["miou"] + 10  # 8 steps: measured 0.0 → 27.5
     assert any("eval-train: succeeded" in ln and "RMSE" in ln and "mDS" in ln for ln in lines), lines
     report = json.loads(Path(orch.run_dir, "report.json").read_text())

@@ -1,20 +1,17 @@
 """TaskPrompter through the training shell and ``vtd evaluate``: the ``model.family`` switch, the
 poly schedule, the Cityscapes-3D loader (balanced, deterministic, random access by frame),
-family-tagged checkpoints, the evaluation (mIoU, depth RMSE, mDS from cityscapesscripts) and a
-2-worker Ray run through ``vtd train`` whose checkpoint ``vtd evaluate`` scores."""
+family-tagged checkpoints and the evaluation (mIoU, depth RMSE, mDS from cityscapesscripts). The
+2-worker Ray Train run and ``vtd evaluate`` of its checkpoint run as the stages of
+``jobs/taskprompter.yaml`` in tests/test_taskprompter_pipeline.py (one Ray run for both)."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import functools
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from data_pipeline.cityscapes3d.convert import Cityscapes3DConvertOptions, convert_cityscapes3d
 from data_pipeline.cityscapes3d.loader import Cityscapes3DDataset, build_loader
@@ -114,52 +111,6 @@ def test_evaluation_of_a_single_task_model(cs3d_shards, tmp_path):
     doc = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert doc["rmse_depth"] == r["metrics"]["rmse_depth"]
     assert "| TaskPrompter (paper, Swin-B) | 32.94 | 77.72 | 6.78 |" in (tmp_path / "ev" / "report.md").read_text()
-
-
-@pytest.fixture(scope="module")
-def ray_run(ray_cluster, cs3d_shards, tmp_path_factory):
-    """2 gloo workers, 3 epochs of 2 steps (8 frames, global batch 4), through ``vtd train``."""
-    from vtd_train.train.launch import train_command
-
-    tmp = tmp_path_factory.mktemp("tp-ray")
-    doc = yaml.safe_load(CONFIG.read_text())
-    doc["data"]["uri"] = cs3d_shards
-    doc.update(epochs=3, global_batch_size=4, report_every_steps=2)
-    doc["resources"].update(num_workers=2, cpus_per_worker=1)
-    (tmp / "run.yaml").write_text(yaml.safe_dump(doc))
-    args = argparse.Namespace(config=str(tmp / "run.yaml"), address=None, storage=str(tmp / "runs"), name="tp")
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = train_command(args)
-    return {"rc": rc, "out": buf.getvalue(), "run_dir": tmp / "runs" / "tp", "tmp": tmp}
-
-
-@pytest.mark.ray
-def test_ray_training_and_vtd_evaluate(ray_run, cs3d_shards):
-    from vtd_train.train.checkpointing import load_checkpoint
-
-    assert ray_run["rc"] == 0, ray_run["out"]
-    assert "run 'tp' done at step 6" in ray_run["out"], ray_run["out"]
-    [ckpt] = list(ray_run["run_dir"].glob("checkpoint_step*"))
-    tc = load_checkpoint(str(ckpt))
-    assert tc.meta["world_size"] == 2 and tc.meta["replica_divergence"] == 0.0
-    losses = tc.progress.epoch_losses
-    assert len(losses) == 3 and losses[-1] < 0.9 * losses[0], losses  # measured 342 → 313 → 294
-    assert model_family(str(ckpt)) == "taskprompter"
-
-    from vtd_train.cli import main
-
-    out_dir = ray_run["tmp"] / "eval"
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(["evaluate", "--checkpoint", str(ckpt), "--data", cs3d_shards, "--out", str(out_dir)])
-    assert rc == 0, buf.getvalue()
-    metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert set(metrics) == {"miou", "rmse_depth", "mds", "missing"} and metrics["missing"] == {}
-    assert 0 <= metrics["mds"] <= 100 and 0 <= metrics["miou"] <= 100 and metrics["rmse_depth"] > 0
-    results = json.loads((out_dir / "det3d" / "results.json").read_text())  # the official script's own output
-    assert results["eval_params"]["matching_method"] == "Modal"
-    assert "Depth RMSE" in buf.getvalue() and "(paper TaskPrompter 32.94)" in buf.getvalue()
 
 
 def test_model_init_writes_the_configs_family(tmp_path):
