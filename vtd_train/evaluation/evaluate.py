@@ -45,7 +45,7 @@ from data_pipeline.errors import VTDInputError
 from vtd_train.tracker import TrackerConfig
 
 from .inference import EvalState
-from .overlays import pick_overlays
+from .overlays import pick_overlays, prefer_flow
 from .report import OverlayFrame, write_report
 from .runners import MAX_DEFAULT_WORKERS, LocalRunner, RayRunner, open_inference, trained_height
 from .units import WorkUnit, chunks
@@ -109,9 +109,16 @@ def run_evaluation(
                         tracker=tracker, height=height, overlays=overlays) as run:
         t0 = time.perf_counter()
         # units come back in unit order; each is merged as it comes (the driver holds one at a time)
+        track: tuple[WorkUnit, list[OverlayFrame]] | None = None
         for unit, r in zip(run.units, run.runner.imap("run", run.units)):
             state.merge(r.state)
-            unit_overlays.append((unit, r.overlays))
+            if unit.set_name == "track":  # the first frames with flow, else the first: ``overlays`` at most held
+                frames = (track[1] if track else []) + r.overlays
+                track = (track[0] if track else unit, prefer_flow(frames)[:overlays])
+            else:
+                unit_overlays.append((unit, r.overlays))
+        if track is not None:
+            unit_overlays.append(track)
         t_infer = time.perf_counter() - t0
     tasks, height, units = run.tasks, run.height, run.units
 

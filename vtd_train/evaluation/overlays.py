@@ -79,6 +79,11 @@ def make_overlay(set_name: str, frame: DecodedFrame, pred: FramePrediction, trac
     return OverlayFrame(name=caption, image=image, tags=tags or None, **kw)
 
 
+def prefer_flow(frames: list[OverlayFrame]) -> list[OverlayFrame]:
+    """``frames`` with those that show flow first, each group in its order."""
+    return [f for f in frames if f.flow is not None] + [f for f in frames if f.flow is None]
+
+
 def pick_overlays(results: list[tuple[Any, list[OverlayFrame]]], n: int) -> list[OverlayFrame]:
     """``n`` of the units' overlays (``(unit, its overlays)``): round-robin over the sets (track,
     det, seg), each set's frames in unit order."""

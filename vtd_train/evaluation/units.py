@@ -73,7 +73,7 @@ def plan_units(families: list[ShardFamily], track_videos: list[list[str]] | None
     """Units in a fixed order: one per det / seg shard; tracking videos grouped by the shard
     they start in (``track_videos[i]``: the clip videos of track shard ``i``, from
     :func:`scan_track_shard`). Overlay frames are shared out over the sets round-robin
-    (track, det, seg) and given to each set's first unit."""
+    (track, det, seg) and given to each set's first unit (the track quota to every track unit)."""
     units: list[WorkUnit] = []
     by_set = {f.set_name: f for f in families}
     for s in SET_ORDER:
@@ -107,7 +107,9 @@ def plan_units(families: list[ShardFamily], track_videos: list[list[str]] | None
             quota[present[k % len(present)]] += 1
     out = []
     for u in units:
-        q = quota.pop(u.set_name, 0)
+        # every track unit renders the track quota: a unit's videos may have no flow pair (box
+        # tracking only) and the driver keeps the first frames with flow (evaluate.py)
+        q = quota[u.set_name] if u.set_name == "track" else quota.pop(u.set_name, 0)
         out.append(WorkUnit(u.set_name, u.index, u.urls, u.videos, q) if q else u)
     return out
 
