@@ -142,15 +142,15 @@ def scraped_run(ray_cluster, tiny_shards, tmp_path_factory):
         start = time.time()
         # the sockets the cluster's processes listen on while the run trains (tests/test_quiet.py)
         listeners: set[tuple[int, str, int, str]] = set()
-        training = threading.Thread(target=lambda: result.append(run_training(cfg)), daemon=True)
-        result: list = []
+        results: list = []
+        training = threading.Thread(target=lambda: results.append(run_training(cfg)), daemon=True)
         training.start()
         while training.is_alive():
             listeners |= set(cluster_listeners())
             time.sleep(0.5)
         training.join()
-        assert result, "the monitored run failed (its error is above)"
-        result = result[0]
+        assert results, "the monitored run failed (its error is above)"
+        result = results[0]
         metrics.stage(pipeline, cfg.stage, StageRecord(key="k", state="succeeded", attempt=1, started_at=now, ended_at=time.time(),
                                                          metrics={"queued_s": 1.5, "start_gap_s": 2.0, "first_step_gap_s": 9.0}))
         metrics.stage(pipeline, "finetune_det", StageRecord(key="k2", state="failed", attempt=2, started_at=now, ended_at=time.time()))
