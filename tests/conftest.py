@@ -71,6 +71,31 @@ def tiny_shards(tiny_root, tmp_path_factory) -> str:
     return str(out)
 
 
+def _overfit_selected(items) -> bool:
+    return any(Path(str(item.path)).name == "test_overfit.py" for item in items)
+
+
+@pytest.fixture(scope="session")
+def overfit_pool(request, tmp_path_factory):
+    """``(data, {task: AsyncResult})``: the overfit fits this session selected
+    (``tests/fitting.py``), running in a pool of low-priority processes on their few frames."""
+    import fitting
+
+    data = fitting.few_frames(request.getfixturevalue("tiny_shards"), tmp_path_factory.mktemp("few"))
+    pool, results = fitting.start(fitting.selected(request.session.items), data)
+    yield data, results
+    pool.terminate()  # fits a failed or interrupted session left running
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _overfit_from_the_start(request):
+    """Starts ``overfit_pool`` before the session's first test, so the fits use what CPU the
+    other tests leave idle (``tests/fitting.py``). Not under xdist, whose workers would each start
+    every fit: there the overfit tests start it when they run."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") and _overfit_selected(request.session.items):
+        request.getfixturevalue("overfit_pool")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One embedded local Ray cluster for the whole test session (4 logical CPUs), with Ray's
