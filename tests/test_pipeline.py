@@ -73,6 +73,8 @@ def test_cpf_yaml_is_the_papers_protocol():
     # wins over the stage's), the other fine-tunings keep the stage's ÷ 10 and 2 epochs
     assert st["finetune_pose"].train.optimizer.lr == pytest.approx(joint.train.optimizer.lr)
     assert st["finetune_pose"].train.epochs == 20 and ft.train.epochs == 2
+    # ... and the lane fine-tuning its own rate (4× the joint stage's: 2% of the pixels are lane)
+    assert st["finetune_lane"].train.optimizer.lr == pytest.approx(4e-3) and st["finetune_lane"].train.epochs == 12
     assert st["finetune_flow"].train.data.ref_range == 1 and joint.train.data.ref_range == 3
     assert st["final"].base == "joint" and set(st["final"].decoders) == set(fts)
     order = list(st)
@@ -166,7 +168,9 @@ def weights(ckpt: str) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(Path(ckpt, "model.pt").read_bytes()), map_location="cpu", weights_only=True)
 
 
-TRAIN_A = {"kind": "train", "train": {"data": {"sets": ["det"], "tasks": ["det"]}}}
+# the adoption test's first stage makes the fine-tuned stage's starting point: an untrained model
+# (`vtd model init`, a Ray job without a Ray Train run, ~50 s less than a training stage here)
+INIT_A = {"kind": "init", "train": {"data": {"sets": ["det"], "tasks": ["det"]}}}
 TRAIN_B = {"kind": "train", "init": "a", "trainable": ["ins"], "train": {"data": {"sets": ["seg"], "tasks": ["ins"]}}}
 
 
@@ -176,7 +180,7 @@ def test_killed_orchestrator_adopts_its_running_stage_and_a_changed_stage_reruns
     from orchestrator.runner import JobsClient
 
     storage = tmp_path / "runs"
-    stages = {"a": TRAIN_A, "b": TRAIN_B,
+    stages = {"a": INIT_A, "b": TRAIN_B,
               "final": {"kind": "merge", "base": "a", "decoders": ["b"], "evaluate": True}}
     pipe = write_pipeline(tmp_path / "p.yaml", stages, tiny_shards, storage, max_parallel=2)
 
