@@ -528,3 +528,42 @@ def test_tiny_tagging_norm_learns_its_statistics_only_when_trained():
     frozen = (dec.norm.running_mean.clone(), dec.norm.running_var.clone())
     dec(torch.randn(4, 8, 3, 5))
     assert torch.equal(dec.norm.running_mean, frozen[0]) and torch.equal(dec.norm.running_var, frozen[1])
+
+
+def test_group_norm_of_one_value_per_group_is_the_bias():
+    """The aggregator's 16 groups of one channel on a 1×1 map (P6 of a 32-px frame): torch's
+    group norm refuses a batch of one; ours gives what torch gives for the same map in a batch of
+    two (one value per group is its own mean: the bias), with gradients reaching every parameter."""
+    from vtd_train.model.segmentation import GroupNorm, group_norm
+
+    norm = group_norm(16)
+    assert isinstance(norm, GroupNorm) and norm.num_groups == 16
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(2, 16, 1, 1, requires_grad=True)
+    reference = torch.nn.functional.group_norm(x, 16, norm.weight, norm.bias, norm.eps)
+    assert torch.allclose(norm(x), reference, atol=1e-4)
+    with pytest.raises(ValueError):
+        torch.nn.functional.group_norm(x[:1], 16, norm.weight, norm.bias, norm.eps)
+    one = norm(x[:1])
+    assert torch.allclose(one, norm.bias.view(1, -1, 1, 1)) and torch.allclose(one, reference[:1], atol=1e-4)
+    one.sum().backward()
+    assert norm.weight.grad is not None and norm.bias.grad is not None and x.grad is not None
+    # more than one value per group: torch's group norm, unchanged
+    y = torch.randn(1, 16, 2, 3)
+    assert torch.equal(norm(y), torch.nn.functional.group_norm(y, 16, norm.weight, norm.bias, norm.eps))
+
+
+def test_a_32_px_frame_alone_gets_predictions(vtdnet):
+    """A 32-px-high frame in a batch of one (``vtd evaluate --height 32``'s last batch): P5 and P6
+    are 1×1, which the segmentation aggregator's group norms take (this crashed a pipeline's
+    evaluation stage)."""
+    vtdnet.eval()
+    try:
+        batch = make_batch(TASKS, b=1)
+        batch.images, batch.image_sizes = batch.images[:, :, :32, :64].contiguous(), [(32, 64)]
+        preds = vtdnet.predict(batch)
+    finally:
+        vtdnet.train()
+    assert preds[0].size == (32, 64) and preds[0].sem.shape == (32, 64) and preds[0].lane.shape == (3, 32, 64)

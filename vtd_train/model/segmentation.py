@@ -37,10 +37,32 @@ SEG_OUTPUTS: dict[str, tuple[int, ...]] = {"sem": (19,), "drivable": (3,), "lane
 SEG_TERMS: dict[str, tuple[str, ...]] = {"sem": ("ce",), "drivable": ("ce",), "lane": ("direction", "style", "category")}
 
 
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that also takes groups holding a single value.
+
+    With one channel per group (the tiny preset's 16-channel aggregator) a 1×1 map holds one
+    value per group, as P6 is for an image 32-63 px high (``vtd evaluate --height 32``, a test
+    pipeline's 32-px scale) in a batch of one. Group norm of one value is defined: it is its own
+    mean, so it normalises to 0 and the output is the bias. torch's ``group_norm`` refuses the
+    case instead (``Expected more than 1 value per channel when training``, the check it shares
+    with batch norm, made whatever the mode). Here it gives the bias, with the input and the
+    affine parameters in the graph (zero gradients), so every rank's parameters get a gradient.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] // self.num_groups * x[0, 0].numel() > 1:
+            return super().forward(x)
+        zero = x * 0
+        if not self.affine:
+            return zero
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return zero + self.weight.view(shape) * 0 + self.bias.view(shape)
+
+
+def group_norm(channels: int, max_groups: int = 32) -> GroupNorm:
     """GroupNorm with the largest power-of-two group count ≤ ``max_groups`` dividing ``channels``."""
     groups = max(g for g in (1, 2, 4, 8, 16, 32, 64) if g <= max_groups and channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
 
 
 class DeformConvBlock(nn.Module):
