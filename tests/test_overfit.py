@@ -35,14 +35,12 @@ from vtd_train.evaluation.inference import gt_instances
 @pytest.fixture(scope="module")
 def few_frames(overfit_pool) -> str:
     """3 det frames (2 with pose), 3 seg frames, 3 clips of 4 frames of one MOTS video."""
-    assert overfit_pool is not None, "the session's overfit pool did not start (tests/conftest.py: overfit_pool)"
     return overfit_pool[0]
 
 
 @pytest.fixture(scope="module")
 def fits(overfit_pool):
     """``{task: AsyncResult of its metrics}`` for the fits this session selected."""
-    assert overfit_pool is not None, "the session's overfit pool did not start (tests/conftest.py: overfit_pool)"
     return overfit_pool[1]
 
 
