@@ -98,6 +98,16 @@ def test_range_map_counts_landings() -> None:
     assert torch.allclose(range_map(flow)[0, 0, :, 5], torch.zeros(4))
 
 
+def test_range_map_of_a_non_finite_flow_drops_those_pixels() -> None:
+    """A NaN / inf flow pixel lands nowhere (it used to index out of range and crash the step
+    before the training step's non-finite check could skip it)."""
+    flow = torch.zeros(1, 2, 4, 6)
+    flow[0, 0, 1, 1], flow[0, 1, 2, 4] = float("nan"), float("inf")
+    r = range_map(flow)[0, 0]
+    assert torch.isfinite(r).all()
+    assert r[1, 1] == 0.0 and r[2, 4] == 0.0 and r.sum() == 4 * 6 - 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Flow decoder
 # ---------------------------------------------------------------------------------------------

@@ -147,7 +147,9 @@ def range_map(flow: Tensor) -> Tensor:
             xi, yi = x0 + ox, y0 + oy
             weight = (1.0 - (x - xi).abs()) * (1.0 - (y - yi).abs())
             inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1) & torch.isfinite(weight)
-            idx = batch_offset + yi.clamp(0, h - 1).long() * w + xi.clamp(0, w - 1).long()
+            # a non-finite flow lands nowhere (clamp keeps NaN, whose .long() is out of range): the
+            # loss it feeds turns non-finite and the training step's skip handles it
+            idx = batch_offset + torch.where(inside, yi, 0.0).long() * w + torch.where(inside, xi, 0.0).long()
             out.index_add_(0, idx.reshape(-1), torch.where(inside, weight, 0.0).reshape(-1))
     return out.view(b, 1, h, w)
 
