@@ -136,16 +136,18 @@ CASES = {
     # lines (50-80 px in a 10×22 box) that a 28×28 mask pasted at 96×160 misses (mask IoU
     # 0.0-0.4); the same head reaches 46 on the car-heavy MOTS frames
     "ins": (("seg",), 300, 3, None, {"ap_ins": 12.0}),
-    # Gaussian-heatmap MSE (the paper's pose loss) learns slowly from scratch: OKS AP 26.4
-    # after 800 steps on these 2 pose frames (36.9 with two threads; 89.2 on 3 other pose
-    # frames); OKS at 96×160 tolerates about 2 px per joint on a 25 px person
-    "pose": (("det",), 800, 2, {"det": ("pose",)}, {"ap_pose": 20.0}),
+    # Gaussian-heatmap MSE (the paper's pose loss) learns slowly from scratch: OKS AP 36.0
+    # after 500 steps on these 2 pose frames, then 30.6 / 27.1 / 26.4 after 600 / 700 / 800
+    # (2026-12-06; 89.2 on 3 other pose frames); OKS at 96×160 tolerates about 2 px per joint
+    # on a 25 px person
+    "pose": (("det",), 500, 2, {"det": ("pose",)}, {"ap_pose": 20.0}),
     # one MOTS video, 12 frames. ``single:mots`` holds the det, ins and MOT decoders too (its
     # RoIs, masks and embeddings come from them) and is scored for both: box AP / AssA of the
     # box tracks (the MOT metrics) and mask AP / AssA of the mask tracks (MOTS); association is
-    # scored on what the detector finds. 800 steps: box AP 71.0 / AssA 86.7, mask AP 47.9 /
-    # AssA 74.8 (500 steps: 33.8 / 52.9, 22.1 / 43.7)
-    "mots": (("track",), 800, 2, None, {"ap_mot": 50.0, "assa_mot": 65.0, "ap_mots": 35.0, "assa_mots": 55.0}),
+    # scored on what the detector finds. 700 steps: box AP 67.8 / AssA 84.9, mask AP 48.3 /
+    # AssA 75.4 (2026-12-06; 800: 71.0 / 86.7, 47.9 / 74.8; 600: 47.4 / 73.1, 29.1 / 64.5;
+    # 500: 33.8 / 52.9, 22.1 / 43.7)
+    "mots": (("track",), 700, 2, None, {"ap_mot": 50.0, "assa_mot": 65.0, "ap_mots": 35.0, "assa_mots": 55.0}),
 }
 # Cases that fit in fewer steps at twice the rate (calibrated 2026-12-05, one thread: the others
 # do not gain: at 4e-3 pose AP stays 0.0 after 500 steps, MOTS AssA reaches 15 after 500,
