@@ -553,6 +553,7 @@ def test_group_norm_of_one_value_per_group_is_the_bias():
     # more than one value per group: torch's group norm, unchanged
     y = torch.randn(1, 16, 2, 3)
     assert torch.equal(norm(y), torch.nn.functional.group_norm(y, 16, norm.weight, norm.bias, norm.eps))
+    assert norm(torch.zeros(0, 16, 1, 1)).shape == (0, 16, 1, 1)  # an empty batch, as torch's
 
 
 def test_a_32_px_frame_alone_gets_predictions(vtdnet):
