@@ -5,6 +5,7 @@ All tiny (CPU, a few ms each except the short flow optimisation)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ from vtd_train.model.flow import (
     FlowLoss,
     FlowLossConfig,
     correlation,
+    normalize_cosine,
     range_map,
+    soft_argmax,
     warp,
 )
 from vtd_train.model.track_head import QDTrackConfig, QDTrackHead, QDTrackLoss, QDTrackLossConfig
@@ -86,6 +89,24 @@ def test_correlation_peaks_at_the_displacement() -> None:
     interior = cost[:, :, d:-d, d:-d]
     assert bool((interior.argmax(dim=1) == peak).all())
     torch.testing.assert_close(interior[:, peak], (key**2).mean(1)[:, d:-d, d:-d])
+    torch.testing.assert_close(correlation(key, ref, d, reduce="sum"), 64 * cost)
+
+
+def test_cosine_cost_is_one_at_the_displacement_and_soft_argmax_reads_it() -> None:
+    d, dy0, dx0 = 2, 1, -2
+    g = torch.Generator().manual_seed(1)
+    key = 3.0 + torch.randn(2, 16, 10, 12, generator=g)  # an offset the centring removes
+    ref = torch.roll(key, shifts=(dy0, dx0), dims=(2, 3))
+    cost = correlation(*normalize_cosine(key, ref), d, reduce="sum")
+    interior = cost[:, :, d:-d, d:-d]
+    peak = (dy0 + d) * (2 * d + 1) + (dx0 + d)
+    torch.testing.assert_close(interior[:, peak], torch.ones_like(interior[:, peak]))
+    assert float(interior.max()) <= 1.0 + 1e-5 and float(interior.min()) >= -1.0 - 1e-5
+    flow = soft_argmax(interior, d, temperature=0.02)
+    assert flow.shape == (2, 2, 6, 8)
+    assert (flow[:, 0] - dx0).abs().max() < 0.1 and (flow[:, 1] - dy0).abs().max() < 0.1
+    # a flat cost volume reads as zero displacement
+    torch.testing.assert_close(soft_argmax(torch.zeros(1, 25, 3, 3), d, 0.1), torch.zeros(1, 2, 3, 3))
 
 
 def test_range_map_counts_landings() -> None:
@@ -115,7 +136,7 @@ def test_range_map_of_a_non_finite_flow_drops_those_pixels() -> None:
 
 def test_flow_decoder_shapes_strides_and_units() -> None:
     torch.manual_seed(0)
-    dec = FlowDecoder(TINY_FLOW, in_channels=4)
+    dec = FlowDecoder(replace(TINY_FLOW, readout_add=False), in_channels=4)
     key = [torch.randn(2, 4, 16, 24), torch.randn(2, 4, 8, 12)]
     ref = [torch.randn(2, 4, 16, 24), torch.randn(2, 4, 8, 12)]
     flows = dec(key, ref)
@@ -135,6 +156,34 @@ def test_flow_decoder_shapes_strides_and_units() -> None:
     for f in flows:
         torch.testing.assert_close(f[:, 0], torch.full_like(f[:, 0], 16.0))
         torch.testing.assert_close(f[:, 1], torch.full_like(f[:, 1], -8.0))
+
+
+def test_flow_decoder_reads_a_shift_from_its_cost_volume_untrained() -> None:
+    """With the soft-argmax readout added, a decoder whose predictions are zeroed and whose
+    pyramid convolutions pass their input through outputs the matching of its cost volumes:
+    the shift, coarse to fine, before any training."""
+    torch.manual_seed(0)
+    dec = FlowDecoder(replace(TINY_FLOW, channels=(16, 16, 16, 16)), in_channels=16)
+    with torch.no_grad():
+        for conv in dec.pyramid.modules():
+            if isinstance(conv, nn.Conv2d):  # identity kernels (stride 2: subsampling)
+                conv.weight.zero_()
+                conv.bias.zero_()
+                conv.weight[torch.arange(16), torch.arange(16), 1, 1] = 1.0
+        for est in dec.estimators:
+            est.predict.weight.zero_()
+            est.predict.bias.zero_()
+        dec.context[-1].weight.zero_()
+        dec.context[-1].bias.zero_()
+    g = torch.Generator().manual_seed(2)
+    base = F.avg_pool2d(torch.randn(1, 16, 48, 64, generator=g), 3, 1, 1).relu()
+    key = [base, F.avg_pool2d(base, 2)]
+    shifted = torch.roll(base, shifts=(0, 2), dims=(2, 3))  # key(x) = ref(x + 2 cells = 8 px)
+    ref = [shifted, F.avg_pool2d(shifted, 2)]
+    with torch.no_grad():
+        flow = dec(key, ref)[0][:, :, 4:-4, 4:-4]
+    assert abs(flow[:, 0].median().item() - 8.0) < 1.5, flow[:, 0].median()
+    assert abs(flow[:, 1].median().item()) < 1.5, flow[:, 1].median()
 
 
 def test_flow_decoder_every_parameter_gets_a_gradient() -> None:
@@ -173,6 +222,10 @@ def test_flow_config_validation() -> None:
         FlowConfig(channels=(8, 8, 8), levels=4)
     with pytest.raises(ValueError, match="levels"):
         FlowConfig(channels=(8,), levels=1)
+    with pytest.raises(ValueError, match="cost_norm"):
+        FlowConfig(cost_norm="l2")
+    with pytest.raises(ValueError, match="readout_add"):
+        FlowConfig(readout_temperature=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
