@@ -499,11 +499,12 @@ def _train_worker_pids(since: float) -> list[int]:
 @pytest.mark.ray
 def test_chaos_killed_drivers_and_workers_end_bit_identical(reference_run, ray_cluster, tmp_path):
     """``vtd train`` (a subprocess driver on the shared cluster) with checkpoints every 2 steps,
-    uploaded in the background, SIGKILLed three times at seeded random points — the driver twice
-    (each time restarted with the same name: it takes the dead driver's lease and sets the run
-    directory right), a worker once (Ray restarts the workers) — ends at step 18 with weights,
+    uploaded in the background, SIGKILLed twice at seeded random points — the driver (restarted
+    with the same name: it takes the dead driver's lease and sets the run directory right), then
+    a worker of the resumed run (Ray restarts the workers) — ends at step 18 with weights,
     optimizer state and progress bit-identical to the uninterrupted reference run's at step 18,
-    and only intact checkpoints registered."""
+    and only intact checkpoints registered. (A second driver kill, after the worker's, added
+    one more driver start-up, about a minute of CI, and no path the first kill does not take.)"""
     import queue
     import signal
     import subprocess
@@ -521,7 +522,7 @@ def test_chaos_killed_drivers_and_workers_end_bit_identical(reference_run, ray_c
     storage = tmp_path / "runs"
     cmd = [sys.executable, "-m", "vtd_train.cli", "train", "--config", str(tmp_path / "chaos.yaml"),
            "--address", ray_cluster.address, "--storage", str(storage), "--name", "chaos"]
-    kills = list(zip(sorted(rng.sample(range(3, 16), 3)), ["driver", "worker", "driver"]))
+    kills = list(zip(sorted(rng.sample(range(3, 16), 2)), ["driver", "worker"]))
     drivers, done = [], []
     while True:
         started = time.time()
@@ -549,7 +550,7 @@ def test_chaos_killed_drivers_and_workers_end_bit_identical(reference_run, ray_c
         if not killed:
             break
     text = "".join(drivers[-1])
-    assert [k for _, k in done] == ["driver", "worker", "driver"] and len(drivers) == 3, (done, text[-3000:])
+    assert [k for _, k in done] == ["driver", "worker"] and len(drivers) == 2, (done, text[-3000:])
     assert rc == 0 and "run 'chaos' done at step 18" in text, text[-3000:]
     assert all("took over the lease" in "".join(d) for d in drivers[1:]), [d[:5] for d in drivers]
     report = inspect_run(str(storage / "chaos"))
