@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("checkpoints", nargs="*", metavar="NAME=CHECKPOINT")
     ap.add_argument("--split", default="val,train")
     ap.add_argument("--height", type=int, default=None)
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # options anywhere, also between SHARDS and the checkpoints
     torch.set_num_threads(1)
     workers = {}
     for item in args.checkpoints:

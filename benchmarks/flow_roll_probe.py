@@ -2,8 +2,8 @@
 
 Usage::
 
-    uv run python benchmarks/flow_roll_probe.py [--data DIR] [--flow "dict(cost_norm='pair', ...)"]
-        [--steps 300] [--smin 2 --smax 5] [--seed 0]
+    uv run python benchmarks/flow_roll_probe.py [--data DIR] [--flow "{'cost_norm': 'pair', ...}"]
+        [--steps 300] [--lr 1e-3] [--smin 2 --smax 5] [--seed 0] [--bidir 1]
 
 Pairs are a synthetic track frame (``data_pipeline.bdd100k.synth``, ``size='tiny'``, generated
 into ``--data`` if it is missing; 96×160) and its copy rolled by a random global shift (one axis
@@ -15,6 +15,7 @@ on 40 rolled val frames, the correlation of the mean predicted (inner stride-4 c
 true shift per axis, the mean absolute error and the mean |prediction|. One torch thread.
 """
 import argparse
+import ast
 import glob
 import os
 import random
@@ -34,14 +35,14 @@ ap.add_argument("--data", default="runs/flow_roll_probe_data")
 ap.add_argument("--steps", type=int, default=300)
 ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--smin", type=int, default=2); ap.add_argument("--smax", type=int, default=5)
-ap.add_argument("--flow", default="{}")   # FlowConfig overrides as python dict
+ap.add_argument("--flow", default="{}")   # FlowConfig overrides: a Python dict literal
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--bidir", type=int, default=1)
 a = ap.parse_args()
 torch.manual_seed(a.seed); random.seed(a.seed)
 base = VTDNetConfig.tiny("vtdnet")
 m = build_model(base).eval()
-fcfg = replace(base.flow, **eval(a.flow))
+fcfg = replace(base.flow, **ast.literal_eval(a.flow))
 dec = FlowDecoder(fcfg, base.fpn.out_channels)
 loss_fn = FlowLoss(base.flow_loss)
 if not os.path.isdir(os.path.join(a.data, "images", "track")):
