@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from typing import Any
 
@@ -78,7 +79,13 @@ def _storage(uri: str) -> tuple[str, Any]:
 
 def build_trainer(cfg: TrainConfig, *, callbacks: tuple = ()):
     """The ``TorchTrainer`` of a run (Ray Train V2): gloo on CPU, NCCL on GPUs. ``callbacks``:
-    ``ray.train.UserCallback`` s run on Ray Train's controller (a benchmark's recorder)."""
+    ``ray.train.UserCallback`` s run on Ray Train's controller (a benchmark's recorder).
+
+    The config travels bound to the training function, not as ``train_loop_config``: Ray puts
+    the function in the object store, which only the workers read, while ``train_loop_config``
+    is unpickled by the controller too, and the config's classes import the model (torch,
+    torchvision, and through them torch._dynamo and sympy: 6-8 s of every run's start on a
+    2-core node, on the path to the first step; benchmarks/RESULTS.md)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from vtd_train.train.failures import TorchTrainer  # deterministic errors are not retried
     from vtd_train.train.loop import train_loop_per_worker
@@ -87,8 +94,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: tuple = ()):
     res = cfg.resources
     path, filesystem = _storage(cfg.storage_path)
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"train_config": cfg},
+        functools.partial(train_loop_per_worker, {"train_config": cfg}),
         torch_config=torch_config("nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                      resources_per_worker={"CPU": res.cpus_per_worker}),
