@@ -91,7 +91,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
         return run_cityscapes3d_demo(workdir=a.workdir, seed=a.seed, size=a.size or "small")
     from vtd_train.demo import run_demo
 
-    return run_demo(workdir=a.workdir, seed=a.seed, size=a.size or "tiny")
+    return run_demo(workdir=a.workdir, seed=a.seed, size=a.size or "demo")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = data.add_parser("synth", help="generate a BDD100K-format mini dataset")
     s.add_argument("--out", required=True, help="output directory (a BDD100K root)")
     s.add_argument("--seed", type=_seed, default=0)
-    s.add_argument("--size", choices=("tiny", "small", "full"), default="tiny",
-                   help="tiny / small / full (BDD100K); tiny / small (cityscapes3d)")
+    s.add_argument("--size", choices=("tiny", "demo", "small", "full"), default="tiny",
+                   help="tiny / demo / small / full (BDD100K); tiny / small (cityscapes3d)")
     s.add_argument("--format", choices=("bdd100k", "cityscapes3d"), default="bdd100k", help="dataset layout to write")
     s.set_defaults(func=_cmd_data_synth)
 
@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bdd100k: VTDNet, jobs/cpf.yaml; cityscapes3d: TaskPrompter, configs/taskprompter-tiny.yaml")
     d.add_argument("--workdir", default="runs/demo")
     d.add_argument("--seed", type=_seed, default=0, help="the synthetic dataset's seed")
-    d.add_argument("--size", choices=("tiny", "small"), default=None,
-                   help="synthetic dataset size (default: tiny for bdd100k, small for cityscapes3d)")
+    d.add_argument("--size", choices=("tiny", "demo", "small"), default=None,
+                   help="synthetic dataset size (default: demo for bdd100k, small for cityscapes3d)")
     d.set_defaults(func=_cmd_demo)
 
     _add_optional_commands(sub)

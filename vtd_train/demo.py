@@ -27,7 +27,7 @@ from data_pipeline.bdd100k.synth import generate
 PIPELINE = Path(__file__).resolve().parents[1] / "jobs" / "cpf.yaml"
 
 
-def run_demo(workdir: str, seed: int = 0, size: str = "tiny") -> int:
+def run_demo(workdir: str, seed: int = 0, size: str = "demo") -> int:
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     root, shards = work / "bdd100k", work / "shards"
