@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # before anything imports ray
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -53,6 +54,22 @@ def pytest_collection_finish(session):
         if lost:
             raise pytest.UsageError(f"xdist --dist loadgroup did not group {len(lost)} test(s) (e.g. {lost[0]}): "
                                     "this pytest / pytest-xdist pair breaks it (pytest-dev/pytest-xdist#1386)")
+
+
+#: ``scraped_run``'s live Prometheus, stopped after the last test that uses it
+_SCRAPER: dict[str, Any] = {}
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stops ``scraped_run``'s Prometheus once no later test of the session uses it: its 1-s
+    scrapes of the cluster's metrics agent cost the two processes about a quarter of a core, for
+    the rest of the session otherwise (the fixture's own teardown comes at the session's end)."""
+    if "prom" not in _SCRAPER or "scraped_run" not in getattr(item, "fixturenames", ()):
+        return
+    items = item.session.items
+    later = items[items.index(item) + 1:] if item in items else [nextitem] if nextitem else []
+    if not any("scraped_run" in getattr(i, "fixturenames", ()) for i in later):
+        _SCRAPER.pop("prom").stop()
 
 
 @pytest.fixture(scope="session")
@@ -203,5 +220,6 @@ def scraped_run(ray_cluster, tiny_shards, tmp_path_factory):
         # a few scrapes of them, so that rates and increases over them have two samples or more
         prom.wait_for(f'count_over_time(ray_vtd_train_bad_samples_total{{run="{run}-events"}}[1m]) >= 3',
                       lambda r: len(r) == 1, timeout_s=60)
+        _SCRAPER["prom"] = prom
         yield {"prom": prom, "run": run, "pipeline": pipeline, "stage": cfg.stage, "start": start,
                "metrics": result.metrics, "world": cfg.resources.num_workers, "listeners": listeners}
