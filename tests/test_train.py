@@ -134,6 +134,31 @@ def test_checks_that_need_the_model_and_the_manifest(tmp_path, tiny_shards):
         load_train_config(str(tmp_path / "missing.yaml"))
 
 
+def test_rays_controller_gets_no_model_classes_and_no_dataset_manager(tmp_path, tiny_shards):
+    """What Ray Train's controller unpickles (the run context and the callbacks) must not import
+    the model: the controller sits on the path to the first step, and the model's modules pull
+    in torchvision, torch._dynamo and sympy (6-8 s of a run's start on 2 cores). The config
+    travels with the training function instead, which only the workers read. A run without Ray
+    Datasets starts no DatasetManager actor."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    from vtd_train.train.launch import build_trainer
+
+    trainer = build_trainer(_tiny(tmp_path, tiny_shards))
+    callbacks = trainer._create_default_callbacks()
+    assert not any(isinstance(c, DatasetsCallback) for c in callbacks), callbacks
+    heavy = ("torchvision", "sympy", "vtd_train.model.vtdnet", "vtd_train.train.config")
+    code = f"import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps((trainer.train_run_context, callbacks)),
+                         capture_output=True, timeout=300)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().strip() == "[]", out.stdout.decode()
+
+
 def test_lr_schedule_steps_down_at_milestone_epochs():
     sched = LRScheduleConfig(milestones=(8, 11), gamma=0.1)
     at = [lr_at(e * 10, base_lr=1e-4, steps_per_epoch=10, cfg=sched) for e in range(12)]
