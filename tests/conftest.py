@@ -92,6 +92,20 @@ def _overfit_selected(items) -> bool:
     return any(Path(str(item.path)).name == "test_overfit.py" for item in items)
 
 
+#: the overfit fits' results, for the session's summary
+_FITS: dict[str, Any] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each overfit fit's CPU time (``tests/fitting.py``), to show which fits the suite's time goes to."""
+    if _FITS:
+        import fitting
+
+        line = fitting.cpu_summary(_FITS)
+        if line:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def overfit_pool(request, tmp_path_factory):
     """``(data, {task: AsyncResult})``: the overfit fits this session selected
@@ -100,6 +114,7 @@ def overfit_pool(request, tmp_path_factory):
 
     data = fitting.few_frames(request.getfixturevalue("tiny_shards"), tmp_path_factory.mktemp("few"))
     pool, results = fitting.start(fitting.selected(request.session.items), data)
+    _FITS.update(results)
     yield data, results
     pool.terminate()  # fits a failed or interrupted session left running
 

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import time
 from multiprocessing.pool import AsyncResult, Pool
 from pathlib import Path
 
@@ -158,11 +159,25 @@ FLOW = (("track",), 300, 2, 5e-4, 1)
 
 
 def _fit_case(task: str, data: str) -> dict:
+    """The fit's metrics, with ``cpu_s``: the CPU seconds it took (the session's summary lists
+    them: the fits are the suite's largest block of CPU)."""
+    start = time.process_time()
     if task == "flow":
         sets, steps, batch_size, lr, ref_range = FLOW
-        return _fit_single("flow", data, sets, steps, lr=lr, batch_size=batch_size, ref_range=ref_range)
-    sets, steps, batch_size, require, _ = CASES[task]
-    return _fit_single(task, data, sets, steps, lr=LR.get(task, 2e-3), batch_size=batch_size, require=require)
+        out = _fit_single("flow", data, sets, steps, lr=lr, batch_size=batch_size, ref_range=ref_range)
+    else:
+        sets, steps, batch_size, require, _ = CASES[task]
+        out = _fit_single(task, data, sets, steps, lr=LR.get(task, 2e-3), batch_size=batch_size, require=require)
+    return {**out, "cpu_s": time.process_time() - start}
+
+
+def cpu_summary(results: dict[str, AsyncResult]) -> str | None:
+    """One line: each finished fit's CPU seconds, longest first (None when none finished)."""
+    done = {t: r.get()["cpu_s"] for t, r in results.items() if r.ready() and r.successful()}
+    if not done:
+        return None
+    fits = ", ".join(f"{t} {s:.0f}" for t, s in sorted(done.items(), key=lambda kv: -kv[1]))
+    return f"overfit fits, CPU seconds: {fits} (total {sum(done.values()):.0f})"
 
 
 def _low_priority_one_thread() -> None:
