@@ -85,6 +85,30 @@ def test_summary_matches_size_table_and_files(root: Path, summary: dict) -> None
     assert not [p for p in files if ".tmp" in p.name], "temporary files left behind"
 
 
+def test_demo_size_adds_det_validation_frames_and_changes_nothing_else(root: Path, tmp_path: Path) -> None:
+    """``vtd demo``'s size: 32 det validation frames, with tags in the split's proportions;
+    every file outside the det validation set is byte-identical to tiny's (the demo's seg and
+    track metrics are the tiny data's)."""
+    demo = tmp_path / "demo"
+    synth.generate(demo, seed=SEED, size="demo")
+    val = sorted(p.name for p in (demo / Layout.images_100k("val")).glob("*.jpg"))
+    frames = _load(demo, Layout.det_json("val"))
+    assert len(val) == 32 and sorted(f["name"] for f in frames) == val
+    scenes = Counter(f["attributes"]["scene"] for f in frames)
+    assert scenes.most_common(1)[0] == ("city street", 12) and len(scenes) == 7, scenes
+
+    det_val = (Layout.images_100k("val"), Layout.det_json("val"), Layout.pose_json("val"),
+               Layout.drivable_masks("val"), Layout.lane_masks("val"))
+
+    def files(r: Path) -> dict[str, bytes]:
+        rels = (str(p.relative_to(r)) for p in r.rglob("*") if p.is_file())
+        return {rel: (r / rel).read_bytes() for rel in rels if rel != "summary.json" and not rel.startswith(det_val)}
+
+    mine, tiny = files(demo), files(root)
+    assert mine.keys() == tiny.keys()
+    assert [k for k in mine if mine[k] != tiny[k]] == []
+
+
 def test_det_layout_and_scalabel_keys(root: Path) -> None:
     allowed = set(B.DET_CATEGORIES) | set(B.IGNORE_MAP)
     for split in B.SPLITS:

@@ -4,7 +4,7 @@ camera (:class:`_Scene`), and the camera motion of a video (:class:`_Ego`)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import numpy as np
@@ -30,14 +30,15 @@ class SynthSize:
     frames_per_video: int = 8
 
 
+_TINY: Final = SynthSize(width=160, height=96, det=(24, 8), seg=(12, 4), track_videos=(3, 2), mots_videos=(2, 2))
 SIZES: Final[dict[str, SynthSize]] = {
     # two validation videos of each kind: with one, AssA (HOTA over a few tracked objects of a
     # weak tiny detector) moved by 6-8 points between checkpoints whose embeddings differed little
-    "tiny": SynthSize(width=160, height=96, det=(24, 8), seg=(12, 4), track_videos=(3, 2), mots_videos=(2, 2)),
+    "tiny": _TINY,
     # `vtd demo`: tiny with 32 det validation frames. On tiny's 8 a frame is 12.5 points of a
     # tagging accuracy: the demo's final model scored acc_scene 25.0 there and 51.0 on 96 frames
     # of the same generator, where the untrained one scored 37.5 and 21.9 (benchmarks/RESULTS.md)
-    "demo": SynthSize(width=160, height=96, det=(24, 32), seg=(12, 4), track_videos=(3, 2), mots_videos=(2, 2)),
+    "demo": replace(_TINY, det=(24, 32)),
     "small": SynthSize(width=320, height=192, det=(72, 24), seg=(36, 12), track_videos=(9, 3), mots_videos=(6, 3)),
     # Loader benchmark: real BDD100K resolution, tiny's counts.
     "full": SynthSize(width=1280, height=720, det=(24, 8), seg=(12, 4), track_videos=(3, 1), mots_videos=(2, 1)),
