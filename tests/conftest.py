@@ -38,10 +38,15 @@ def pytest_xdist_auto_num_workers(config):
 def pytest_collection_modifyitems(config, items):
     """Every test on Ray (the ``ray`` mark, or the ``ray_cluster`` fixture, also through another
     fixture) joins the xdist group ``ray``: one worker runs them all on one shared cluster while
-    the other workers run the rest (``--dist loadgroup`` in pyproject.toml)."""
+    the other workers run the rest (``--dist loadgroup`` in pyproject.toml). The overfit tests
+    go last."""
     for item in items:
         if item.get_closest_marker("ray") or "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray"))
+    # The overfit tests run last: their fits start with the session at the lowest priority and
+    # fill the CPU the other tests leave idle (the Ray tests wait on start-ups, polls and
+    # health checks), so the later the tests wait on them, the less of the fits is left to wait for.
+    items[:] = [i for i in items if not _is_overfit(i)] + [i for i in items if _is_overfit(i)]
 
 
 @pytest.hookimpl(trylast=True)
@@ -87,8 +92,12 @@ def tiny_shards(tiny_root, tmp_path_factory) -> str:
     return str(out)
 
 
+def _is_overfit(item) -> bool:
+    return Path(str(item.path)).name == "test_overfit.py"
+
+
 def _overfit_selected(items) -> bool:
-    return any(Path(str(item.path)).name == "test_overfit.py" for item in items)
+    return any(_is_overfit(item) for item in items)
 
 
 #: the overfit fits' results, for the session's summary

@@ -79,7 +79,8 @@ def test_flow_decoder_learns_the_motion_of_a_clip(few_frames, fits):
     """``single:flow`` on the 12 frames of one MOTS video (census + smoothness, no labels), scored
     by the flow proxy: frame t's MOTS masks warped back to t-1 with the predicted flow. A zero
     flow scores 44.6 on these frames, the generator's true motion about 67 (objects that leave
-    the frame or turn their limbs cap it); 300 steps measured 57.5 (2026-12-05, one thread).
+    the frame or turn their limbs cap it); 200 steps measured 55.0 (300: 57.5; one thread,
+    2026-12-06).
 
     Consecutive frames only (``ref_range`` 1, the pairs the proxy scores): objects here move
     about 6 px per frame, frames 2-3 apart 17-30 px, and the census loss's gradient points
