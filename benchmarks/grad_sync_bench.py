@@ -79,7 +79,8 @@ def _shards(work: Path) -> str:
 def _batches(shards: str, *, rank: int, world: int, batch: int, height: int, device: torch.device) -> list:
     from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset
     from data_pipeline.shards.manifest import families_from_manifest
-    from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
+    from data_pipeline.loading.config import AugmentConfig
+    from data_pipeline.loading.transforms import prepare_batch
 
     out = []
     for fam in families_from_manifest(shards, "train"):

@@ -103,7 +103,7 @@ from data_pipeline.loading.loader import (
 from data_pipeline.shards.manifest import families_from_manifest
 from data_pipeline.shards.format import FORMAT_VERSION, decode_label_map, encode_label_map
 from data_pipeline.bdd100k.synth import generate
-from data_pipeline.loading.transforms import AugmentConfig
+from data_pipeline.loading.config import AugmentConfig
 
 
 def floor_blobs(urls, with_labels: bool) -> tuple[list[tuple[bool, object]], int]:

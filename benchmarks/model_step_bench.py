@@ -29,7 +29,8 @@ from data_pipeline.bdd100k.convert import ConvertOptions, convert
 from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset
 from data_pipeline.shards.manifest import families_from_manifest
 from data_pipeline.bdd100k.synth import generate
-from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
+from data_pipeline.loading.config import AugmentConfig
+from data_pipeline.loading.transforms import prepare_batch
 from vtd_train.model.losses import total_loss
 from vtd_train.model.vtdnet import VTDNet, VTDNetConfig
 

@@ -30,7 +30,8 @@ import torch
 
 from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset, build_train_loader
 from data_pipeline.shards.manifest import families_from_manifest
-from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
+from data_pipeline.loading.config import AugmentConfig
+from data_pipeline.loading.transforms import prepare_batch
 from vtd_train.evaluation.evaluate import evaluate
 from vtd_train.model.vtdnet import VTDNet, VTDNetConfig
 from vtd_train.train.amp import Precision

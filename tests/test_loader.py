@@ -6,10 +6,8 @@ of the converter and the decoder.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +31,8 @@ from data_pipeline.loading.loader import (
 )
 from data_pipeline.shards.manifest import families_from_manifest
 from data_pipeline.loading.structures import AugmentPlan, Batch, LabelSource
-from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
+from data_pipeline.loading.config import AugmentConfig
+from data_pipeline.loading.transforms import prepare_batch
 
 NO_AUG = AugmentConfig(scales=(), flip_prob=0.0)
 

@@ -172,6 +172,15 @@ def test_config_errors_name_the_bad_value():
     assert VTDNetConfig.single("mots").tasks == ("det", "ins", "mot", "mots")
 
 
+def test_the_schemas_backbone_names_are_the_registrys():
+    """``BackboneConfig`` validates names against the torch-free schema's list; every name there
+    must build, and every base network the registry builds must be accepted."""
+    from vtd_train.model import BACKBONES
+    from vtd_train.model.schema import BACKBONE_NAMES
+
+    assert sorted(BACKBONE_NAMES) == sorted(BACKBONES)
+
+
 # ---------------------------------------------------------------------------------------------
 # Backbones: shape contract and pretrained weights
 # ---------------------------------------------------------------------------------------------

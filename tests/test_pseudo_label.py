@@ -26,7 +26,8 @@ from data_pipeline.shards.manifest import families_from_manifest
 from data_pipeline.loading.pseudo import iter_pseudo_shard, read_pseudo_manifest, split_pseudo_members
 from data_pipeline.shards.format import decode_label_map
 from data_pipeline.loading.structures import TASK_INDEX, Batch, FrameTargets, LabelSource, RunLengthMap
-from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
+from data_pipeline.loading.config import AugmentConfig
+from data_pipeline.loading.transforms import prepare_batch
 from vtd_train.checkpoint import save_model
 from vtd_train.cli import main
 from vtd_train.evaluation.evaluate import EvalWorker, torch_threads

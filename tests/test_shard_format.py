@@ -18,7 +18,8 @@ from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset, build_tr
 from data_pipeline.shards.manifest import families_from_manifest
 from data_pipeline.shards.format import decode_label_map, encode_label_map
 from data_pipeline.loading.structures import AugmentPlan, Batch, FrameTargets, RunLengthMap
-from data_pipeline.loading.transforms import AugmentConfig, prepare_batch
+from data_pipeline.loading.config import AugmentConfig
+from data_pipeline.loading.transforms import prepare_batch
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])

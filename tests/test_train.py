@@ -159,6 +159,30 @@ def test_rays_controller_gets_no_model_classes_and_no_dataset_manager(tmp_path, 
     assert out.stdout.decode().strip() == "[]", out.stdout.decode()
 
 
+def test_configs_load_without_torch_and_a_driver_checks_without_torchvision(tmp_path, tiny_shards):
+    """The training config, the model schema, the loader's settings and the pipeline orchestrator
+    import no torch; a ``vtd train`` driver's checks of a run without freeze prefixes import no
+    torchvision. The orchestrator, ``vtd jobs`` commands and each Ray job's driver start without
+    those imports (torch 3 s, torchvision with torch._dynamo and sympy 5 s more, on 2 cores)."""
+    import subprocess
+    import sys
+
+    doc = yaml.safe_load(TINY.read_text())
+    doc["data"]["uri"] = tiny_shards
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(doc))
+    code = ("import sys\n"
+            "import vtd_train.train.config, vtd_train.model.schema, data_pipeline.loading.config\n"
+            "import orchestrator.spec, orchestrator.runner, orchestrator.cli\n"
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n"
+            "from vtd_train.train.config import load_train_config, resolve_paths\n"
+            "from vtd_train.train.launch import check_config\n"
+            f"check_config(resolve_paths(load_train_config({str(tmp_path / 'run.yaml')!r}, storage_path={str(tmp_path)!r})))\n"
+            "print(sorted(m for m in ('torchvision', 'sympy', 'vtd_train.model.vtdnet') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]", "[]"], out.stdout
+
+
 def test_lr_schedule_steps_down_at_milestone_epochs():
     sched = LRScheduleConfig(milestones=(8, 11), gamma=0.1)
     at = [lr_at(e * 10, base_lr=1e-4, steps_per_epoch=10, cfg=sched) for e in range(12)]

@@ -20,7 +20,7 @@ from data_pipeline.loading.loader import LoaderConfig, MultiSetDataset, iter_sha
 from data_pipeline.shards.manifest import families_from_manifest
 from data_pipeline.loading.structures import AugmentPlan, Batch, EncodedImage, FrameTargets, RunLengthMap
 from data_pipeline.loading.transfer import pack_batch, pack_batches
-from data_pipeline.loading.transforms import AugmentConfig
+from data_pipeline.loading.config import AugmentConfig
 
 
 def _jpeg(mode: str, h: int = 48, w: int = 64, seed: int = 0) -> bytes:

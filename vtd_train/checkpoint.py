@@ -43,7 +43,7 @@ import torch
 from data_pipeline import fsio
 from data_pipeline.errors import VTDInputError
 from vtd_train.model.config import config_from_dict
-from vtd_train.model.vtdnet import VTDNet, VTDNetConfig
+from vtd_train.model.schema import VTDNetConfig
 from vtd_train.taskprompter.config import TaskPrompterConfig
 
 MODEL_WEIGHTS = "model.pt"
@@ -57,13 +57,16 @@ FAMILIES = {"vtdnet": VTDNetConfig, "taskprompter": TaskPrompterConfig}
 
 
 def model_class(family: str) -> type[torch.nn.Module]:
-    """The model class of ``family``. TaskPrompter's is imported on first use: its Swin pieces
-    come from timm, whose import (with huggingface_hub's) costs every VTDNet process, every Ray
-    worker included, over a second."""
+    """The model class of ``family``, imported on first use: a process that only reads or
+    verifies checkpoints (a Ray job's driver, the orchestrator) loads neither torchvision (VTDNet,
+    about 5 s of imports on 2 cores) nor timm (TaskPrompter's Swin, with huggingface_hub, over a
+    second)."""
     if family == "taskprompter":
         from vtd_train.taskprompter.model import TaskPrompter
 
         return TaskPrompter
+    from vtd_train.model.vtdnet import VTDNet
+
     return VTDNet
 
 

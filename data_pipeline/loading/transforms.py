@@ -15,34 +15,17 @@ Key and reference frames of a tracking pair share the same scale and flip.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from data_pipeline.bdd100k import format as bdd100k
-from data_pipeline.loading.structures import AugmentPlan, Batch, FrameTargets
-
-#: The paper's multi-scale training heights (appendix I): 600..720 in steps of 24.
-PAPER_SCALES: tuple[int, ...] = (600, 624, 648, 672, 696, 720)
+from data_pipeline.loading.structures import Batch, FrameTargets
 
 #: Per-pixel target fields, all ``[H, W]`` (resized with nearest-neighbour, flipped with the image).
 _MAP_FIELDS = ("instance_map", "sem", "drivable", "lane")
 _FLIP_PERM = torch.tensor(bdd100k.POSE_FLIP_PERM)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AugmentConfig:
-    """``scales``: candidate image heights (aspect kept); empty = keep the original size."""
-
-    scales: tuple[int, ...] = PAPER_SCALES
-    flip_prob: float = 0.5
-
-    def __post_init__(self):
-        if any(int(h) <= 0 for h in self.scales):
-            raise ValueError(f"AugmentConfig.scales must be positive heights, got {self.scales}")
-        if not 0.0 <= self.flip_prob <= 1.0:
-            raise ValueError(f"AugmentConfig.flip_prob must be in [0, 1], got {self.flip_prob}")
 
 
 def pad_images(images: list[Tensor], size_divisor: int) -> Tensor:

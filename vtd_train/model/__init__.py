@@ -9,7 +9,8 @@ Module map (data flow order):
 - :mod:`~vtd_train.model.localization` — RPN, RoIAlign, box / mask / keypoint decoders + losses
 - :mod:`~vtd_train.model.interaction` — Intra-IB and Cross-IB
 - :mod:`~vtd_train.model.flow`, :mod:`~vtd_train.model.track_head` — association decoders (flow, QDTrack)
-- :mod:`~vtd_train.model.vtdnet` — config, variants, assembly, ``forward`` (losses) and ``predict``
+- :mod:`~vtd_train.model.schema` — every config dataclass, the variants (torch-free)
+- :mod:`~vtd_train.model.vtdnet` — assembly of a config, ``forward`` (losses) and ``predict``
 - :mod:`~vtd_train.model.outputs` — the typed inference output
 - :mod:`~vtd_train.model.losses` — loss weights (Table 11) and the single sum
 - :mod:`~vtd_train.model.info` — parameter count and GMACs (``vtd model info``)
@@ -25,18 +26,18 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "BackboneConfig": "backbone",
+    "BackboneConfig": "schema",
     "BACKBONES": "backbone",
     "PretrainedWeightsError": "backbone",
     "build_backbone": "backbone",
-    "FPNConfig": "fpn",
+    "FPNConfig": "schema",
     "LossWeights": "losses",
     "total_loss": "losses",
     "FramePrediction": "outputs",
     "VTDNet": "vtdnet",
-    "VTDNetConfig": "vtdnet",
+    "VTDNetConfig": "schema",
     "build_model": "vtdnet",
-    "VARIANTS": "vtdnet",
+    "VARIANTS": "schema",
     "model_info": "info",
     "config_from_dict": "config",
 }
@@ -52,9 +53,9 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # pragma: no cover
     from vtd_train.model.config import config_from_dict
-    from vtd_train.model.backbone import BACKBONES, BackboneConfig, PretrainedWeightsError, build_backbone
-    from vtd_train.model.fpn import FPNConfig
+    from vtd_train.model.backbone import BACKBONES, PretrainedWeightsError, build_backbone
     from vtd_train.model.info import model_info
     from vtd_train.model.losses import LossWeights, total_loss
     from vtd_train.model.outputs import FramePrediction
-    from vtd_train.model.vtdnet import VARIANTS, VTDNet, VTDNetConfig, build_model
+    from vtd_train.model.schema import VARIANTS, BackboneConfig, FPNConfig, VTDNetConfig
+    from vtd_train.model.vtdnet import VTDNet, build_model

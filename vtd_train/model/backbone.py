@@ -24,13 +24,13 @@ convnext_atto          timm ``convnext_atto`` (tests)              40, 80, 160, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 import torch
 from torch import Tensor, nn
 
 from data_pipeline.errors import VTDInputError
+from vtd_train.model.schema import BackboneConfig
 
 FEATURE_NAMES: Final = ("c2", "c3", "c4", "c5")
 FEATURE_STRIDES: Final = (4, 8, 16, 32)
@@ -43,51 +43,8 @@ ShapeSpec = dict[str, tuple[int, int]]
 """``{feature name: (channels, stride)}`` — the shape contract between modules."""
 
 
-#: Normalisation choices of :class:`BackboneConfig` (ResNets).
-NORMS: Final = ("auto", "frozen_bn", "gn", "bn")
-
-
 class PretrainedWeightsError(VTDInputError):
     """A pretrained-weights file is missing, unreadable or does not fit the architecture."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class BackboneConfig:
-    """Which base network to build and where its ImageNet weights live.
-
-    ``pretrained``: a local path or fsspec URI (``s3://…``, ``gs://…``) of a state dict saved
-    with ``torch.save`` (a bare state dict, or one wrapped under ``state_dict``/``model``);
-    ``None`` leaves the random initialisation. Classifier-head keys are allowed to be missing
-    or extra; every other key must be present with the right shape.
-    ``norm``: the normalisation layers of a ResNet. ``frozen_bn`` keeps the ImageNet batch-norm
-    statistics and affine parameters fixed (the detection default with pretrained weights: the
-    per-GPU batch is 2 images); ``gn``: GroupNorm (32 groups), trainable, independent of the
-    batch — what a ResNet trained *from scratch* needs (He et al., "Rethinking ImageNet
-    Pre-training": frozen BN of a random initialisation is the identity, i.e. no normalisation
-    at all, and trains detection markedly slower); ``bn``: plain batch norm (statistics
-    broadcast from rank 0). ``auto`` (default): ``frozen_bn`` with ``pretrained`` weights, ``gn``
-    without. ``drop_path``: stochastic depth of Swin / ConvNeXt.
-    """
-
-    name: str = "resnet50"
-    pretrained: str | None = None
-    norm: str = "auto"
-    drop_path: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.name not in BACKBONES:
-            raise VTDInputError(f"unknown backbone {self.name!r}; choose one of {sorted(BACKBONES)}")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise VTDInputError(f"backbone drop_path must be in [0, 1), got {self.drop_path}")
-        if self.norm not in NORMS:
-            raise VTDInputError(f"backbone norm must be one of {NORMS}, got {self.norm!r}")
-
-    @property
-    def resolved_norm(self) -> str:
-        """``norm`` with ``auto`` resolved: ``frozen_bn`` with pretrained weights, else ``gn``."""
-        if self.norm == "auto":
-            return "frozen_bn" if self.pretrained else "gn"
-        return self.norm
 
 
 class ImageNormalizer(nn.Module):

@@ -32,15 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data_pipeline.bdd100k.format import SCENES, WEATHERS
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaggingConfig:
-    num_weathers: int = len(WEATHERS)
-    num_scenes: int = len(SCENES)
-    #: BatchNorm1d on the pooled, detached C5 before the dense layers (see the module docstring)
-    pooled_norm: bool = False
+from vtd_train.model.schema import TaggingConfig
 
 
 @dataclass

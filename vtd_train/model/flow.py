@@ -18,11 +18,11 @@ down); ``x + dx`` lies on the reference frame's grid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from vtd_train.model.schema import FlowConfig, FlowLossConfig
 
 __all__ = [
     "FlowConfig",
@@ -231,65 +231,6 @@ def census_transform(gray: Tensor, patch_size: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(kw_only=True, frozen=True)
-class FlowConfig:
-    """Flow decoder architecture.
-
-    ``channels[l]`` are the pyramid feature channels of level ``l`` (finest first; level ``l``
-    has stride ``4·2^l``: P2, P3, then stride-2 convolutions). ``estimator_channels`` are the
-    conv widths of the per-level flow estimator (a plain chain: the "reduced dense connections"
-    of the paper); ``context_channels``/``context_dilations`` the PWC-Net context network that
-    refines the finest flow (empty tuples disable it).
-
-    ``cost_norm``: how the key and warped reference features are normalised before the
-    correlation — ``"cosine"`` (each channel centred on its mean over both maps, each pixel's
-    vector scaled to unit length, channel *sum*: the cost is a cosine similarity in [-1, 1], as
-    in DCFlow / VCN) or ``"pair"`` (UFlow's joint moments, channel mean as in PWC-Net).
-    ``readout_temperature`` > 0 adds the cost volume's soft-argmax (softmax at that temperature
-    over the displacements, expected ``(dx, dy)``; GC-Net's soft argmin in 2-D) as two input
-    channels of every level's estimator; with ``readout_add`` the level's flow is the upsampled
-    flow + that soft-argmax + the estimator's residual (the estimator corrects the matching
-    instead of having to learn to read it).
-    """
-
-    channels: tuple[int, ...] = (64, 96, 128, 160)
-    levels: int = 4
-    max_displacement: int = 4
-    estimator_channels: tuple[int, ...] = (128, 96, 64, 32)
-    context_channels: tuple[int, ...] = (64, 64, 64, 32)
-    context_dilations: tuple[int, ...] = (1, 2, 4, 8)
-    negative_slope: float = 0.1
-    cost_norm: str = "cosine"
-    readout_temperature: float = 0.1
-    readout_add: bool = True
-
-    def __post_init__(self) -> None:
-        if self.levels < 2:
-            raise ValueError(f"FlowConfig.levels must be >= 2 (P2 and P3), got {self.levels}")
-        if len(self.channels) != self.levels:
-            raise ValueError(
-                f"FlowConfig.channels needs one entry per level ({self.levels}), got {self.channels}"
-            )
-        if self.max_displacement < 1:
-            raise ValueError(f"FlowConfig.max_displacement must be >= 1, got {self.max_displacement}")
-        if not self.estimator_channels:
-            raise ValueError("FlowConfig.estimator_channels must not be empty")
-        if len(self.context_channels) != len(self.context_dilations):
-            raise ValueError(
-                "FlowConfig.context_channels and context_dilations differ in length: "
-                f"{self.context_channels} vs {self.context_dilations}"
-            )
-        if self.cost_norm not in ("cosine", "pair"):
-            raise ValueError(f"FlowConfig.cost_norm must be 'cosine' or 'pair', got {self.cost_norm!r}")
-        if self.readout_temperature < 0:
-            raise ValueError(f"FlowConfig.readout_temperature must be >= 0, got {self.readout_temperature}")
-        if self.readout_add and self.readout_temperature == 0:
-            raise ValueError("FlowConfig.readout_add needs readout_temperature > 0")
-        for name in ("channels", "estimator_channels", "context_channels", "context_dilations"):
-            if any(v < 1 for v in getattr(self, name)):
-                raise ValueError(f"FlowConfig.{name} must be positive, got {getattr(self, name)}")
-
-
 def _conv(cin: int, cout: int, slope: float, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation),
@@ -426,45 +367,6 @@ class FlowDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True, frozen=True)
-class FlowLossConfig:
-    """Unsupervised flow loss (paper appendix G: census λ 1.0, smoothness λ 4.0, edge 150).
-
-    ``pixel_mean``/``pixel_std`` (0..255 scale, RGB) undo the model's input normalisation:
-    the census transform's constants assume 0..255 intensities and the edge weight 150 assumes
-    0..1 images (UFlow). ``occlusion_thr``: range map (clamped to [0, 1]) below it = occluded
-    (ARFlow's 0.2). ``collision_thr``: forward-only fallback, see :class:`FlowLoss`.
-    ``census_levels``: how many pyramid levels of the decoder (finest first) the census scores,
-    each on images downsampled by ``2^level`` (UnFlow's multi-scale census, PWC-Net's loss at
-    every level); 1 scores the finest flow only (UFlow).
-    """
-
-    census_weight: float = 1.0
-    census_levels: int = 3
-    smooth_weight: float = 4.0
-    edge_weight: float = 150.0
-    census_patch: int = 7
-    census_eps: float = 0.01
-    census_q: float = 0.4
-    occlusion_thr: float = 0.2
-    collision_thr: float = 1.5
-    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
-
-    def __post_init__(self) -> None:
-        if self.census_patch < 3 or self.census_patch % 2 == 0:
-            raise ValueError(f"FlowLossConfig.census_patch must be odd and >= 3, got {self.census_patch}")
-        if self.census_levels < 1:
-            raise ValueError(f"FlowLossConfig.census_levels must be >= 1, got {self.census_levels}")
-        for name in ("census_weight", "smooth_weight", "edge_weight", "census_eps", "census_q"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FlowLossConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
-            raise ValueError(
-                f"FlowLossConfig pixel_mean/std must be 3 values (std > 0): {self.pixel_mean}, {self.pixel_std}"
-            )
 
 
 class FlowLoss(nn.Module):

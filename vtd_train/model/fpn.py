@@ -7,25 +7,15 @@ convolutions, top-down nearest upsampling) with P6 = max-pool(P5, stride 2), as 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from data_pipeline.errors import VTDInputError
 from vtd_train.model.backbone import FEATURE_NAMES, ShapeSpec
+from vtd_train.model.schema import FPNConfig
 
 PYRAMID_NAMES = ("p2", "p3", "p4", "p5", "p6")
-
-
-@dataclass(frozen=True, kw_only=True)
-class FPNConfig:
-    out_channels: int = 256
-
-    def __post_init__(self) -> None:
-        if self.out_channels <= 0:
-            raise VTDInputError(f"fpn out_channels must be positive, got {self.out_channels}")
 
 
 class FPN(nn.Module):

@@ -30,43 +30,13 @@ broadcast over the RoI grid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipeline.errors import VTDInputError
-
-
-@dataclass(frozen=True, kw_only=True)
-class IntraIBConfig:
-    """``task_channels`` C' per task (token width T·C'), ``num_blocks`` M, heads, MLP ratio;
-    ``window_size`` applies to the windowed (segmentation) variant only."""
-
-    task_channels: int = 32
-    num_blocks: int = 2
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    window_size: int = 7
-
-    def __post_init__(self) -> None:
-        if self.task_channels <= 0 or self.num_blocks <= 0 or self.num_heads <= 0:
-            raise VTDInputError(f"bad Intra-IB config: {self}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class CrossIBConfig:
-    """``channels`` C'' of the shared token space; ``pixel_downsample`` of the pixel side."""
-
-    channels: int = 128
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
-    pixel_downsample: int = 8
-
-    def __post_init__(self) -> None:
-        if self.channels % self.num_heads:
-            raise VTDInputError(f"Cross-IB channels {self.channels} not divisible by num_heads {self.num_heads}")
+from vtd_train.model.schema import CrossIBConfig, IntraIBConfig
 
 
 class MultiHeadAttention(nn.Module):

@@ -35,76 +35,9 @@ from torchvision.models.detection.roi_heads import (
 )
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign, box_iou, boxes as box_ops
+from vtd_train.model.schema import NUM_THINGS, BoxHeadConfig, KeypointHeadConfig, MaskHeadConfig, RPNConfig
 
-from data_pipeline.bdd100k.format import POSE_JOINTS, THING_CATEGORIES
-
-NUM_THINGS = len(THING_CATEGORIES)
-NUM_JOINTS = len(POSE_JOINTS)
 ROI_LEVELS = ("p2", "p3", "p4", "p5")
-
-# ---------------------------------------------------------------------------------------------
-# Configs
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class RPNConfig:
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per level P2..P6
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    pre_nms_top_n_train: int = 2000
-    pre_nms_top_n_test: int = 1000
-    post_nms_top_n_train: int = 2000
-    post_nms_top_n_test: int = 1000
-    nms_thresh: float = 0.7
-    fg_iou: float = 0.7
-    bg_iou: float = 0.3
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
-    ignore_iou: float = 0.5
-
-
-@dataclass(frozen=True, kw_only=True)
-class BoxHeadConfig:
-    num_classes: int = NUM_THINGS
-    roi_size: int = 7
-    representation: int = 1024
-    # training RoI sampling
-    fg_iou: float = 0.5
-    bg_iou: float = 0.5
-    batch_size_per_image: int = 512
-    positive_fraction: float = 0.25
-    ignore_iou: float = 0.5
-    # inference
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-
-
-@dataclass(frozen=True, kw_only=True)
-class MaskHeadConfig:
-    roi_size: int = 14
-    num_convs: int = 4
-    channels: int = 256
-    mask_thresh: float = 0.5
-
-
-@dataclass(frozen=True, kw_only=True)
-class KeypointHeadConfig:
-    """``num_convs`` 3×3 convs + one 4×4 stride-2 deconvolution (SimpleBaseline) + 1×1 → joints.
-
-    Heatmaps are ``2·roi_size`` square; targets are Gaussians of ``sigma`` heatmap pixels.
-    Keypoints are predicted for detections of ``classes`` (0 pedestrian, 1 rider).
-    """
-
-    roi_size: int = 14
-    num_convs: int = 4
-    channels: int = 256
-    num_joints: int = NUM_JOINTS
-    sigma: float = 1.5
-    fg_iou: float = 0.5
-    rois_per_image: int = 64
-    classes: tuple[int, ...] = (0, 1)
-
 
 # ---------------------------------------------------------------------------------------------
 # Typed outputs

@@ -30,10 +30,12 @@ loss/flow/{census,smooth}  ``flow`` (1.0)        census / smoothness (λ 1.0 / 4
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from data_pipeline.errors import VTDInputError
+
+if TYPE_CHECKING:  # annotations only: the schema imports LossWeights without torch
+    from torch import Tensor
 
 _TERM_FIELDS: dict[tuple[str, str], str] = {
     ("tag", "weather"): "tag_weather",

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from torchvision.ops import DeformConv2d
 
 from data_pipeline.bdd100k.format import IGNORE_INDEX
-from data_pipeline.errors import VTDInputError
 from vtd_train.model.backbone import ShapeSpec
+from vtd_train.model.schema import PixelAggregatorConfig, SegDecoderConfig
 
 #: Output channels of each segmentation decoder, one entry per classifier.
 SEG_OUTPUTS: dict[str, tuple[int, ...]] = {"sem": (19,), "drivable": (3,), "lane": (3, 3, 9)}
@@ -96,19 +96,6 @@ class DeformConvBlock(nn.Module):
         return F.relu(self.norm(y))
 
 
-@dataclass(frozen=True, kw_only=True)
-class PixelAggregatorConfig:
-    """``channels``: width of the aggregated P2-scale features; ``levels``: FPN levels summed."""
-
-    channels: int = 128
-    levels: tuple[str, ...] = ("p2", "p3", "p4", "p5", "p6")
-    deformable: bool = True
-
-    def __post_init__(self) -> None:
-        if self.channels <= 0 or not self.levels:
-            raise VTDInputError(f"bad pixel aggregator config: channels={self.channels} levels={self.levels}")
-
-
 class PixelAggregator(nn.Module):
     """``forward(pyramid {p2..p6}) -> [B, channels, H/4, W/4]`` (sum of upsampled levels)."""
 
@@ -147,16 +134,6 @@ class PixelAggregator(nn.Module):
             out = x if out is None else out + x
         assert out is not None
         return out
-
-
-@dataclass(frozen=True, kw_only=True)
-class SegDecoderConfig:
-    """``num_convs`` DCN blocks of width ``channels`` before the 1×1 classifier(s)."""
-
-    num_convs: int = 0
-    channels: int = 128
-    deformable: bool = True
-    lane_foreground_weight: float = 10.0
 
 
 @dataclass

@@ -11,7 +11,6 @@ Inference-time association lives in :mod:`vtd_train.tracker` (stateful, outside 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,44 +18,9 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou, roi_align
 
 from data_pipeline.loading.structures import FrameTargets
+from vtd_train.model.schema import QDTrackConfig, QDTrackLossConfig
 
 __all__ = ["QDTrackConfig", "QDTrackHead", "QDTrackLoss", "QDTrackLossConfig"]
-
-
-@dataclass(kw_only=True, frozen=True)
-class QDTrackConfig:
-    """Embedding head architecture (defaults: QDTrack / REFERENCE §8).
-
-    ``conv_bias=True`` keeps a bias in the GN-normalised convs, so the default head has
-    ``4·(256·256·9 + 256 + 512) + (256·49·1024 + 1024) + (1024·256 + 256) = 15,470,848``
-    parameters (vis4d's QDSimilarityHead drops the conv bias: 15,469,824). RoIs go to the FPN
-    level ``floor(canonical_level + log2(sqrt(wh) / canonical_size))`` (FPN eq. 1; mmdet's
-    ``finest_scale=56`` mapping is the same), clamped to the available strides.
-    """
-
-    roi_size: int = 7
-    sampling_ratio: int = 0
-    aligned: bool = True
-    num_convs: int = 4
-    conv_channels: int = 256
-    conv_bias: bool = True
-    num_groups: int = 32
-    fc_channels: int = 1024
-    embed_channels: int = 256
-    canonical_size: float = 224.0
-    canonical_level: int = 4
-
-    def __post_init__(self) -> None:
-        for name in ("roi_size", "conv_channels", "num_groups", "fc_channels", "embed_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"QDTrackConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_convs < 0:
-            raise ValueError(f"QDTrackConfig.num_convs must be >= 0, got {self.num_convs}")
-        if self.num_convs > 0 and self.conv_channels % self.num_groups:
-            raise ValueError(
-                f"QDTrackConfig.conv_channels ({self.conv_channels}) must be divisible by "
-                f"num_groups ({self.num_groups})"
-            )
 
 
 class QDTrackHead(nn.Module):
@@ -142,37 +106,6 @@ class QDTrackHead(nn.Module):
         x = self.convs(x).flatten(1)
         x = self.embed(F.relu(self.fc(x)))
         return list(x.split([r.shape[0] for r in rois]))
-
-
-@dataclass(kw_only=True, frozen=True)
-class QDTrackLossConfig:
-    """RoI sampling and loss settings (QDTrack / vis4d defaults, REFERENCE §8).
-
-    ``aux_neg_margin``: QDTrack and vis4d use 0.3, mmtracking 0.1 (REFERENCE: 0.1–0.3).
-    """
-
-    pos_iou_thr: float = 0.7
-    neg_iou_thr: float = 0.3
-    num_samples: int = 256
-    pos_fraction: float = 0.5
-    add_gt_as_proposals: bool = True
-    embed_weight: float = 0.25
-    aux_weight: float = 1.0
-    aux_neg_pos_ub: float = 3.0
-    aux_pos_margin: float = 0.0
-    aux_neg_margin: float = 0.3
-    aux_hard_mining: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.neg_iou_thr <= self.pos_iou_thr <= 1.0:
-            raise ValueError(
-                "QDTrackLossConfig needs 0 <= neg_iou_thr <= pos_iou_thr <= 1, "
-                f"got {self.neg_iou_thr}, {self.pos_iou_thr}"
-            )
-        if self.num_samples < 1 or not 0.0 <= self.pos_fraction <= 1.0:
-            raise ValueError(
-                f"QDTrackLossConfig num_samples/pos_fraction invalid: {self.num_samples}, {self.pos_fraction}"
-            )
 
 
 _NEG_INF = -1e30  # finite "minus infinity": logsumexp over a fully masked row stays NaN-free

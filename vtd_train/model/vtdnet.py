@@ -53,65 +53,56 @@ Choices where the paper leaves room (see also the docstrings of the building blo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from data_pipeline.bdd100k.format import TASKS, decode_lane_mask
-from data_pipeline.errors import VTDInputError
+from data_pipeline.bdd100k.format import decode_lane_mask
 from data_pipeline.loading.structures import Batch, FrameTargets
-from vtd_train.model.backbone import BackboneConfig, ImageNormalizer, build_backbone
-from vtd_train.model.classification import TaggingConfig, TaggingDecoder, TaggingLoss, tag_targets
-from vtd_train.model.flow import FlowConfig, FlowDecoder, FlowLoss, FlowLossConfig, upsample_flow
-from vtd_train.model.fpn import FPN, FPNConfig
+from vtd_train.model.backbone import ImageNormalizer, build_backbone
+from vtd_train.model.classification import TaggingDecoder, TaggingLoss, tag_targets
+from vtd_train.model.flow import FlowDecoder, FlowLoss, upsample_flow
+from vtd_train.model.fpn import FPN
 from vtd_train.model.interaction import (
-    CrossIBConfig,
     IntraIB,
-    IntraIBConfig,
     ObjectsFromPixels,
     PixelsFromObjects,
 )
 from vtd_train.model.localization import (
     ROI_LEVELS,
     BoxHead,
-    BoxHeadConfig,
     BoxLoss,
     BoxOutput,
     BoxTargets,
     Detections,
     KeypointHead,
-    KeypointHeadConfig,
     KeypointLoss,
     KeypointSampler,
     MaskHead,
-    MaskHeadConfig,
     MaskLoss,
     RoISampler,
     RPN,
-    RPNConfig,
     RPNLoss,
     RPNOutput,
     gaussian_heatmaps,
     roi_image_index,
     roi_pooler,
 )
-from vtd_train.model.losses import LossWeights
 from vtd_train.model.outputs import FramePrediction
 from vtd_train.model.segmentation import (
     SEG_OUTPUTS,
     SEG_TERMS,
     PixelAggregator,
-    PixelAggregatorConfig,
     SegDecoder,
-    SegDecoderConfig,
     SegLogits,
     SegLoss,
     stack_label_maps,
 )
-from vtd_train.model.track_head import QDTrackConfig, QDTrackHead, QDTrackLoss, QDTrackLossConfig
+from vtd_train.model.track_head import QDTrackHead, QDTrackLoss
+from vtd_train.model.schema import VTDNetConfig
 
 SEG_TASKS = ("sem", "drivable", "lane")
 #: Decoders on RoI features: the localization group of the Intra-IB.
@@ -119,149 +110,6 @@ LOC_TASKS = ("det", "ins", "pose")
 #: Tasks whose labels carry boxes: they train the RPN and the box decoder. The box-decoder terms
 #: of a frame are named after the first of these it is labelled for (``mots`` frames → ``mot``).
 BOX_TASKS = ("det", "ins", "mot", "mots")
-#: Decoders a task builds on (its RoIs or detections come from them).
-REQUIRES: dict[str, tuple[str, ...]] = {
-    "ins": ("det",),
-    "pose": ("det",),
-    "mot": ("det",),
-    "mots": ("det", "ins", "mot"),
-}
-VARIANTS = ("vtdnet", "mt", "single:<task>")
-
-
-def _sorted_tasks(tasks) -> tuple[str, ...]:
-    return tuple(t for t in TASKS if t in set(tasks))
-
-
-@dataclass(frozen=True, kw_only=True)
-class VTDNetConfig:
-    """Everything that defines a VTDNet model (architecture, task set, loss weights).
-
-    ``tasks``: the decoders to build, a subset of ``TASKS`` closed under ``REQUIRES``.
-    ``use_interaction``: Intra-IB / Cross-IB (VTDNet) or none (baselines); with interaction
-    the segmentation group shares one pixel aggregator. ``num_context_objects``: RPN proposals
-    per image used as the objects of the localization → segmentation Cross-IB.
-    ``flow_bidirectional``: also predict ref → key flow so the loss can use the paper's range-map
-    occlusion estimate (G.1); otherwise the flow loss's forward-only fallback.
-    """
-
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    fpn: FPNConfig = field(default_factory=FPNConfig)
-    tasks: tuple[str, ...] = TASKS
-    use_interaction: bool = True
-    tagging: TaggingConfig = field(default_factory=TaggingConfig)
-    aggregator: PixelAggregatorConfig = field(default_factory=PixelAggregatorConfig)
-    seg_decoder: SegDecoderConfig = field(default_factory=SegDecoderConfig)
-    rpn: RPNConfig = field(default_factory=RPNConfig)
-    box: BoxHeadConfig = field(default_factory=BoxHeadConfig)
-    mask: MaskHeadConfig = field(default_factory=MaskHeadConfig)
-    keypoint: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
-    flow_loss: FlowLossConfig = field(default_factory=FlowLossConfig)
-    flow_bidirectional: bool = True
-    track: QDTrackConfig = field(default_factory=QDTrackConfig)
-    track_loss: QDTrackLossConfig = field(default_factory=QDTrackLossConfig)
-    seg_intra: IntraIBConfig = field(default_factory=IntraIBConfig)
-    loc_intra: IntraIBConfig = field(default_factory=IntraIBConfig)
-    cross: CrossIBConfig = field(default_factory=CrossIBConfig)
-    num_context_objects: int = 100
-    loss_weights: LossWeights = field(default_factory=LossWeights)
-
-    def __post_init__(self) -> None:
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise VTDInputError(f"unknown task(s) {unknown} in VTDNetConfig.tasks; tasks are {TASKS}")
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise VTDInputError(f"VTDNetConfig.tasks must be non-empty without duplicates, got {self.tasks}")
-        for t in self.tasks:
-            missing = [r for r in REQUIRES.get(t, ()) if r not in self.tasks]
-            if missing:
-                raise VTDInputError(f"task {t!r} needs decoder(s) {missing} (it builds on their outputs); add them to tasks")
-        if self.num_context_objects < 1:
-            raise VTDInputError(f"num_context_objects must be >= 1, got {self.num_context_objects}")
-
-    # -- variants ----------------------------------------------------------------------------
-
-    @classmethod
-    def vtdnet(cls, backbone: str = "resnet50", **kw) -> VTDNetConfig:
-        """VTDNet: interaction blocks, decoders of the segmentation and localization groups
-        lightened (shared pixel aggregation + one DCN block per seg decoder; 3 instead of 4
-        convs in the mask and keypoint heads) to offset the blocks' cost."""
-        base = dict(
-            backbone=BackboneConfig(name=backbone),
-            use_interaction=True,
-            seg_decoder=SegDecoderConfig(num_convs=1),
-            mask=MaskHeadConfig(num_convs=3),
-            keypoint=KeypointHeadConfig(num_convs=3),
-        )
-        return cls(**(base | kw))
-
-    @classmethod
-    def multitask(cls, backbone: str = "resnet50", **kw) -> VTDNetConfig:
-        """The multi-task baseline: same decoders, no interaction blocks, full-size decoders."""
-        return cls(**(dict(backbone=BackboneConfig(name=backbone), use_interaction=False) | kw))
-
-    @classmethod
-    def single(cls, task: str, backbone: str = "resnet50", **kw) -> VTDNetConfig:
-        """Single-task baseline: ``task``'s decoder (+ the decoders it builds on) and the extractor."""
-        if task not in TASKS:
-            raise VTDInputError(f"unknown task {task!r}; tasks are {TASKS}")
-        needed = {task, *REQUIRES.get(task, ())}
-        return cls.multitask(backbone, **(dict(tasks=_sorted_tasks(needed)) | kw))
-
-    @classmethod
-    def variant(cls, name: str, backbone: str = "resnet50", **kw) -> VTDNetConfig:
-        """``"vtdnet"``, ``"mt"`` or ``"single:TASK"``."""
-        if name == "vtdnet":
-            return cls.vtdnet(backbone, **kw)
-        if name == "mt":
-            return cls.multitask(backbone, **kw)
-        if name.startswith("single:"):
-            return cls.single(name.split(":", 1)[1], backbone, **kw)
-        raise VTDInputError(f"unknown model variant {name!r}; choose one of {VARIANTS}")
-
-    @classmethod
-    def tiny(cls, variant: str = "vtdnet", backbone: str = "resnet18", **kw) -> VTDNetConfig:
-        """A CPU-sized model of the same structure for tests and demos (use ~64×96 images)."""
-        small = dict(
-            fpn=FPNConfig(out_channels=32),
-            aggregator=PixelAggregatorConfig(channels=16),
-            rpn=RPNConfig(
-                anchor_sizes=(8, 16, 32, 64, 128),
-                pre_nms_top_n_train=200,
-                pre_nms_top_n_test=100,
-                post_nms_top_n_train=100,
-                post_nms_top_n_test=50,
-                batch_size_per_image=64,
-            ),
-            box=BoxHeadConfig(representation=32, batch_size_per_image=32, detections_per_img=10),
-            mask=MaskHeadConfig(channels=16, num_convs=1),
-            keypoint=KeypointHeadConfig(channels=16, num_convs=1, rois_per_image=8),
-            flow=FlowConfig(
-                # the cost volume of 8-channel maps loses the matching (argmax right at half the
-                # cells of a 2-cell roll, cosine); P2's 32 channels keep it (95%)
-                channels=(32, 32, 32, 32),
-                max_displacement=2,
-                estimator_channels=(16, 8),
-                context_channels=(8, 8),
-                context_dilations=(1, 2),
-            ),
-            track=QDTrackConfig(num_convs=1, conv_channels=16, num_groups=4, fc_channels=32, embed_channels=16),
-            track_loss=QDTrackLossConfig(num_samples=32),
-            seg_intra=IntraIBConfig(task_channels=8, num_heads=2, window_size=4),
-            loc_intra=IntraIBConfig(task_channels=8, num_heads=2),
-            cross=CrossIBConfig(channels=16, num_heads=2),
-            num_context_objects=10,
-            # the from-scratch (GroupNorm) backbone's pooled C5 barely varies across images:
-            # standardise it (detached) before the tagging layers (classification.py says why)
-            tagging=TaggingConfig(pooled_norm=True),
-        )
-        base = cls.variant(variant, backbone)
-        if variant == "vtdnet":
-            small["seg_decoder"] = SegDecoderConfig(num_convs=1, channels=16)
-        return replace(base, **(small | kw))
-
-
 # ---------------------------------------------------------------------------------------------
 # Internal containers
 # ---------------------------------------------------------------------------------------------

@@ -58,11 +58,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_pipeline.errors import VTDInputError
-from data_pipeline.loading.loader import LoaderConfig
 from data_pipeline.loading.sampler import SAMPLING_MODES
-from data_pipeline.loading.transforms import PAPER_SCALES, AugmentConfig
+from data_pipeline.loading.config import PAPER_SCALES, AugmentConfig, LoaderConfig
 from vtd_train.model.config import config_from_dict, read_yaml_mapping
-from vtd_train.model.vtdnet import VTDNetConfig
+from vtd_train.model.schema import VTDNetConfig
 from vtd_train.taskprompter.config import VARIANTS as TASKPROMPTER_VARIANTS
 from vtd_train.taskprompter.config import TaskPrompterConfig
 
