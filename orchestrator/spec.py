@@ -268,13 +268,27 @@ def _model_preset(base_preset: Any, variant: str) -> str:
     return f"tiny:{variant}" if tiny else variant
 
 
+#: meta-device models by (family, model config), read-only: see :func:`_meta_model`
+_META_MODELS: dict[tuple[str, str], Any] = {}
+
+
+def _meta_model(cfg: TrainConfig):
+    """``cfg``'s model on the meta device, built once per model config in this process and only
+    read (module names and structure): a pipeline's stages share a few model configs, and the
+    tiny profile's checks built 20 models, 3.5 s of a `vtd jobs status`."""
+    key = (cfg.family, repr(cfg.model))
+    if key not in _META_MODELS:
+        from vtd_train.train.families import meta_model
+
+        _META_MODELS[key] = meta_model(cfg)
+    return _META_MODELS[key]
+
+
 def decoder_freeze(cfg: TrainConfig, trainable: tuple[str, ...], where: str) -> tuple[str, ...]:
     """The module-name prefixes to freeze so that only ``trainable`` tasks' decoders train
     (everything else, shared parts included, frozen), as few prefixes as the module tree allows;
     the decoders are the model family's own (``model.decoder(task)``)."""
-    from vtd_train.train.families import meta_model
-
-    model = meta_model(cfg)
+    model = _meta_model(cfg)
     names: set[str] = set()
     ids = {id(m): n for n, m in model.named_modules()}
     for t in trainable:
@@ -378,11 +392,10 @@ def _stage(name: str, st: dict, stages: dict[str, dict], base: dict, overrides: 
             freeze = decoder_freeze(cfg, trainable, f"{where}.trainable")
         if freeze:
             # the training config's own check: every prefix names parameters of the model
-            from vtd_train.train.families import meta_model
-            from vtd_train.train.optim import freeze as apply_freeze
+            from vtd_train.train.optim import check_freeze_prefixes
 
             try:
-                apply_freeze(meta_model(cfg), freeze)
+                check_freeze_prefixes(_meta_model(cfg), freeze)
             except VTDInputError as e:
                 raise VTDInputError(f"{where}.train.freeze: {e}") from None
         cfg = dataclasses.replace(cfg, freeze=freeze)

@@ -103,6 +103,22 @@ def test_validation_errors_name_file_stage_and_key():
         pipeline_from_dict(doc({"a": a}), profile="paper", source="p.yaml")
 
 
+def test_loading_a_pipeline_builds_each_model_config_once(monkeypatch):
+    """The freeze checks of every fine-tuning stage read one meta-device model per model config,
+    and leave it unchanged (every `vtd jobs` command loads the pipeline)."""
+    import orchestrator.spec as spec_module
+    from vtd_train.train import families
+
+    built = []
+    real = families.meta_model
+    monkeypatch.setattr(families, "meta_model", lambda cfg: built.append(cfg.model) or real(cfg))
+    monkeypatch.setattr(spec_module, "_META_MODELS", {})
+    spec = load_pipeline(str(REPO / "jobs" / "cpf.yaml"), profile="tiny")
+    configs = {repr(st.train.model) for st in spec.stages.values() if st.freeze}
+    assert len(built) == len(configs) >= 1, (len(built), len(configs))
+    assert all(p.requires_grad for m in spec_module._META_MODELS.values() for p in m.parameters())
+
+
 def test_trainable_freezes_everything_but_the_decoders():
     spec = pipeline_from_dict(doc({"a": {"kind": "train", "trainable": ["lane", "pose"]}}), profile="t")
     from vtd_train.model.vtdnet import VTDNet

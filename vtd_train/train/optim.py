@@ -80,16 +80,22 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[nn.Parameter]:
-    """Set ``requires_grad=False`` on every parameter under one of the module-name ``prefixes``
-    (``backbone``, ``fpn``, ``seg_decoders.sem``...) and return the trainable ones, in model
-    order. A prefix that matches no parameter is an error (a typo would silently train all)."""
+def check_freeze_prefixes(model: nn.Module, prefixes: Sequence[str]) -> None:
+    """A freeze prefix that matches no parameter of ``model`` is an error (a typo would silently
+    train all); ``model`` is not changed."""
     names = [n for n, _ in model.named_parameters()]
     for pre in prefixes:
         pre = pre.rstrip(".")
         if not any(n == pre or n.startswith(pre + ".") for n in names):
             tops = sorted({n.split(".")[0] for n in names})
             raise VTDInputError(f"freeze: prefix {pre!r} matches no parameter of the model; top-level modules: {tops}")
+
+
+def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[nn.Parameter]:
+    """Set ``requires_grad=False`` on every parameter under one of the module-name ``prefixes``
+    (``backbone``, ``fpn``, ``seg_decoders.sem``...) and return the trainable ones, in model
+    order. A prefix that matches no parameter is an error (a typo would silently train all)."""
+    check_freeze_prefixes(model, prefixes)
     pres = tuple(p.rstrip(".") for p in prefixes)
     trainable = []
     for n, p in model.named_parameters():
