@@ -163,7 +163,7 @@ def test_configs_load_without_torch_and_a_driver_checks_without_torchvision(tmp_
     """The training config, the model schema, the loader's settings and the pipeline orchestrator
     import no torch; a ``vtd train`` driver's checks of a run without freeze prefixes import no
     torchvision. The orchestrator, ``vtd jobs`` commands and each Ray job's driver start without
-    those imports (torch 3 s, torchvision with torch._dynamo and sympy 5 s more, on 2 cores)."""
+    those imports (torch 2.0 s, torchvision with torch._dynamo and sympy 1.8 s more, on 2 cores)."""
     import subprocess
     import sys
 

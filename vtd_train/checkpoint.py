@@ -59,7 +59,7 @@ FAMILIES = {"vtdnet": VTDNetConfig, "taskprompter": TaskPrompterConfig}
 def model_class(family: str) -> type[torch.nn.Module]:
     """The model class of ``family``, imported on first use: a process that only reads or
     verifies checkpoints (a Ray job's driver, the orchestrator) loads neither torchvision (VTDNet,
-    about 5 s of imports on 2 cores) nor timm (TaskPrompter's Swin, with huggingface_hub, over a
+    1.8 s of imports on 2 cores) nor timm (TaskPrompter's Swin, with huggingface_hub, over a
     second)."""
     if family == "taskprompter":
         from vtd_train.taskprompter.model import TaskPrompter

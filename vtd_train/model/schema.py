@@ -3,10 +3,10 @@ dataclasses that import neither torch nor torchvision.
 
 The modules that build the networks (:mod:`~vtd_train.model.backbone`, :mod:`~vtd_train.model.localization`,
 …) take these configs; the training config (:mod:`vtd_train.train.config`), the pipeline
-orchestrator and the CLI read and validate them without loading torch (about 9 s of imports
-per process on a 2-core machine, most of it torchvision's ``roi_align`` importing
-``torch._dynamo``): a Ray job's driver, ``vtd jobs status`` and the orchestrator start in a
-fraction of that (``tests/test_train.py`` checks that none of them loads torch).
+orchestrator and the CLI read and validate them without loading torch (torch and torchvision,
+whose ``roi_align`` imports ``torch._dynamo`` and sympy: 3.8 s per process on 2 cores, 8.8 s where
+nothing is compiled to bytecode; benchmarks/RESULTS.md): the orchestrator starts without them,
+a train job's driver without torchvision (``tests/test_train.py`` checks both).
 """
 
 from __future__ import annotations

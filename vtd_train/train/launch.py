@@ -39,7 +39,7 @@ def check_config(cfg: TrainConfig) -> None:
     readable, the requested sets exist, a pseudo-label family matches them, the freeze prefixes
     match parameters of the model (built on the meta device, no memory), the storage is shared.
     Without freeze prefixes the model is not built here: a driver that does not build it does not
-    import torchvision (5 s on a 2-core node); the workers build it."""
+    import torchvision (with torch._dynamo and sympy, 1.8 s on 2 cores); the workers build it."""
     if cfg.family == "taskprompter":
         from data_pipeline.cityscapes3d.loader import frame_index
 
