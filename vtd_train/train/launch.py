@@ -52,9 +52,9 @@ def check_config(cfg: TrainConfig) -> None:
             attach_pseudo(families, cfg.data.pseudo)  # the pseudo family matches these shards
     if cfg.freeze:
         from vtd_train.train.families import meta_model
-        from vtd_train.train.optim import freeze
+        from vtd_train.train.optim import check_freeze_prefixes
 
-        freeze(meta_model(cfg), cfg.freeze)
+        check_freeze_prefixes(meta_model(cfg), cfg.freeze)
     if "://" in cfg.storage_path and fsio.is_process_local(cfg.storage_path):
         raise VTDInputError(f"storage_path {cfg.storage_path!r} lives in one process only; workers need shared storage")
 
